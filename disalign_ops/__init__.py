@@ -1,0 +1,20 @@
+"""disalign_ops: fused DisAlign (CVPR 2021) calibration and re-weighted cross entropy for PyTorch.
+
+Importing the package loads the compiled extension (registering ``torch.ops.disalign``) and
+registers the native ops' fake kernels and autograd; the Triton ops register themselves when
+``disalign_ops.triton_backend`` is imported (on first use, where Triton can run).
+"""
+
+from . import _C  # noqa: F401  (registers the torch.ops.disalign schemas and native kernels)
+from ._registration import register_autograd, register_fake_kernels
+from .api import calibrate, disalign_cross_entropy, op_family
+from .backends import available_backends
+from .reweight import generalized_reweight
+
+register_fake_kernels(op_family("native"))
+register_autograd(op_family("native"))
+
+from . import nn  # noqa: E402  (the heads use the functional API above)
+
+__all__ = ["disalign_cross_entropy", "calibrate", "generalized_reweight", "available_backends", "nn"]
+__version__ = "0.1.0"

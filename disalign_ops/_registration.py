@@ -1,0 +1,119 @@
+"""Fake (meta) kernels and autograd for the op families that implement the DisAlign math.
+
+A family is four operators with the schemas of csrc/disalign.cpp: the native `torch.ops.disalign`
+ops (C++/CUDA) and the Triton ops share the autograd formulas registered here, so a backend only
+brings kernels.
+
+Autograd: for reduction "mean"/"sum" the forward op already computed the gradients of the scalar
+loss (grad_output = 1) in its single pass over the logits; backward only scales them by
+grad_output. For reduction "none" backward runs the op's backward kernel with the per-row
+grad_output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ._validation import accumulation_dtype, check_calibrate_args, check_cross_entropy_args
+
+
+@dataclass(frozen=True)
+class OpFamily:
+    cross_entropy: torch._ops.OpOverloadPacket
+    cross_entropy_backward: torch._ops.OpOverloadPacket
+    calibrate: torch._ops.OpOverloadPacket
+    calibrate_backward: torch._ops.OpOverloadPacket
+
+
+def _grad_outputs(mask, logits, alpha, beta, confidence):
+    """Fake gradients: shaped like their input when asked for, empty otherwise."""
+    outs = []
+    for wanted, t, like in zip(mask, (logits, alpha, beta, confidence), (logits, alpha, beta, confidence)):
+        if wanted and t is not None:
+            outs.append(torch.empty_like(like))
+        else:
+            ref = logits if t is None else t
+            outs.append(ref.new_empty((0,)))
+    return tuple(outs)
+
+
+def _fake_cross_entropy(logits, target, alpha, beta, confidence, weight, ignore_index, reduction, grad_mask):
+    check_cross_entropy_args(logits, target, alpha, beta, confidence, weight, ignore_index, reduction)
+    shape = target.shape if reduction == "none" else ()
+    loss = logits.new_empty(shape, dtype=accumulation_dtype(logits.dtype))
+    return (loss,) + _grad_outputs(grad_mask, logits, alpha, beta, confidence)
+
+
+def _fake_cross_entropy_backward(grad_loss, logits, target, alpha, beta, confidence, weight, ignore_index, grad_mask):
+    check_cross_entropy_args(logits, target, alpha, beta, confidence, weight, ignore_index, "none")
+    return _grad_outputs(grad_mask, logits, alpha, beta, confidence)
+
+
+def _fake_calibrate(logits, alpha, beta, confidence):
+    check_calibrate_args(logits, alpha, beta, confidence)
+    return torch.empty_like(logits)
+
+
+def _fake_calibrate_backward(grad, logits, alpha, beta, confidence, grad_mask):
+    check_calibrate_args(logits, alpha, beta, confidence)
+    return _grad_outputs(grad_mask, logits, alpha, beta, confidence)
+
+
+def _as_optional_grads(mask, grads):
+    return tuple(g if wanted else None for wanted, g in zip(mask, grads))
+
+
+def register_fake_kernels(ops: OpFamily) -> None:
+    torch.library.register_fake(ops.cross_entropy)(_fake_cross_entropy)
+    torch.library.register_fake(ops.cross_entropy_backward)(_fake_cross_entropy_backward)
+    torch.library.register_fake(ops.calibrate)(_fake_calibrate)
+    torch.library.register_fake(ops.calibrate_backward)(_fake_calibrate_backward)
+
+
+def register_autograd(ops: OpFamily) -> None:
+    """Registers the shared backward formulas on one op family."""
+
+    def cross_entropy_setup(ctx, inputs, output):
+        logits, target, alpha, beta, confidence, weight, ignore_index, reduction, grad_mask = inputs
+        ctx.reduction = reduction
+        ctx.ignore_index = ignore_index
+        ctx.grad_mask = list(grad_mask)
+        ctx.mark_non_differentiable(*output[1:])
+        if reduction == "none":
+            ctx.save_for_backward(logits, target, alpha, beta, confidence, weight)
+        else:
+            ctx.save_for_backward(*output[1:])
+
+    def cross_entropy_backward(ctx, grad_loss, *unused_grads):
+        logits_needs, _, alpha_needs, beta_needs, conf_needs = ctx.needs_input_grad[:5]
+        wanted = [logits_needs, alpha_needs, beta_needs, conf_needs]
+        if ctx.reduction == "none":
+            logits, target, alpha, beta, confidence, weight = ctx.saved_tensors
+            grads = ops.cross_entropy_backward(
+                grad_loss, logits, target, alpha, beta, confidence, weight, ctx.ignore_index, wanted
+            )
+        else:
+            missing = [w and not m for w, m in zip(wanted, ctx.grad_mask)]
+            if any(missing):
+                raise RuntimeError(
+                    "disalign cross_entropy: a gradient was requested for an input whose grad_mask entry was "
+                    f"False in the forward call (grad_mask={ctx.grad_mask}, needed={wanted}); call the op through "
+                    "disalign_ops.disalign_cross_entropy, which sets grad_mask from requires_grad"
+                )
+            grads = tuple(g * grad_loss.to(g.dtype) if w else None for w, g in zip(wanted, ctx.saved_tensors))
+        grads = _as_optional_grads(wanted, grads)
+        return grads[0], None, grads[1], grads[2], grads[3], None, None, None, None
+
+    def calibrate_setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def calibrate_backward(ctx, grad):
+        logits, alpha, beta, confidence = ctx.saved_tensors
+        wanted = list(ctx.needs_input_grad[:4])
+        grads = ops.calibrate_backward(grad, logits, alpha, beta, confidence, wanted)
+        return _as_optional_grads(wanted, grads)
+
+    torch.library.register_autograd(ops.cross_entropy, cross_entropy_backward, setup_context=cross_entropy_setup)
+    torch.library.register_autograd(ops.calibrate, calibrate_backward, setup_context=calibrate_setup)

@@ -1,0 +1,62 @@
+"""Public functional API (SPEC section 3): one entry point per operation, any backend."""
+
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from ._registration import OpFamily
+from ._validation import check_calibrate_args, check_cross_entropy_args, check_target_values, grad_mask
+from .backends import resolve_backend
+
+
+def op_family(backend: str) -> OpFamily:
+    """The four operators of an op-based backend ("native" or "triton")."""
+    namespace = {"native": torch.ops.disalign, "triton": torch.ops.disalign_triton}[backend]
+    return OpFamily(
+        namespace.cross_entropy, namespace.cross_entropy_backward, namespace.calibrate, namespace.calibrate_backward
+    )
+
+
+def disalign_cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    alpha: torch.Tensor,
+    beta: torch.Tensor,
+    confidence: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Class-weighted cross entropy of the DisAlign-calibrated logits, fused (SPEC section 2).
+
+    Equals ``F.cross_entropy((1 + s*alpha)*z + s*beta, target, weight=weight, ...)`` without
+    materialising the calibrated logits. ``logits`` is (N, C) or (N, C, d1, ...); ``target`` and
+    ``confidence`` are (N,) or (N, d1, ...); ``alpha``, ``beta``, ``weight`` are (C,). The loss is
+    float32 (float64 for float64 logits); gradients come back in each input's dtype.
+    """
+    num_classes = check_cross_entropy_args(logits, target, alpha, beta, confidence, weight, ignore_index, reduction)
+    name = resolve_backend(backend, logits.device)
+    if name == "eager":
+        if not torch.compiler.is_compiling():
+            check_target_values(target, num_classes, ignore_index)
+        return reference.cross_entropy(logits, target, alpha, beta, confidence, weight, ignore_index, reduction)
+    mask = grad_mask(logits, alpha, beta, confidence) if reduction != "none" else [False] * 4
+    ops = op_family(name)
+    return ops.cross_entropy(logits, target, alpha, beta, confidence, weight, ignore_index, reduction, mask)[0]
+
+
+def calibrate(
+    logits: torch.Tensor,
+    alpha: torch.Tensor,
+    beta: torch.Tensor,
+    confidence: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Calibrated logits ``(1 + s*alpha)*z + s*beta`` (paper eq. 6) in the logits' dtype, with autograd."""
+    check_calibrate_args(logits, alpha, beta, confidence)
+    name = resolve_backend(backend, logits.device)
+    if name == "eager":
+        return reference.calibrate(logits, alpha, beta, confidence)
+    return op_family(name).calibrate(logits, alpha, beta, confidence)
