@@ -1,0 +1,1 @@
+"""Two-stage DisAlign trainers (classification, segmentation, detection) built on disalign_ops."""

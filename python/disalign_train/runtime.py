@@ -1,0 +1,96 @@
+"""What every trainer shares: devices, seeding, torchrun/DDP, progress bars, output folder, log, JSON."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+
+def pick_device(name: str | None) -> torch.device:
+    """--device: "cpu", "cuda", "cuda:1"; default cuda when available. Under torchrun each rank takes its local GPU."""
+    if name is None:
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def init_distributed(device: torch.device) -> bool:
+    """Joins the process group when started by torchrun (gloo on CPU, nccl on GPU). Returns whether distributed."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return dist.is_initialized()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return True
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (a no-op on one process); returns the reduced tensor."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def progress(iterable=None, **kwargs):
+    """tqdm bar on the main rank when stderr is a terminal; silent otherwise (logs, CI, other ranks)."""
+    kwargs.setdefault("disable", not (is_main() and sys.stderr.isatty()))
+    kwargs.setdefault("leave", False)
+    kwargs.setdefault("dynamic_ncols", True)
+    return tqdm(iterable, **kwargs)
+
+
+def prepare_output(out_dir: str | os.PathLike, name: str = "disalign_train") -> tuple[Path, logging.Logger]:
+    """Creates --out and returns it with a logger writing to OUT/train.log and stdout (main rank only)."""
+    out = Path(out_dir)
+    logger = logging.getLogger(name)
+    logger.setLevel(logging.INFO)
+    logger.handlers.clear()
+    logger.propagate = False
+    if is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+        for handler in (logging.FileHandler(out / "train.log"), logging.StreamHandler(sys.stdout)):
+            handler.setFormatter(fmt)
+            logger.addHandler(handler)
+    else:
+        logger.addHandler(logging.NullHandler())
+    return out, logger
+
+
+def write_json(path: str | os.PathLike, payload) -> None:
+    if is_main():
+        Path(path).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
