@@ -1,0 +1,87 @@
+"""COCO-style box AP with pycocotools, overall and by LVIS frequency group (rare / common / frequent).
+
+LVIS (Gupta et al. 2019) groups categories by the number of TRAINING IMAGES that contain them:
+rare 1-10, common 11-100, frequent > 100. A category's AP is COCOeval's precision array
+(IoU 0.50:0.95 x 101 recall points, area "all", the largest maxDets) averaged over its defined
+entries; AP is the mean over categories that have test ground truth, and APr / APc / APf the means
+over those categories of each group (LVIS's own evaluator averages the same way). A group with no
+evaluated category reports NaN rather than a made-up number.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import numpy as np
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+FREQUENCY_GROUPS = ("r", "c", "f")
+RARE_MAX_IMAGES = 10
+COMMON_MAX_IMAGES = 100
+
+
+def frequency_group(num_train_images: int) -> str:
+    """LVIS frequency group of a category seen in ``num_train_images`` training images ("r", "c", "f")."""
+    if num_train_images <= RARE_MAX_IMAGES:
+        return "r"  # LVIS rare is 1-10; a category never seen in training is rarer still
+    return "c" if num_train_images <= COMMON_MAX_IMAGES else "f"
+
+
+def images_per_category(label_lists, num_classes: int) -> np.ndarray:
+    """How many images contain each category, from one array of instance labels per image."""
+    counts = np.zeros(num_classes, dtype=np.int64)
+    for labels in label_lists:
+        counts[np.unique(np.asarray(labels, dtype=np.int64))] += 1
+    return counts
+
+
+def instances_per_category(label_lists, num_classes: int) -> np.ndarray:
+    """How many instances of each category, from one array of instance labels per image."""
+    labels = np.concatenate([np.asarray(x, dtype=np.int64).ravel() for x in label_lists] + [np.zeros(0, np.int64)])
+    return np.bincount(labels, minlength=num_classes)
+
+
+def load_ground_truth(json_path) -> COCO:
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
+        return COCO(str(json_path))
+
+
+def category_ids_by_name(coco: COCO, class_names) -> list[int]:
+    """The COCO category id of each class name, in the detector's label order."""
+    ids = {cat["name"]: cat["id"] for cat in coco.loadCats(coco.getCatIds())}
+    missing = [name for name in class_names if name not in ids]
+    if missing:
+        raise ValueError(f"class names {missing} are not categories of the ground truth {sorted(ids)}")
+    return [ids[name] for name in class_names]
+
+
+def per_category_ap(coco: COCO, detections: list[dict], max_detections: int = 100) -> dict[int, float]:
+    """AP (IoU 0.50:0.95) of every category id that has ground truth; detections in COCO result format."""
+    with_ground_truth = [c for c in coco.getCatIds() if coco.getAnnIds(catIds=[c])]
+    if not detections:
+        return {c: 0.0 for c in with_ground_truth}
+    with contextlib.redirect_stdout(io.StringIO()):
+        results = coco.loadRes(detections)
+        evaluation = COCOeval(coco, results, iouType="bbox")
+        evaluation.params.maxDets = [1, 10, max_detections]
+        evaluation.evaluate()
+        evaluation.accumulate()
+    precision = evaluation.eval["precision"][:, :, :, 0, -1]  # (IoU, recall, category) at area "all"
+    aps = {}
+    for k, category_id in enumerate(evaluation.params.catIds):
+        values = precision[:, :, k]
+        values = values[values > -1]  # -1 marks categories without ground truth
+        if values.size:
+            aps[category_id] = float(values.mean())
+    return aps
+
+
+def grouped_ap(category_ap: dict[int, float], groups: dict[int, str]) -> dict[str, float]:
+    """{"AP", "APr", "APc", "APf"}: means of per-category AP over all / each frequency group's categories."""
+    summary = {"AP": float(np.mean(list(category_ap.values()))) if category_ap else float("nan")}
+    for group in FREQUENCY_GROUPS:
+        values = [ap for c, ap in category_ap.items() if groups[c] == group]
+        summary["AP" + group] = float(np.mean(values)) if values else float("nan")
+    return summary
