@@ -144,22 +144,18 @@ def make_problem(name: str, mode: str, device: torch.device, dtype: torch.dtype,
     num_rows = math.prod(row_shape)
     cpu_gen = torch.Generator().manual_seed(seed)
 
+    # Detection: the background (last class) is neither re-weighted (weight 1) nor calibrated.
+    calibrated_classes = num_classes - 1 if spec.task == "det" else num_classes
+    counts = long_tail_counts(calibrated_classes, spec.max_count, spec.imbalance)
+    weight = disalign_ops.generalized_reweight(counts, spec.rho)
+    target = torch.multinomial(counts / counts.sum(), num_rows, replacement=True, generator=cpu_gen)
+    ignore_index = -100
     if spec.task == "det":
-        foreground = num_classes - 1  # background is the last class and is neither re-weighted nor calibrated
-        counts = long_tail_counts(foreground, spec.max_count, spec.imbalance)
-        weight = torch.cat([disalign_ops.generalized_reweight(counts, spec.rho), torch.ones(1)])
-        target = torch.multinomial(counts / counts.sum(), num_rows, replacement=True, generator=cpu_gen)
-        background = torch.rand(num_rows, generator=cpu_gen) < DET_BACKGROUND_FRACTION
-        target[background] = foreground
-        ignore_index = -100
-    else:
-        counts = long_tail_counts(num_classes, spec.max_count, spec.imbalance)
-        weight = disalign_ops.generalized_reweight(counts, spec.rho)
-        target = torch.multinomial(counts / counts.sum(), num_rows, replacement=True, generator=cpu_gen)
-        ignore_index = -100
-        if spec.task == "seg":
-            ignore_index = SEG_IGNORE_INDEX
-            target[torch.rand(num_rows, generator=cpu_gen) < SEG_IGNORED_FRACTION] = ignore_index
+        weight = torch.cat([weight, torch.ones(1)])
+        target[torch.rand(num_rows, generator=cpu_gen) < DET_BACKGROUND_FRACTION] = num_classes - 1
+    elif spec.task == "seg":
+        ignore_index = SEG_IGNORE_INDEX
+        target[torch.rand(num_rows, generator=cpu_gen) < SEG_IGNORED_FRACTION] = ignore_index
 
     alpha = 0.1 * torch.randn(num_classes, generator=cpu_gen)
     beta = 0.1 * torch.randn(num_classes, generator=cpu_gen)
@@ -169,7 +165,7 @@ def make_problem(name: str, mode: str, device: torch.device, dtype: torch.dtype,
 
     dev_gen = torch.Generator(device=device).manual_seed(seed)
     logits = 2.0 * torch.randn(dims, generator=dev_gen, device=device, dtype=torch.float32)
-    problem = Problem(
+    return Problem(
         name=name,
         mode=mode,
         logits=logits.to(dtype).requires_grad_(mode == "full"),
@@ -180,7 +176,6 @@ def make_problem(name: str, mode: str, device: torch.device, dtype: torch.dtype,
         weight=weight.to(device),
         ignore_index=ignore_index,
     )
-    return problem
 
 
 def runnable_backends(device: torch.device) -> list[str]:
