@@ -66,10 +66,10 @@ def _as_optional_grads(mask, grads):
 
 
 def register_fake_kernels(ops: OpFamily) -> None:
-    torch.library.register_fake(ops.cross_entropy)(_fake_cross_entropy)
-    torch.library.register_fake(ops.cross_entropy_backward)(_fake_cross_entropy_backward)
-    torch.library.register_fake(ops.calibrate)(_fake_calibrate)
-    torch.library.register_fake(ops.calibrate_backward)(_fake_calibrate_backward)
+    torch.library.register_fake(ops.cross_entropy.default)(_fake_cross_entropy)
+    torch.library.register_fake(ops.cross_entropy_backward.default)(_fake_cross_entropy_backward)
+    torch.library.register_fake(ops.calibrate.default)(_fake_calibrate)
+    torch.library.register_fake(ops.calibrate_backward.default)(_fake_calibrate_backward)
 
 
 def register_autograd(ops: OpFamily) -> None:
@@ -115,5 +115,5 @@ def register_autograd(ops: OpFamily) -> None:
         grads = ops.calibrate_backward(grad, logits, alpha, beta, confidence, wanted)
         return _as_optional_grads(wanted, grads)
 
-    torch.library.register_autograd(ops.cross_entropy, cross_entropy_backward, setup_context=cross_entropy_setup)
-    torch.library.register_autograd(ops.calibrate, calibrate_backward, setup_context=calibrate_setup)
+    torch.library.register_autograd(ops.cross_entropy.default, cross_entropy_backward, setup_context=cross_entropy_setup)
+    torch.library.register_autograd(ops.calibrate.default, calibrate_backward, setup_context=calibrate_setup)
