@@ -1,0 +1,541 @@
+// Fused DisAlign kernels for the CPU, compiled once per instruction set (see setup.py): calibration
+// (paper eq. 6), row softmax statistics, class-weighted cross entropy and its gradients in one pass
+// over the logits, never materialising the calibrated logits or any N x C temporary.
+//
+// One implementation, templated on the logits dtype and on the layout:
+//  - ClassesContiguous (class stride 1: (N, C), channels-last): a block is one row, vectors run
+//    along the classes; row statistics are horizontal reductions at the end of each sweep.
+//  - PixelsContiguous (pixel stride 1: NCHW, transposed (N, C)): a block is up to kVectors vectors
+//    of consecutive pixels of one image, the sweeps run over the classes and vectors run along the
+//    pixels, so each lane holds one row's running statistics; per-class sums are horizontal.
+// A block is swept up to three times (max, sum of exponentials, gradients); it stays in L1/L2, so
+// the logits are read from memory once.
+#include "cpu/disalign_kernels.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+namespace disalign::cpu::CPU_CAPABILITY {
+namespace {
+
+using at::vec::Vectorized;
+
+// Loads and stores of logits-dtype elements as vectors of the accumulation type.
+template <typename scalar_t>
+struct Io {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  static constexpr int64_t kWidth = Vec::size();
+
+  static Vec load(const scalar_t* data, int64_t count) {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      return count == kWidth ? Vec::loadu(data) : Vec::loadu(data, count);
+    } else {
+      if (count == kWidth) {
+        Vec out;
+        at::vec::load_to_float(data, out);
+        return out;
+      }
+      return at::vec::convert<acc_t>(Vectorized<scalar_t>::loadu(data, count));
+    }
+  }
+
+  static void store(scalar_t* data, const Vec& value, int64_t count) {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      value.store(data, count);
+    } else {
+      at::vec::convert<scalar_t>(value).store(data, count);
+    }
+  }
+};
+
+// One step of a sweep over a block: class `cls` (pixels layout) or the classes [cls, cls + count)
+// (classes layout). Vector k < vectors of an operand starts at
+// block_offset + cls * class_stride + k * kWidth and holds kWidth elements, the last one `last_count`.
+template <typename acc_t>
+struct Step {
+  using Vec = Vectorized<acc_t>;
+  int64_t cls;
+  int vectors;
+  int64_t last_count;
+  Vec alpha;
+  Vec beta;
+  int64_t count(int k) const {
+    return k + 1 < vectors ? Vec::size() : last_count;
+  }
+};
+
+template <typename acc_t>
+struct ClassesContiguous {
+  using Vec = Vectorized<acc_t>;
+  static constexpr int kVectors = 1;
+  static constexpr int64_t kWidth = Vec::size();
+
+  int64_t classes;
+  const acc_t* alpha;
+  const acc_t* beta;
+
+  static int64_t block_rows(const Geometry&, int64_t /*row*/, int64_t /*end*/) {
+    return 1;
+  }
+  // A per-row value of the block (array of block rows) as seen by vector k: the row's value in every lane.
+  static Vec row_vector(const acc_t* values, int /*k*/) {
+    return Vec(values[0]);
+  }
+  template <typename Body>
+  void sweep(int64_t /*rows*/, const Body& body) const {
+    for (int64_t cls = 0; cls < classes; cls += kWidth) {
+      const int64_t count = std::min(kWidth, classes - cls);
+      body(Step<acc_t>{cls, 1, count, Io<acc_t>::load(alpha + cls, count), Io<acc_t>::load(beta + cls, count)});
+    }
+  }
+  // Lanes past the last class are padding: -inf keeps them out of the row max and softmax.
+  static Vec mask_padding(const Vec& value, int64_t count) {
+    return count == kWidth ? value : Vec::set(Vec(-std::numeric_limits<acc_t>::infinity()), value, count);
+  }
+  template <typename Op>
+  static void reduce_rows(Vec* values, const Op& op) {
+    values[0] = Vec(at::vec::vec_reduce_all<acc_t>(op, values[0]));
+  }
+  static void store_rows(const Vec* values, acc_t* out) {
+    alignas(64) acc_t lanes[kWidth];
+    values[0].store(lanes);
+    out[0] = lanes[0];
+  }
+  static void add_to_classes(acc_t* partial, const Step<acc_t>& step, const Vec& value) {
+    acc_t* at = partial + step.cls;
+    (Io<acc_t>::load(at, step.last_count) + value).store(at, step.last_count);
+  }
+};
+
+template <typename acc_t>
+struct PixelsContiguous {
+  using Vec = Vectorized<acc_t>;
+  static constexpr int kVectors = 4;  // enough independent work per class to hide latencies
+  static constexpr int64_t kWidth = Vec::size();
+
+  int64_t classes;
+  const acc_t* alpha;
+  const acc_t* beta;
+
+  // Blocks never cross an image boundary, so their pixels are consecutive in memory.
+  static int64_t block_rows(const Geometry& geometry, int64_t row, int64_t end) {
+    const int64_t image_end = (row / geometry.spatial + 1) * geometry.spatial;
+    return std::min({kVectors * kWidth, end - row, image_end - row});
+  }
+  static Vec row_vector(const acc_t* values, int k) {
+    return Vec::loadu(values + k * kWidth);
+  }
+  template <typename Body>
+  void sweep(int64_t rows, const Body& body) const {
+    const int vectors = static_cast<int>((rows + kWidth - 1) / kWidth);
+    const int64_t last_count = rows - (vectors - 1) * kWidth;
+    for (int64_t cls = 0; cls < classes; ++cls) {
+      body(Step<acc_t>{cls, vectors, last_count, Vec(alpha[cls]), Vec(beta[cls])});
+    }
+  }
+  // Padding lanes are rows past the block: their gradient coefficient is 0, so they add nothing.
+  static Vec mask_padding(const Vec& value, int64_t /*count*/) {
+    return value;
+  }
+  template <typename Op>
+  static void reduce_rows(Vec* /*values*/, const Op& /*op*/) {}
+  static void store_rows(const Vec* values, acc_t* out) {
+    for (int k = 0; k < kVectors; ++k) {
+      values[k].store(out + k * kWidth);
+    }
+  }
+  static void add_to_classes(acc_t* partial, const Step<acc_t>& step, const Vec& value) {
+    partial[step.cls] += at::vec::vec_reduce_all<acc_t>([](const Vec& x, const Vec& y) { return x + y; }, value);
+  }
+};
+
+inline int64_t row_offset(const Geometry& geometry, const Strides& strides, int64_t row) {
+  const int64_t image = row / geometry.spatial;
+  return image * strides.batch + (row - image * geometry.spatial) * strides.spatial;
+}
+
+// Runs block(first_row, rows, grad_alpha_partial, grad_beta_partial) -> double over the rows of every
+// chunk, chunks in parallel; returns nothing, each chunk's block results summed into partials[chunk].
+template <typename acc_t, typename LayoutT, typename BlockFn>
+void for_each_chunk(
+    const Geometry& geometry,
+    const Chunking& chunking,
+    void* grad_alpha_partials,
+    void* grad_beta_partials,
+    double* sum_partials,
+    const BlockFn& block) {
+  const int64_t rows = geometry.rows();
+  const int64_t classes = geometry.classes;
+  at::parallel_for(0, chunking.count, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+      acc_t* grad_alpha = grad_alpha_partials ? static_cast<acc_t*>(grad_alpha_partials) + chunk * classes : nullptr;
+      acc_t* grad_beta = grad_beta_partials ? static_cast<acc_t*>(grad_beta_partials) + chunk * classes : nullptr;
+      for (acc_t* partial : {grad_alpha, grad_beta}) {
+        if (partial) {
+          std::fill(partial, partial + classes, acc_t(0));
+        }
+      }
+      const int64_t end = std::min(rows, (chunk + 1) * chunking.rows_per_chunk);
+      double sum = 0;
+      for (int64_t row = chunk * chunking.rows_per_chunk; row < end;) {
+        const int64_t block_rows = LayoutT::block_rows(geometry, row, end);
+        sum += block(row, block_rows, grad_alpha, grad_beta);
+        row += block_rows;
+      }
+      if (sum_partials) {
+        sum_partials[chunk] = sum;
+      }
+    }
+  });
+}
+
+template <typename scalar_t, template <typename> class LayoutT>
+struct LossBlocks {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  using IO = Io<scalar_t>;
+  using Layout = LayoutT<acc_t>;
+  static constexpr int kVectors = Layout::kVectors;
+  static constexpr int64_t kWidth = Vec::size();
+  static constexpr int64_t kMaxRows = kVectors * kWidth;
+
+  const LossArgs& args;
+  Layout layout;
+  const scalar_t* logits;
+  scalar_t* grad_logits;
+  const acc_t* alpha;
+  const acc_t* beta;
+  const acc_t* weight;
+  const acc_t* confidence;
+  const acc_t* grad_loss;
+  acc_t* loss;
+  acc_t* grad_confidence;
+  bool wants_grad;
+
+  explicit LossBlocks(const LossArgs& a)
+      : args(a),
+        layout{a.geometry.classes, static_cast<const acc_t*>(a.alpha), static_cast<const acc_t*>(a.beta)},
+        logits(static_cast<const scalar_t*>(a.logits.data)),
+        grad_logits(static_cast<scalar_t*>(a.grad_logits.data)),
+        alpha(static_cast<const acc_t*>(a.alpha)),
+        beta(static_cast<const acc_t*>(a.beta)),
+        weight(static_cast<const acc_t*>(a.weight)),
+        confidence(static_cast<const acc_t*>(a.confidence)),
+        grad_loss(static_cast<const acc_t*>(a.grad_loss)),
+        loss(static_cast<acc_t*>(a.loss)),
+        grad_confidence(static_cast<acc_t*>(a.grad_confidence)),
+        wants_grad(
+            a.grad_logits.data || a.grad_alpha_partials || a.grad_beta_partials || a.grad_confidence) {}
+
+  // Rows with no valid target: zero loss and zero gradients.
+  void write_ignored_block(int64_t first_row, int64_t rows, int64_t out_base) const {
+    for (int64_t i = 0; i < rows; ++i) {
+      if (loss) {
+        loss[first_row + i] = 0;
+      }
+      if (grad_confidence) {
+        grad_confidence[first_row + i] = 0;
+      }
+    }
+    if (grad_logits) {
+      const Strides& out = args.grad_logits.strides;
+      layout.sweep(rows, [&](const Step<acc_t>& step) {
+        for (int k = 0; k < step.vectors; ++k) {
+          IO::store(grad_logits + out_base + step.cls * out.cls + k * kWidth, Vec(0), step.count(k));
+        }
+      });
+    }
+  }
+
+  // Loss, and gradients when asked, of `rows` rows from first_row; returns the rows' loss sum.
+  double operator()(int64_t first_row, int64_t rows, acc_t* grad_alpha, acc_t* grad_beta) const {
+    const Geometry& geometry = args.geometry;
+    const Strides& in = args.logits.strides;
+    const Strides& out = args.grad_logits.strides;
+    const int64_t in_base = row_offset(geometry, in, first_row);
+    const int64_t out_base = grad_logits ? row_offset(geometry, out, first_row) : 0;
+
+    // Per-row scalars; padding rows keep confidence 0 and gradient coefficient 0.
+    alignas(64) acc_t row_confidence[kMaxRows] = {};
+    alignas(64) acc_t row_coefficient[kMaxRows] = {};  // dL/dloss[row] * weight[target]; 0 if ignored
+    alignas(64) acc_t row_lse[kMaxRows] = {};
+    alignas(64) acc_t row_grad_confidence[kMaxRows] = {};
+    int64_t row_target[kMaxRows];
+    bool any_valid = false;
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t row = first_row + i;
+      const int64_t t = args.target[row];
+      row_target[i] = t;
+      row_confidence[i] = confidence ? confidence[row] : acc_t(1);
+      if (t != args.ignore_index) {
+        any_valid = true;
+        const acc_t upstream = grad_loss ? grad_loss[row] : static_cast<acc_t>(args.grad_scale);
+        row_coefficient[i] = upstream * (weight ? weight[t] : acc_t(1));
+      }
+    }
+    if (!any_valid) {
+      write_ignored_block(first_row, rows, out_base);
+      return 0;
+    }
+
+    const Vec one(1);
+    Vec s[kVectors];
+    Vec running[kVectors];
+    for (int k = 0; k < kVectors; ++k) {
+      s[k] = Layout::row_vector(row_confidence, k);
+      running[k] = Vec(-std::numeric_limits<acc_t>::infinity());
+    }
+    auto load_logits = [&](const Step<acc_t>& step, int k) {
+      return IO::load(logits + in_base + step.cls * in.cls + k * kWidth, step.count(k));
+    };
+    auto calibrate = [&](const Step<acc_t>& step, int k, const Vec& z) {
+      return at::vec::fmadd(at::vec::fmadd(s[k], step.alpha, one), z, s[k] * step.beta);
+    };
+
+    // Sweep 1: row max of the calibrated logits.
+    layout.sweep(rows, [&](const Step<acc_t>& step) {
+      for (int k = 0; k < step.vectors; ++k) {
+        const Vec zhat = Layout::mask_padding(calibrate(step, k, load_logits(step, k)), step.count(k));
+        running[k] = at::vec::maximum(running[k], zhat);
+      }
+    });
+    Layout::reduce_rows(running, [](const Vec& x, const Vec& y) { return at::vec::maximum(x, y); });
+    Vec row_max[kVectors];
+    for (int k = 0; k < kVectors; ++k) {
+      row_max[k] = running[k];
+      running[k] = Vec(0);
+    }
+    // Sweep 2: sum of exponentials.
+    layout.sweep(rows, [&](const Step<acc_t>& step) {
+      for (int k = 0; k < step.vectors; ++k) {
+        const Vec zhat = Layout::mask_padding(calibrate(step, k, load_logits(step, k)), step.count(k));
+        running[k] += (zhat - row_max[k]).exp();
+      }
+    });
+    Layout::reduce_rows(running, [](const Vec& x, const Vec& y) { return x + y; });
+    Vec lse[kVectors];
+    for (int k = 0; k < kVectors; ++k) {
+      lse[k] = row_max[k] + running[k].log();
+    }
+    Layout::store_rows(lse, row_lse);
+
+    // Loss of each row from its target's calibrated logit.
+    double loss_sum = 0;
+    auto target_logit = [&](int64_t i) {
+      return static_cast<acc_t>(logits[in_base + i * in.spatial + row_target[i] * in.cls]);
+    };
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t t = row_target[i];
+      acc_t row_loss = 0;
+      if (t != args.ignore_index) {
+        const acc_t zhat = (1 + row_confidence[i] * alpha[t]) * target_logit(i) + row_confidence[i] * beta[t];
+        row_loss = (weight ? weight[t] : acc_t(1)) * (row_lse[i] - zhat);
+        loss_sum += static_cast<double>(row_loss);
+      }
+      if (loss) {
+        loss[first_row + i] = row_loss;
+      }
+    }
+    if (!wants_grad) {
+      return loss_sum;
+    }
+
+    // Sweep 3: dzhat = coefficient * softmax (the target's -1 is added per row below).
+    Vec coefficient[kVectors];
+    for (int k = 0; k < kVectors; ++k) {
+      coefficient[k] = Layout::row_vector(row_coefficient, k);
+      running[k] = Vec(0);
+    }
+    const bool wants_class_grads = grad_alpha || grad_beta;
+    layout.sweep(rows, [&](const Step<acc_t>& step) {
+      Vec step_grad_alpha(0);
+      Vec step_grad_beta(0);
+      for (int k = 0; k < step.vectors; ++k) {
+        const int64_t count = step.count(k);
+        const Vec z = load_logits(step, k);
+        const Vec scale = at::vec::fmadd(s[k], step.alpha, one);
+        const Vec zhat = Layout::mask_padding(at::vec::fmadd(scale, z, s[k] * step.beta), count);
+        const Vec dzhat = coefficient[k] * (zhat - lse[k]).exp();
+        if (grad_logits) {
+          IO::store(grad_logits + out_base + step.cls * out.cls + k * kWidth, dzhat * scale, count);
+        }
+        if (wants_class_grads) {
+          const Vec dzhat_s = dzhat * s[k];
+          step_grad_alpha = at::vec::fmadd(dzhat_s, z, step_grad_alpha);
+          step_grad_beta += dzhat_s;
+        }
+        if (grad_confidence) {
+          running[k] = at::vec::fmadd(dzhat, at::vec::fmadd(step.alpha, z, step.beta), running[k]);
+        }
+      }
+      if (grad_alpha) {
+        Layout::add_to_classes(grad_alpha, step, step_grad_alpha);
+      }
+      if (grad_beta) {
+        Layout::add_to_classes(grad_beta, step, step_grad_beta);
+      }
+    });
+    if (grad_confidence) {
+      Layout::reduce_rows(running, [](const Vec& x, const Vec& y) { return x + y; });
+      Layout::store_rows(running, row_grad_confidence);
+    }
+
+    // The one-hot part of dzhat at each row's target, in the accumulation type.
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t t = row_target[i];
+      if (t == args.ignore_index) {
+        continue;
+      }
+      const acc_t c = row_coefficient[i];
+      const acc_t s_i = row_confidence[i];
+      const acc_t z = target_logit(i);
+      const acc_t scale = 1 + s_i * alpha[t];
+      if (grad_logits) {
+        const acc_t p = std::exp(scale * z + s_i * beta[t] - row_lse[i]);
+        grad_logits[out_base + i * out.spatial + t * out.cls] = static_cast<scalar_t>(c * (p - 1) * scale);
+      }
+      if (grad_alpha) {
+        grad_alpha[t] -= c * s_i * z;
+      }
+      if (grad_beta) {
+        grad_beta[t] -= c * s_i;
+      }
+      row_grad_confidence[i] -= c * (alpha[t] * z + beta[t]);
+    }
+    if (grad_confidence) {
+      std::memcpy(grad_confidence + first_row, row_grad_confidence, rows * sizeof(acc_t));
+    }
+    return loss_sum;
+  }
+};
+
+template <typename scalar_t, template <typename> class LayoutT>
+struct CalibrateBlocks {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  using IO = Io<scalar_t>;
+  using Layout = LayoutT<acc_t>;
+  static constexpr int kVectors = Layout::kVectors;
+  static constexpr int64_t kWidth = Vec::size();
+  static constexpr int64_t kMaxRows = kVectors * kWidth;
+
+  const CalibrateArgs& args;
+  Layout layout;
+  const scalar_t* logits;
+  const scalar_t* grad;
+  scalar_t* out;
+  const acc_t* confidence;
+  acc_t* grad_confidence;
+
+  explicit CalibrateBlocks(const CalibrateArgs& a)
+      : args(a),
+        layout{a.geometry.classes, static_cast<const acc_t*>(a.alpha), static_cast<const acc_t*>(a.beta)},
+        logits(static_cast<const scalar_t*>(a.logits.data)),
+        grad(static_cast<const scalar_t*>(a.grad.data)),
+        out(static_cast<scalar_t*>(a.out.data)),
+        confidence(static_cast<const acc_t*>(a.confidence)),
+        grad_confidence(static_cast<acc_t*>(a.grad_confidence)) {}
+
+  // calibrate: out = zhat. calibrate_backward: out = grad * (1 + s*alpha) and the parameter gradients.
+  double operator()(int64_t first_row, int64_t rows, acc_t* grad_alpha, acc_t* grad_beta) const {
+    const Geometry& geometry = args.geometry;
+    const Strides& in = args.logits.strides;
+    const Strides& upstream = args.grad.strides;
+    const Strides& result = args.out.strides;
+    const int64_t in_base = row_offset(geometry, in, first_row);
+    const int64_t grad_base = grad ? row_offset(geometry, upstream, first_row) : 0;
+    const int64_t out_base = out ? row_offset(geometry, result, first_row) : 0;
+
+    alignas(64) acc_t row_confidence[kMaxRows] = {};
+    for (int64_t i = 0; i < rows; ++i) {
+      row_confidence[i] = confidence ? confidence[first_row + i] : acc_t(1);
+    }
+    const Vec one(1);
+    Vec s[kVectors];
+    Vec ds[kVectors];
+    for (int k = 0; k < kVectors; ++k) {
+      s[k] = Layout::row_vector(row_confidence, k);
+      ds[k] = Vec(0);
+    }
+    layout.sweep(rows, [&](const Step<acc_t>& step) {
+      Vec step_grad_alpha(0);
+      Vec step_grad_beta(0);
+      for (int k = 0; k < step.vectors; ++k) {
+        const int64_t count = step.count(k);
+        const Vec z = IO::load(logits + in_base + step.cls * in.cls + k * kWidth, count);
+        const Vec scale = at::vec::fmadd(s[k], step.alpha, one);
+        scalar_t* out_at = out ? out + out_base + step.cls * result.cls + k * kWidth : nullptr;
+        if (!grad) {
+          IO::store(out_at, at::vec::fmadd(scale, z, s[k] * step.beta), count);
+          continue;
+        }
+        const Vec g = IO::load(grad + grad_base + step.cls * upstream.cls + k * kWidth, count);
+        if (out_at) {
+          IO::store(out_at, g * scale, count);
+        }
+        const Vec g_s = g * s[k];
+        step_grad_alpha = at::vec::fmadd(g_s, z, step_grad_alpha);
+        step_grad_beta += g_s;
+        ds[k] = at::vec::fmadd(g, at::vec::fmadd(step.alpha, z, step.beta), ds[k]);
+      }
+      if (grad_alpha) {
+        Layout::add_to_classes(grad_alpha, step, step_grad_alpha);
+      }
+      if (grad_beta) {
+        Layout::add_to_classes(grad_beta, step, step_grad_beta);
+      }
+    });
+    if (grad_confidence) {
+      Layout::reduce_rows(ds, [](const Vec& x, const Vec& y) { return x + y; });
+      alignas(64) acc_t row_grad_confidence[kMaxRows];
+      Layout::store_rows(ds, row_grad_confidence);
+      std::memcpy(grad_confidence + first_row, row_grad_confidence, rows * sizeof(acc_t));
+    }
+    return 0;
+  }
+};
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+template <template <typename, template <typename> class> class Blocks, typename Args>
+void run(const Args& args, double* sum_partials) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.dtype, "disalign_cpu_kernel", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto launch = [&](auto layout_tag) {
+      using Block = typename decltype(layout_tag)::type;
+      const Block block(args);
+      for_each_chunk<acc_t, typename Block::Layout>(
+          args.geometry, args.chunking, args.grad_alpha_partials, args.grad_beta_partials, sum_partials, block);
+    };
+    if (args.layout == Layout::kClassesContiguous) {
+      launch(TypeTag<Blocks<scalar_t, ClassesContiguous>>{});
+    } else {
+      launch(TypeTag<Blocks<scalar_t, PixelsContiguous>>{});
+    }
+  });
+}
+
+}  // namespace
+
+void cross_entropy_kernel(const LossArgs& args) {
+  run<LossBlocks>(args, args.loss_partials);
+}
+
+void calibrate_kernel(const CalibrateArgs& args) {
+  run<CalibrateBlocks>(args, nullptr);
+}
+
+}  // namespace disalign::cpu::CPU_CAPABILITY
