@@ -5,6 +5,8 @@ registers the native ops' fake kernels and autograd; the Triton ops register the
 ``disalign_ops.triton_backend`` is imported (on first use, where Triton can run).
 """
 
+import torch  # noqa: F401  (libc10/libtorch must be loaded before the extension)
+
 from . import _C  # noqa: F401  (registers the torch.ops.disalign schemas and native kernels)
 from ._registration import register_autograd, register_fake_kernels
 from .api import calibrate, disalign_cross_entropy, op_family

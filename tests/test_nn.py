@@ -52,7 +52,9 @@ def test_linear_head_loss_equals_reference_of_its_calibrated_logits():
     x, target = torch.randn(20, 6), torch.randint(0, 5, (20,))
     loss_fn = DisAlignLoss([40, 20, 10, 5, 2], rho=1.5)
     inputs = head.calibration_inputs(x)
-    expected = reference.cross_entropy(*inputs, weight=loss_fn.weight)
+    expected = reference.cross_entropy(
+        inputs.logits, target, inputs.alpha, inputs.beta, inputs.confidence, weight=loss_fn.weight
+    )
     torch.testing.assert_close(loss_fn(inputs, target), expected)
     # eq. 5 form: s*(a'*z + b) + (1-s)*z with a' = magnitude
     s = inputs.confidence.unsqueeze(1)
