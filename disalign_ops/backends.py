@@ -43,8 +43,13 @@ def available_backends(device="cpu") -> list[str]:
     return names
 
 
+@torch.compiler.assume_constant_result
 def resolve_backend(backend: str | None, device: torch.device) -> str:
-    """The backend to run on `device`: the requested one (validated) or the automatic choice."""
+    """The backend to run on `device`: the requested one (validated) or the automatic choice.
+
+    torch.compile evaluates it once while tracing and keeps the answer as a constant (its inputs
+    are constants of the graph; the dispatcher query inside it cannot be traced).
+    """
     requested = backend if backend is not None else os.environ.get("DISALIGN_BACKEND") or None
     available = available_backends(device)
     if requested is None:
