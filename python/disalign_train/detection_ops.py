@@ -96,34 +96,46 @@ def roi_align(
     grid = torch.stack([grid_x, grid_y], dim=3)  # (R, samples, samples, 2)
 
     image_index = rois[:, 0].long()
-    sampled = features.new_zeros(rois.shape[0], channels, samples, samples)
-    for b in torch.unique(image_index).tolist():
-        rows = torch.nonzero(image_index == b).squeeze(1)
-        image_grid = grid[rows].reshape(1, -1, samples, 2)  # all of this image's RoIs stacked vertically
+    order = torch.argsort(image_index, stable=True)
+    images, counts = torch.unique_consecutive(image_index[order], return_counts=True)
+    pieces = [features.new_zeros(0, channels, output_size, output_size)]
+    for b, rows in zip(images.tolist(), torch.split(order, counts.tolist())):
+        # All of this image's RoIs stacked vertically: one grid_sample call, and the pooling windows
+        # (sampling_ratio high) never straddle two RoIs.
+        image_grid = grid[rows].reshape(1, -1, samples, 2)
         values = F.grid_sample(features[b : b + 1], image_grid, mode="bilinear", padding_mode="border", align_corners=False)
-        sampled = sampled.index_copy(0, rows, values.view(channels, len(rows), samples, samples).transpose(0, 1))
-    return F.avg_pool2d(sampled, sampling_ratio)
+        values = F.avg_pool2d(values, sampling_ratio).view(channels, len(rows), output_size, output_size)
+        pieces.append(values.transpose(0, 1))
+    pooled = torch.cat(pieces)
+    if bool((image_index[1:] < image_index[:-1]).any()):
+        pooled = pooled[torch.argsort(order)]  # back from image order to the order of ``rois``
+    return pooled
 
 
-def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
-    """Greedy non-maximum suppression: indices of the kept boxes, highest score first."""
-    order = torch.argsort(scores, descending=True)
-    sorted_boxes = boxes[order]
-    # Upper triangle: a box only ever suppresses lower-scored boxes.
-    suppresses = (box_iou(sorted_boxes, sorted_boxes) > iou_threshold).triu(diagonal=1)
-    keep = torch.ones(len(order), dtype=torch.bool, device=boxes.device)
-    for i in range(len(order)):
-        if keep[i]:
-            keep &= ~suppresses[i]
-    return order[keep]
+def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, max_keep: int | None = None) -> torch.Tensor:
+    """Greedy non-maximum suppression: indices of the kept boxes, highest score first (at most ``max_keep``).
+
+    Each round keeps the best remaining box and drops the remaining boxes that overlap it by more
+    than ``iou_threshold``, so the loop runs once per kept box.
+    """
+    remaining = torch.argsort(scores, descending=True)
+    keep = []
+    while remaining.numel() and (max_keep is None or len(keep) < max_keep):
+        best, remaining = remaining[0], remaining[1:]
+        keep.append(best)
+        overlaps = box_iou(boxes[best].unsqueeze(0), boxes[remaining]).squeeze(0)
+        remaining = remaining[overlaps <= iou_threshold]
+    return torch.stack(keep) if keep else torch.zeros(0, dtype=torch.long, device=boxes.device)
 
 
-def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+def batched_nms(
+    boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, iou_threshold: float, max_keep: int | None = None
+) -> torch.Tensor:
     """Per-class NMS in one pass: boxes of different classes are moved apart so that they never overlap."""
     if boxes.numel() == 0:
         return torch.zeros(0, dtype=torch.long, device=boxes.device)
     offsets = classes.to(boxes.dtype) * (boxes.max() + 1)
-    return nms(boxes + offsets[:, None], scores, iou_threshold)
+    return nms(boxes + offsets[:, None], scores, iou_threshold, max_keep)
 
 
 def dense_anchors(height: int, width: int, stride: int, sizes, aspect_ratios) -> torch.Tensor:

@@ -58,11 +58,26 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def barrier() -> None:
+    """Waits for every rank (a no-op on one process), e.g. after the main rank wrote shared files."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over ranks (a no-op on one process); returns the reduced tensor."""
     if dist.is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's picklable ``obj``, in rank order (``[obj]`` on one process)."""
+    if not dist.is_initialized():
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def progress(iterable=None, **kwargs):

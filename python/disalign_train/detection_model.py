@@ -1,0 +1,159 @@
+"""A small Fast R-CNN-style detector: conv backbone, RoIAlign box head with K+1 logits (background
+last) and class-specific box regression, plus its proposals, RoI sampling, losses and post-processing.
+
+Proposals. Training RoIs are the ground-truth boxes, jittered copies of them (shifted by up to a
+quarter of their size, scaled by up to ~1.35x) and random sliding-window anchors, labelled by their
+best IoU with the ground truth (>= 0.5 foreground, else background) and sampled with at most a
+quarter foreground, as in Fast R-CNN. At inference the proposals never look at ground truth: every
+image gets the same dense set of sliding-window anchors (every ``anchor_stride`` pixels, each
+``anchor_sizes`` x ``anchor_ratios``), the box head scores and regresses all of them, and per-class
+NMS keeps the best. The anchors are also among the training RoIs, so the background class has
+seen exactly the boxes it must reject at test time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .detection_ops import BoxCoder, batched_nms, box_iou, clip_boxes, dense_anchors, roi_align
+
+PIXEL_MEAN, PIXEL_STD = 0.5, 0.25
+
+
+@dataclass
+class DetectorConfig:
+    num_classes: int  # K foreground categories; the box head has K + 1 logits, background last
+    image_size: int = 64
+    width: int = 32  # backbone channels at stride 2 (half at full resolution, double at stride 4)
+    hidden: int = 256  # box head fully connected width
+    roi_size: int = 7
+    anchor_stride: int = 4
+    anchor_sizes: tuple = (9, 14, 21)
+    anchor_ratios: tuple = (0.5, 1.0, 2.0)
+    rois_per_image: int = 64
+    foreground_fraction: float = 0.25
+    jitters_per_box: int = 8
+    foreground_iou: float = 0.5
+    score_threshold: float = 1e-3  # LVIS evaluates with a very low threshold (paper: 1e-4)
+    candidates_per_image: int = 1000  # before NMS
+    nms_iou: float = 0.5
+    detections_per_image: int = 100
+
+
+def _conv(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)
+    )
+
+
+class Detector(nn.Module):
+    """Backbone (stride 4) + RoIAlign box head. ``cls_score`` is the (K+1)-way classifier that stage 2 calibrates."""
+
+    stride = 4
+
+    def __init__(self, config: DetectorConfig):
+        super().__init__()
+        self.config = config
+        w = config.width
+        # Full resolution only for the first layer (textures have a 3-pixel period), then stride 2 and 4.
+        self.backbone = nn.Sequential(
+            _conv(3, w // 2), _conv(w // 2, w, 2), _conv(w, w), _conv(w, 2 * w, 2), _conv(2 * w, 2 * w), nn.Conv2d(2 * w, w, 1)
+        )
+        self.box_head = nn.Sequential(
+            nn.Flatten(), nn.Linear(w * config.roi_size**2, config.hidden), nn.ReLU(inplace=True),
+            nn.Linear(config.hidden, config.hidden), nn.ReLU(inplace=True),
+        )
+        self.cls_score = nn.Linear(config.hidden, config.num_classes + 1)
+        self.bbox_pred = nn.Linear(config.hidden, 4 * config.num_classes)
+        nn.init.normal_(self.cls_score.weight, std=0.01)
+        nn.init.zeros_(self.cls_score.bias)
+        nn.init.normal_(self.bbox_pred.weight, std=0.001)
+        nn.init.zeros_(self.bbox_pred.bias)
+
+    def roi_features(self, images: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
+        """Box head features (R, hidden) of ``rois`` (R, 5) on uint8 ``images`` (B, 3, H, W)."""
+        x = (images.float() / 255 - PIXEL_MEAN) / PIXEL_STD
+        pooled = roi_align(self.backbone(x), rois, self.config.roi_size, 1.0 / self.stride)
+        return self.box_head(pooled)
+
+    def forward(self, images: torch.Tensor, rois: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K+1 class logits, 4K box deltas) of every RoI."""
+        features = self.roi_features(images, rois)
+        return self.cls_score(features), self.bbox_pred(features)
+
+
+def inference_proposals(config: DetectorConfig, device=None) -> torch.Tensor:
+    """The ground-truth-free proposals of every image: dense sliding-window anchors."""
+    size = config.image_size
+    return dense_anchors(size, size, config.anchor_stride, config.anchor_sizes, config.anchor_ratios).to(device)
+
+
+def jitter_boxes(boxes: torch.Tensor, copies: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``copies`` randomly shifted and rescaled versions of every box, (M * copies, 4)."""
+    boxes = boxes.repeat_interleave(copies, dim=0)
+    size = (boxes[:, 2:] - boxes[:, :2]).clamp(min=1)
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+    noise = torch.rand(boxes.shape[0], 4, generator=generator).to(boxes.device) * 2 - 1
+    centre = centre + 0.25 * size * noise[:, :2]
+    size = size * torch.exp(0.3 * noise[:, 2:])
+    return torch.cat([centre - size / 2, centre + size / 2], dim=1)
+
+
+def label_proposals(proposals, gt_boxes, gt_labels, num_classes: int, foreground_iou: float):
+    """(class label per proposal, background = K; index of its best ground-truth box)."""
+    if gt_boxes.numel() == 0:
+        background = torch.full((len(proposals),), num_classes, dtype=torch.long, device=proposals.device)
+        return background, torch.zeros_like(background)
+    best_iou, best_gt = box_iou(proposals, gt_boxes).max(dim=1)
+    labels = torch.where(best_iou >= foreground_iou, gt_labels[best_gt], torch.full_like(best_gt, num_classes))
+    return labels, best_gt
+
+
+def sample_training_rois(config: DetectorConfig, gt_boxes, gt_labels, anchors, generator=None):
+    """One image's training RoIs (R, 4), class labels (R,) and box regression targets (R, 4)."""
+    size = config.image_size
+    candidates = torch.cat([
+        gt_boxes,
+        clip_boxes(jitter_boxes(gt_boxes, config.jitters_per_box, generator), size, size),
+        anchors[torch.randint(len(anchors), (config.rois_per_image,), generator=generator).to(anchors.device)],
+    ])
+    candidates = candidates[(candidates[:, 2:] - candidates[:, :2]).min(dim=1).values >= 1]
+    labels, matched = label_proposals(candidates, gt_boxes, gt_labels, config.num_classes, config.foreground_iou)
+    foreground = torch.nonzero(labels < config.num_classes).squeeze(1)
+    background = torch.nonzero(labels == config.num_classes).squeeze(1)
+    num_foreground = min(len(foreground), int(config.rois_per_image * config.foreground_fraction))
+    num_background = min(len(background), config.rois_per_image - num_foreground)
+    pick = lambda idx, n: idx[torch.randperm(len(idx), generator=generator)[:n].to(idx.device)]  # noqa: E731
+    keep = torch.cat([pick(foreground, num_foreground), pick(background, num_background)])
+    rois, labels = candidates[keep], labels[keep]
+    targets = BoxCoder().encode(rois, gt_boxes[matched[keep]]) if len(gt_boxes) else torch.zeros_like(rois)
+    return rois, labels, targets
+
+
+def box_regression_loss(deltas: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor, num_classes: int):
+    """L1 loss of the foreground RoIs' own-class deltas, averaged over all RoIs (Detectron2's normalisation)."""
+    foreground = torch.nonzero(labels < num_classes).squeeze(1)
+    own_class = deltas.view(len(deltas), num_classes, 4)[foreground, labels[foreground]]
+    return F.l1_loss(own_class, targets[foreground], reduction="sum") / max(len(labels), 1)
+
+
+def postprocess(config: DetectorConfig, probabilities, class_boxes):
+    """Detections of one image from (R, K+1) class probabilities and (R, 4K) class-specific boxes.
+
+    Every (RoI, foreground class) pair above the score threshold is a candidate; the best
+    ``candidates_per_image`` go through per-class NMS and the best ``detections_per_image`` stay.
+    Returns (boxes (D, 4), scores (D,), labels (D,)).
+    """
+    num_classes = config.num_classes
+    scores = probabilities[:, :num_classes]
+    roi, label = torch.nonzero(scores > config.score_threshold, as_tuple=True)
+    candidate_scores = scores[roi, label]
+    top = torch.argsort(candidate_scores, descending=True)[: config.candidates_per_image]
+    roi, label, candidate_scores = roi[top], label[top], candidate_scores[top]
+    boxes = class_boxes.view(len(class_boxes), num_classes, 4)[roi, label]
+    keep = batched_nms(boxes, candidate_scores, label, config.nms_iou, config.detections_per_image)
+    return boxes[keep], candidate_scores[keep], label[keep]
