@@ -81,6 +81,8 @@ def register_autograd(ops: OpFamily) -> None:
         ctx.ignore_index = ignore_index
         ctx.grad_mask = list(grad_mask)
         ctx.mark_non_differentiable(*output[1:])
+        # The gradient outputs get no gradient: don't let autograd allocate and zero-fill an N x C one.
+        ctx.set_materialize_grads(False)
         if reduction == "none":
             ctx.save_for_backward(logits, target, alpha, beta, confidence, weight)
         else:
