@@ -61,6 +61,20 @@ def _fake_calibrate_backward(grad, logits, alpha, beta, confidence, grad_mask):
     return _grad_outputs(grad_mask, logits, alpha, beta, confidence)
 
 
+def _scaled_by_upstream(grad, grad_loss):
+    """grad * grad_loss. On the CPU, outside compilation, an upstream gradient of exactly 1 (plain
+    loss.backward()) returns the forward's buffer itself, which autograd then moves into .grad: no
+    second N x C pass and allocation. (On CUDA reading the value would synchronise.)"""
+    if (
+        grad_loss.device.type == "cpu"
+        and not grad_loss.requires_grad
+        and not torch.compiler.is_compiling()
+        and bool(grad_loss == 1)
+    ):
+        return grad
+    return grad * grad_loss.to(grad.dtype)
+
+
 def _as_optional_grads(mask, grads):
     return tuple(g if wanted else None for wanted, g in zip(mask, grads))
 
@@ -104,7 +118,7 @@ def register_autograd(ops: OpFamily) -> None:
                     f"False in the forward call (grad_mask={ctx.grad_mask}, needed={wanted}); call the op through "
                     "disalign_ops.disalign_cross_entropy, which sets grad_mask from requires_grad"
                 )
-            grads = tuple(g * grad_loss.to(g.dtype) if w else None for w, g in zip(wanted, ctx.saved_tensors))
+            grads = tuple(_scaled_by_upstream(g, grad_loss) if w else None for w, g in zip(wanted, ctx.saved_tensors))
         grads = _as_optional_grads(wanted, grads)
         return grads[0], None, grads[1], grads[2], grads[3], None, None, None, None
 
