@@ -358,7 +358,7 @@ def load_ade20k(root, split: str = "training", image_size: int | None = None) ->
         raise FileNotFoundError(f"ADE20K-style data needs {image_dir} and {label_dir}")
     seg_names = _read_ade_class_names(root)
     thing_file = root / "thing_classes.txt"
-    thing_names = thing_file.read_text().split() if thing_file.exists() else []
+    thing_names = thing_file.read_text().splitlines() if thing_file.exists() else []
     image_paths = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
     if not image_paths:
         raise FileNotFoundError(f"no .png/.jpg images in {image_dir}")
