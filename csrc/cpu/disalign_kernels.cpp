@@ -69,6 +69,7 @@ struct Step {
   int64_t last_count;
   Vec alpha;
   Vec beta;
+  Vec class_index;  // the class of each lane, exact in acc_t (C < 2^24 is checked for float)
   int64_t count(int k) const {
     return k + 1 < vectors ? Vec::size() : last_count;
   }
@@ -95,7 +96,9 @@ struct ClassesContiguous {
   void sweep(int64_t /*rows*/, const Body& body) const {
     for (int64_t cls = 0; cls < classes; cls += kWidth) {
       const int64_t count = std::min(kWidth, classes - cls);
-      body(Step<acc_t>{cls, 1, count, Io<acc_t>::load(alpha + cls, count), Io<acc_t>::load(beta + cls, count)});
+      body(Step<acc_t>{
+          cls, 1, count, Io<acc_t>::load(alpha + cls, count), Io<acc_t>::load(beta + cls, count),
+          Vec::arange(static_cast<acc_t>(cls), acc_t(1))});
     }
   }
   // Lanes past the last class are padding: -inf keeps them out of the row max and softmax.
@@ -140,7 +143,7 @@ struct PixelsContiguous {
     const int vectors = static_cast<int>((rows + kWidth - 1) / kWidth);
     const int64_t last_count = rows - (vectors - 1) * kWidth;
     for (int64_t cls = 0; cls < classes; ++cls) {
-      body(Step<acc_t>{cls, vectors, last_count, Vec(alpha[cls]), Vec(beta[cls])});
+      body(Step<acc_t>{cls, vectors, last_count, Vec(alpha[cls]), Vec(beta[cls]), Vec(static_cast<acc_t>(cls))});
     }
   }
   // Padding lanes are rows past the block: their gradient coefficient is 0, so they add nothing.
@@ -285,6 +288,8 @@ struct LossBlocks {
     alignas(64) acc_t row_coefficient[kMaxRows] = {};  // dL/dloss[row] * weight[target]; 0 if ignored
     alignas(64) acc_t row_lse[kMaxRows] = {};
     alignas(64) acc_t row_grad_confidence[kMaxRows] = {};
+    alignas(64) acc_t row_target_class[kMaxRows];  // the target as acc_t; -1 (no class) if ignored
+    std::fill(row_target_class, row_target_class + kMaxRows, acc_t(-1));
     int64_t row_target[kMaxRows];
     bool any_valid = false;
     for (int64_t i = 0; i < rows; ++i) {
@@ -294,6 +299,7 @@ struct LossBlocks {
       row_confidence[i] = confidence ? confidence[row] : acc_t(1);
       if (t != args.ignore_index) {
         any_valid = true;
+        row_target_class[i] = static_cast<acc_t>(t);
         const acc_t upstream = grad_loss ? grad_loss[row] : static_cast<acc_t>(args.grad_scale);
         row_coefficient[i] = upstream * (weight ? weight[t] : acc_t(1));
       }
@@ -369,10 +375,12 @@ struct LossBlocks {
       return loss_sum;
     }
 
-    // Sweep 3: dzhat = coefficient * softmax (the target's -1 is added per row below).
+    // Sweep 3: dzhat = coefficient * (softmax - onehot(target)).
     Vec coefficient[kVectors];
+    Vec target_class[kVectors];
     for (int k = 0; k < kVectors; ++k) {
       coefficient[k] = Layout::row_vector(row_coefficient, k);
+      target_class[k] = Layout::row_vector(row_target_class, k);
       running[k] = Vec(0);
     }
     const bool wants_class_grads = grad_alpha || grad_beta;
@@ -385,7 +393,7 @@ struct LossBlocks {
           const Vec z = load_logits(step, k);
           const Vec scale = at::vec::fmadd(s[k], step.alpha, one);
           const Vec zhat = Layout::mask_padding(at::vec::fmadd(scale, z, s[k] * step.beta), count);
-          const Vec dzhat = coefficient[k] * exp(zhat - lse[k]);
+          const Vec dzhat = coefficient[k] * (exp(zhat - lse[k]) - step.class_index.eq(target_class[k]));
           if (grad_logits) {
             IO::store(grad_logits + out_base + step.cls * out.cls + k * kWidth, dzhat * scale, count);
           }
@@ -411,28 +419,6 @@ struct LossBlocks {
       Layout::store_rows(running, row_grad_confidence);
     }
 
-    // The one-hot part of dzhat at each row's target, in the accumulation type.
-    for (int64_t i = 0; i < rows; ++i) {
-      const int64_t t = row_target[i];
-      if (t == args.ignore_index) {
-        continue;
-      }
-      const acc_t c = row_coefficient[i];
-      const acc_t s_i = row_confidence[i];
-      const acc_t z = target_logit(i);
-      const acc_t scale = 1 + s_i * alpha[t];
-      if (grad_logits) {
-        const acc_t p = std::exp(scale * z + s_i * beta[t] - row_lse[i]);
-        grad_logits[out_base + i * out.spatial + t * out.cls] = static_cast<scalar_t>(c * (p - 1) * scale);
-      }
-      if (grad_alpha) {
-        grad_alpha[t] -= c * s_i * z;
-      }
-      if (grad_beta) {
-        grad_beta[t] -= c * s_i;
-      }
-      row_grad_confidence[i] -= c * (alpha[t] * z + beta[t]);
-    }
     if (grad_confidence) {
       std::memcpy(grad_confidence + first_row, row_grad_confidence, rows * sizeof(acc_t));
     }

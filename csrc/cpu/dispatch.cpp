@@ -163,6 +163,10 @@ void check_loss_inputs(
       target.sizes() == at::IntArrayRef(row_shape(logits)), "target must have shape ",
       at::IntArrayRef(row_shape(logits)), " (logits ", logits.sizes(), " without the class dim), got shape ",
       target.sizes());
+  // The kernels compare class indices in the accumulation type, exact below 2^24 in float.
+  TORCH_CHECK_VALUE(
+      logits.scalar_type() == at::kDouble || classes <= (int64_t{1} << 24), "logits has C = ", classes,
+      " classes; the CPU kernels support at most 2^24 classes for ", logits.scalar_type(), " logits");
   if (weight) {
     check_float_operand(logits, *weight, "weight");
     TORCH_CHECK_VALUE(
