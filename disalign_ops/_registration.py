@@ -103,6 +103,8 @@ def register_autograd(ops: OpFamily) -> None:
             ctx.save_for_backward(*output[1:])
 
     def cross_entropy_backward(ctx, grad_loss, *unused_grads):
+        if grad_loss is None:  # the loss got no gradient (materialize_grads is off): neither do the inputs
+            return (None,) * 9
         logits_needs, _, alpha_needs, beta_needs, conf_needs = ctx.needs_input_grad[:5]
         wanted = [logits_needs, alpha_needs, beta_needs, conf_needs]
         if ctx.reduction == "none":
