@@ -73,7 +73,9 @@ def extension():
     )
     if build_cuda():
         sources += glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu")
-        nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        # No --use_fast_math: the kernels pick their fast paths (exp2f, reciprocals) where they are
+        # accurate enough; fast-math would also flush denormals and approximate every division.
+        nvcc_flags = ["-O3", "-std=c++17", "-lineinfo"]
         nvcc_flags += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ("80", "90")]
         return CUDAExtension(
             sources=sources,

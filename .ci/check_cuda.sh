@@ -77,11 +77,17 @@ torch_inc=$(python3 -c "import torch.utils.cpp_extension as c; print(' '.join('-
 if [[ -z "$torch_inc" ]]; then
   echo "check_cuda: binding syntax check SKIPPED - torch is not importable"
 else
-  cuda_inc="$(dirname "$(dirname "$(readlink -f "$NVCC")")")/include"
+  cuda_inc=""
+  for dir in "${CUDA_HOME:-}" "$(dirname "$(dirname "$(readlink -f "$NVCC")")")" /usr/local/cuda; do
+    if [[ -n "$dir" && -f "$dir/include/cuda_runtime_api.h" ]]; then
+      cuda_inc="$dir/include"
+      break
+    fi
+  done
   py_inc=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['include'])")
   for src in csrc/cuda/*.cpp; do
     # shellcheck disable=SC2086
-    if ! g++ -std=c++17 -fsyntax-only -DDISALIGN_WITH_CUDA -Icsrc -I"$stubs" $torch_inc -I"$cuda_inc" -I"$py_inc" "$src"; then
+    if ! g++ -std=c++17 -fsyntax-only -Wno-c++20-extensions -DDISALIGN_WITH_CUDA -Icsrc -I"$stubs" $torch_inc -I"$cuda_inc" -I"$py_inc" "$src"; then
       echo "check_cuda: FAILED binding syntax check of $src"
       exit 1
     fi
