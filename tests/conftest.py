@@ -123,7 +123,7 @@ def make_inputs(
     )
 
 
-def _differentiable_view(t: torch.Tensor):
+def differentiable_view(t: torch.Tensor):
     """(leaf, view): a leaf over a copy of t's whole storage and its view with t's exact sizes, strides
     and offset, so sliced / transposed / channels-last layouts reach the op unchanged."""
     storage_len = t.untyped_storage().nbytes() // t.element_size()
@@ -144,7 +144,7 @@ def loss_and_grads(fn, inputs: LossInputs, reduction: str, wrt=GRAD_INPUTS, grad
     for name in GRAD_INPUTS:
         t = getattr(inputs, name)
         if t is not None and name in wrt:
-            leaves[name], args[name] = _differentiable_view(t)
+            leaves[name], args[name] = differentiable_view(t)
         else:
             args[name] = t
     loss = fn(

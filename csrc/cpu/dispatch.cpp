@@ -102,6 +102,15 @@ void launch(const CalibrateArgs& args) {
 // Argument checks. The Python front end validates the same rules first (disalign_ops/_validation.py);
 // these keep direct torch.ops calls memory safe.
 
+// A shape as Python prints it, "(4, 5)" or "(5,)", so messages match the Python front end's.
+std::string shape_str(at::IntArrayRef shape) {
+  std::string text = "(";
+  for (size_t d = 0; d < shape.size(); ++d) {
+    text += (d ? ", " : "") + std::to_string(shape[d]);
+  }
+  return text + (shape.size() == 1 ? ",)" : ")");
+}
+
 std::vector<int64_t> row_shape(const at::Tensor& logits) {
   std::vector<int64_t> shape{logits.size(0)};
   for (int64_t d = 2; d < logits.dim(); ++d) {
@@ -127,20 +136,20 @@ int64_t check_calibrate_inputs(
       dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
       "logits must have dtype float16, bfloat16, float32 or float64, got ", dtype);
   TORCH_CHECK_VALUE(
-      logits.dim() >= 2, "logits must have shape (N, C) or (N, C, d1, ...), got shape ", logits.sizes());
+      logits.dim() >= 2, "logits must have shape (N, C) or (N, C, d1, ...), got shape ", shape_str(logits.sizes()));
   const int64_t classes = logits.size(1);
-  TORCH_CHECK_VALUE(classes >= 1, "logits must have at least one class (dim 1), got shape ", logits.sizes());
+  TORCH_CHECK_VALUE(classes >= 1, "logits must have at least one class (dim 1), got shape ", shape_str(logits.sizes()));
   for (const auto& [t, name] : {std::pair{&alpha, "alpha"}, std::pair{&beta, "beta"}}) {
     check_float_operand(logits, *t, name);
     TORCH_CHECK_VALUE(
         t->dim() == 1 && t->size(0) == classes, name, " must have shape (C,) = (", classes,
-        ",) to match logits, got shape ", t->sizes());
+        ",) to match logits, got shape ", shape_str(t->sizes()));
   }
   if (confidence) {
     check_float_operand(logits, *confidence, "confidence");
     TORCH_CHECK_VALUE(
         confidence->sizes() == at::IntArrayRef(row_shape(logits)), "confidence must have shape ",
-        at::IntArrayRef(row_shape(logits)), " (logits without the class dim), got shape ", confidence->sizes());
+        shape_str(row_shape(logits)), " (logits without the class dim), got shape ", shape_str(confidence->sizes()));
   }
   return classes;
 }
@@ -161,8 +170,8 @@ void check_loss_inputs(
       logits.device(), "; all tensors must be on one device");
   TORCH_CHECK_VALUE(
       target.sizes() == at::IntArrayRef(row_shape(logits)), "target must have shape ",
-      at::IntArrayRef(row_shape(logits)), " (logits ", logits.sizes(), " without the class dim), got shape ",
-      target.sizes());
+      shape_str(row_shape(logits)), " (logits ", shape_str(logits.sizes()), " without the class dim), got shape ",
+      shape_str(target.sizes()));
   // The kernels compare class indices in the accumulation type, exact below 2^24 in float.
   TORCH_CHECK_VALUE(
       logits.scalar_type() == at::kDouble || classes <= (int64_t{1} << 24), "logits has C = ", classes,
@@ -171,7 +180,7 @@ void check_loss_inputs(
     check_float_operand(logits, *weight, "weight");
     TORCH_CHECK_VALUE(
         weight->dim() == 1 && weight->size(0) == classes, "weight must have shape (C,) = (", classes,
-        ",) to match logits, got shape ", weight->sizes());
+        ",) to match logits, got shape ", shape_str(weight->sizes()));
   }
 }
 
@@ -518,8 +527,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_backwar
   check_loss_inputs(logits, target, alpha, beta, confidence, weight);
   check_float_operand(logits, grad_loss, "grad_loss");
   TORCH_CHECK_VALUE(
-      grad_loss.sizes() == target.sizes(), "grad_loss must have the shape of target ", target.sizes(),
-      ", got shape ", grad_loss.sizes());
+      grad_loss.sizes() == target.sizes(), "grad_loss must have the shape of target ", shape_str(target.sizes()),
+      ", got shape ", shape_str(grad_loss.sizes()));
   auto grads = run_loss(
                    logits, target, alpha, beta, confidence, weight, ignore_index, Reduction::kNone, grad_loss,
                    grad_mask)
@@ -574,8 +583,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> calibrate_backward_cp
   check_calibrate_inputs(logits, alpha, beta, confidence);
   check_float_operand(logits, grad, "grad");
   TORCH_CHECK_VALUE(
-      grad.sizes() == logits.sizes(), "grad must have the shape of logits ", logits.sizes(), ", got shape ",
-      grad.sizes());
+      grad.sizes() == logits.sizes(), "grad must have the shape of logits ", shape_str(logits.sizes()),
+      ", got shape ", shape_str(grad.sizes()));
   const at::ScalarType acc = accumulation_type(logits.scalar_type());
   const Geometry logical = geometry_of(logits);
   const Chunking chunking = chunking_for(logical.rows());
