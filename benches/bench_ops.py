@@ -55,6 +55,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import operator
 import os
 import platform
 import re
@@ -120,7 +121,8 @@ class Problem:
     ignore_index: int
 
     def args(self):
-        return (self.logits, self.target, self.alpha, self.beta, self.confidence, self.weight, self.ignore_index, "mean")
+        tensors = (self.logits, self.target, self.alpha, self.beta, self.confidence, self.weight)
+        return tensors + (self.ignore_index, "mean")
 
     def reset_grads(self) -> None:
         for t in (self.logits, self.alpha, self.beta, self.confidence):
@@ -366,6 +368,54 @@ def format_first_calls(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# SPEC section 5 targets: (device type, backends, shapes, modes, row field, comparison, limit).
+# Speed-ups are checked in both modes, the bandwidth bound and stage-2 memory in stage 2 only.
+SPEC_TARGETS = [
+    ("cpu", ("native",), ("seg-ade", "det-lvis"), MODES, "speedup_vs_eager", ">=", 5.0),
+    ("cpu", ("native",), ("seg-ade", "det-lvis"), MODES, "speedup_vs_compile", ">=", 2.0),
+    ("cpu", ("native",), tuple(SHAPES), ("stage2",), "peak_extra_pct_of_logits", "<", 10.0),
+    ("cuda", ("native", "triton"), ("seg-ade", "cls-inat"), ("stage2",), "bound_ratio", "<=", 1.25),
+    ("cuda", ("native", "triton"), tuple(SHAPES), MODES, "speedup_vs_eager", ">=", 10.0),
+    ("cuda", ("native", "triton"), tuple(SHAPES), MODES, "speedup_vs_compile", ">=", 2.0),
+    ("cuda", ("native", "triton"), tuple(SHAPES), ("stage2",), "peak_extra_pct_of_logits", "<", 5.0),
+    ("cuda", ("native", "triton"), tuple(SHAPES), ("full",), "peak_extra_pct_of_logits", "<", 110.0),
+]
+
+
+COMPARISONS = {">=": operator.ge, "<=": operator.le, "<": operator.lt}
+FIELD_LABELS = {
+    "speedup_vs_eager": "x eager",
+    "speedup_vs_compile": "x compile",
+    "bound_ratio": "x bound",
+    "peak_extra_pct_of_logits": "% of logits",
+}
+
+
+def check_targets(rows: list[dict], device_type: str) -> list[dict]:
+    """Each SPEC target that applies to a measured row, with the measured value and whether it is met."""
+    checks = []
+    for target_device, backends, shapes, modes, field, comparison, limit in SPEC_TARGETS:
+        for r in rows:
+            applies = target_device == device_type and r["backend"] in backends and r["shape"] in shapes
+            if not applies or r["mode"] not in modes or r.get(field) is None:
+                continue
+            met = COMPARISONS[comparison](r[field], limit)
+            target = f"{FIELD_LABELS[field]} {comparison} {limit:g}"
+            checks.append(dict(shape=r["shape"], mode=r["mode"], backend=r["backend"], target=target, value=r[field],
+                               met=met))
+    return checks
+
+
+def format_checks(checks: list[dict]) -> str:
+    lines = ["| shape | mode | backend | SPEC target | measured | met |", "| --- | --- | --- | --- | ---: | --- |"]
+    lines += [
+        f"| {c['shape']} | {c['mode']} | {c['backend']} | {c['target']} | {c['value']:.2f} | "
+        f"{'yes' if c['met'] else 'NO'} |"
+        for c in checks
+    ]
+    return "\n".join(lines)
+
+
 def csv_list(allowed):
     def parse(text: str) -> list[str]:
         items = [s.strip() for s in text.split(",") if s.strip()]
@@ -451,6 +501,9 @@ def main(argv=None) -> int:
     print(format_table(rows))
     print()
     print(format_first_calls(rows))
+    checks = check_targets(rows, device.type)
+    print()
+    print(format_checks(checks))
 
     path = args.json
     if path is None:
@@ -465,6 +518,7 @@ def main(argv=None) -> int:
         "copy_buffer_mib": args.copy_mib,
         "copy_bandwidth_gbps": copy_gbps,
         "rows": rows,
+        "spec_targets": checks,
     }
     with open(path, "w") as f:
         json.dump(report, f, indent=2)
