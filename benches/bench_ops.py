@@ -279,8 +279,9 @@ def peak_extra_bytes_cpu(step) -> int:
     ]
     if not totals:
         return 0
-    # Each event carries the running total after it; total - bytes is the total before it, and the
-    # smallest of those is the total before the step allocated anything.
+    # Each event carries the running total after it, so total - bytes is the total before it. The
+    # smallest of those is the total before the step's first allocation, or lower if the step frees a
+    # block allocated under an earlier profiler session: the peak is then overstated, never understated.
     before = min(total - nbytes for total, nbytes in totals)
     return max(0, max(total for total, _ in totals) - before)
 
