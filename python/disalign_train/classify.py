@@ -84,7 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     stage2.add_argument("--stage2-batch-size", type=int, default=64)
     stage2.add_argument("--stage2-lr", type=float, default=0.05)
     stage2.add_argument("--stage2-weight-decay", type=float, default=5e-4)
-    stage2.add_argument("--stage2-views", type=int, default=4,
+    stage2.add_argument("--stage2-views", type=int, default=1,
                         help="train features from this many views per image (the first plain, the rest augmented)")
     stage2.add_argument("--rho", type=float, help="generalized re-weight scale (default 1.2 linear, 1.5 cosine)")
     stage2.add_argument("--logit-adjust-tau", type=float, default=1.0)
@@ -206,6 +206,23 @@ def stage1_model(args, data: LongTailData, seed: int, out: Path, device, logger)
     return model, config
 
 
+def stage_two(args, data: LongTailData, model: ImageClassifier, config: dict, class_counts, seed: int, device) -> StageTwo:
+    """Freezes the stage-1 model and extracts its features once: what every classifier-level method starts from."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return StageTwo(
+        classifier=model.classifier,
+        new_classifier=lambda: build_classifier(config["classifier"], config["width"], data.num_classes, config["cosine_scale"]),
+        features=frozen_features(model, data, args, device, seed),
+        class_counts=class_counts,
+        num_classes=data.num_classes,
+        rho=args.rho if args.rho is not None else DEFAULT_RHO[config["classifier"]],
+        training=HeadTraining(args.stage2_epochs, args.stage2_batch_size, args.stage2_lr, args.stage2_weight_decay, seed),
+        logit_adjust_tau=args.logit_adjust_tau,
+        backend=args.backend,
+    )
+
+
 def run_seed(args, data: LongTailData, seed: int, out: Path, device, logger) -> dict:
     """Both stages and every method for one seed; writes this seed's outputs and returns its metrics.json payload."""
     if runtime.is_main():
@@ -214,26 +231,14 @@ def run_seed(args, data: LongTailData, seed: int, out: Path, device, logger) -> 
     class_counts = reduced_class_counts(data.train.labels, data.num_classes)
     groups, rule = frequency_groups(class_counts, args.group_rule)
     model, config = stage1_model(args, data, seed, out, device, logger)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    rho = args.rho if args.rho is not None else DEFAULT_RHO[config["classifier"]]
-    context = StageTwo(
-        classifier=model.classifier,
-        new_classifier=lambda: build_classifier(config["classifier"], config["width"], data.num_classes, config["cosine_scale"]),
-        features=frozen_features(model, data, args, device, seed),
-        class_counts=class_counts,
-        num_classes=data.num_classes,
-        rho=rho,
-        training=HeadTraining(args.stage2_epochs, args.stage2_batch_size, args.stage2_lr, args.stage2_weight_decay, seed),
-        logit_adjust_tau=args.logit_adjust_tau,
-        backend=args.backend,
-    )
+    context = stage_two(args, data, model, config, class_counts, seed, device)
     methods = [METHODS[key] for key in METHODS if key in args.methods]
-    results, heads = {}, {}
+    results, heads, test_counts = {}, {}, None
     for method in methods:
         torch.manual_seed(seed)  # each method's initialisation does not depend on which others ran
         fitted = method.fit(context)
         correct, total = per_class_hits(fitted.predict, context.features.test, context.features.test_labels, data.num_classes)
+        test_counts = total.long().tolist()
         results[method.key] = {
             "title": method.title,
             **group_accuracy(correct, total, groups),
@@ -249,15 +254,16 @@ def run_seed(args, data: LongTailData, seed: int, out: Path, device, logger) -> 
         "data": data.description,
         "seed": seed,
         "model": config,
-        "rho": rho,
+        "rho": context.rho,
         "class_counts": class_counts.tolist(),
+        "test_counts": test_counts,
         "group_rule": rule,
         "group_rule_description": describe_rule(rule),
         "groups": {name: [c for c, g in enumerate(groups) if g == name] for name in ("many", "medium", "few")},
         "methods": results,
     }
     if runtime.is_main():
-        write_outputs(out, payload, methods, heads, rho)
+        write_outputs(out, payload, methods, heads)
     return payload
 
 
@@ -265,23 +271,36 @@ def _pct(value) -> str:
     return "  -  " if value is None else f"{100 * value:5.1f}"
 
 
-def write_outputs(out: Path, payload: dict, methods, heads: dict, rho: float) -> None:
+def write_outputs(out: Path, payload: dict, methods, heads: dict) -> None:
     runtime.write_json(out / "metrics.json", payload)
-    torch.save({"heads": heads, "rho": rho, "class_counts": payload["class_counts"], "model": payload["model"]}, out / "stage2.pt")
+    torch.save({"heads": heads, "rho": payload["rho"], "class_counts": payload["class_counts"], "model": payload["model"]}, out / "stage2.pt")
     table = report.results_table(payload["methods"], methods)
     header = (
         f"# Long-tail classification, seed {payload['seed']}\n\n{payload['data']}\n\n"
         f"Classifier: {payload['model']['classifier']}, backbone: {payload['model']['backbone']}, rho = {payload['rho']:g}. "
         f"Groups: {payload['group_rule_description']}. Accuracies are class-balanced top-1 in percent.\n\n"
     )
-    (out / "results.md").write_text(header + table + "\n")
+    (out / "results.md").write_text(header + table + "\n" + method_notes(payload["methods"]))
     counts = payload["class_counts"]
     report.plot_reweight_curves(out / "reweight_curves.png", counts)
     shown = {m.title: payload["methods"][m.key]["per_class"] for m in methods if m.key in ("joint", "disalign")}
-    report.plot_per_class_accuracy(out / "per_class_accuracy.png", counts, shown)
+    if shown:
+        report.plot_per_class_accuracy(out / "per_class_accuracy.png", counts, shown)
     if "disalign" in heads:
         head = heads["disalign"]
         report.plot_calibration(out / "calibration.png", counts, head["magnitude"].tolist(), head["margin"].tolist())
+
+
+def method_notes(results: dict) -> str:
+    """The hyper-parameters the hand-crafted baselines used, under the table."""
+    notes = []
+    if "tau_norm" in results:
+        tau = results["tau_norm"]
+        chosen = "chosen on the validation split" if tau["tau_selected_on"] == "val" else "fixed (no validation split)"
+        notes.append(f"tau-normalisation: tau = {tau['tau']:g}, {chosen}.")
+    if "logit_adjust" in results:
+        notes.append(f"Logit adjustment: z - tau * log(prior) with tau = {results['logit_adjust']['tau']:g}.")
+    return "".join(f"\n{note}\n" for note in notes)
 
 
 def write_summary(out: Path, per_seed: dict[int, dict], methods) -> str:

@@ -29,6 +29,7 @@ from .. import runtime
 class Split:
     dataset: Dataset  # items are (float image tensor (C, H, W) in [0, 1], int label)
     labels: torch.Tensor  # int64 (N,), the labels of the items in order
+    ids: list  # where each item comes from: its index in load_digits, or its path in the split file
 
 
 @dataclass
@@ -112,7 +113,7 @@ def build_digits_lt(
 
     def split(indices: np.ndarray) -> Split:
         index = torch.from_numpy(indices)
-        return Split(TensorImages(images[index], labels[index]), labels[index])
+        return Split(TensorImages(images[index], labels[index]), labels[index], indices.tolist())
 
     return LongTailData(
         name="digits-lt",
@@ -191,9 +192,9 @@ def build_split_file_data(
         f"{int(counts.max())}..{int(counts.min())} per class, images resized to {image_size}x{image_size}",
         num_classes=num_classes,
         image_shape=(3, image_size, image_size),
-        train=Split(splits["train"], splits["train"].labels),
-        val=Split(splits["val"], splits["val"].labels) if "val" in splits else None,
-        test=Split(splits["test"], splits["test"].labels),
+        train=Split(splits["train"], splits["train"].labels, splits["train"].paths),
+        val=Split(splits["val"], splits["val"].labels, splits["val"].paths) if "val" in splits else None,
+        test=Split(splits["test"], splits["test"].labels, splits["test"].paths),
         natural_images=True,
     )
 

@@ -117,21 +117,27 @@ class ClassifierHead(nn.Module):
 
 
 class HeadObjective(nn.Module):
-    """The loss as a module's forward, so that DistributedDataParallel sees every step of the head."""
+    """The loss as a module's forward, so that DistributedDataParallel sees every step of the head.
 
-    def __init__(self, head: nn.Module, loss_fn: DisAlignLoss):
+    The weighted mean is taken over the global batch: each rank sums its share (reduction "sum")
+    and divides by the batch's total target weight over all ranks, times the number of ranks
+    (DDP averages the gradients), so N processes compute the gradient one process computes.
+    """
+
+    def __init__(self, head: nn.Module, class_counts: torch.Tensor, rho: float, backend: str | None):
         super().__init__()
         self.head = head
-        self.loss_fn = loss_fn
+        self.loss_fn = DisAlignLoss(class_counts, rho, reduction="sum", backend=backend)
 
     def forward(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return self.loss_fn(self.head.calibration_inputs(x), target)
+        total_weight = runtime.all_reduce_sum(self.loss_fn.weight[target].sum().detach())
+        return self.loss_fn(self.head.calibration_inputs(x), target) * (runtime.world_size() / total_weight)
 
 
 def train_head(head: nn.Module, ctx: StageTwo, balance: str, rho: float, desc: str) -> None:
     """The one stage-2 loop: SGD on the head's trainable parameters over the frozen train features."""
     features, labels = ctx.features.train, ctx.features.train_labels
-    objective = HeadObjective(head, DisAlignLoss(ctx.class_counts, rho, backend=ctx.backend).to(features.device))
+    objective = HeadObjective(head, ctx.class_counts, rho, ctx.backend).to(features.device)
     if runtime.world_size() > 1:
         device_ids = [features.device] if features.device.type == "cuda" else None
         objective = DistributedDataParallel(objective, device_ids=device_ids)
@@ -149,6 +155,7 @@ def train_head(head: nn.Module, ctx: StageTwo, balance: str, rho: float, desc: s
     head.train()
     for epoch in runtime.progress(range(ctx.training.epochs), desc=desc):
         sampler.set_epoch(epoch)
+        finite = torch.ones((), dtype=torch.bool, device=features.device)
         for batch in sampler:
             index = torch.as_tensor(batch, device=features.device)
             loss = objective(features[index], labels[index])
@@ -156,19 +163,25 @@ def train_head(head: nn.Module, ctx: StageTwo, balance: str, rho: float, desc: s
             loss.backward()
             optimizer.step()
             schedule.step()
+            finite &= torch.isfinite(loss)
+        if not bool(finite):  # checked once per epoch: no device sync per step
+            raise RuntimeError(
+                f"{desc}: the stage-2 loss became non-finite in epoch {epoch + 1} with lr {ctx.training.lr}; "
+                "lower --stage2-lr"
+            )
     head.eval()
 
 
-def trained(build_head: Callable[[StageTwo], nn.Module], balance: str, reweight: bool) -> Callable[[StageTwo], FittedMethod]:
-    """A learnable method: its head, its sampling and whether the loss uses the generalized re-weight."""
+def learnable(key: str, title: str, build_head: Callable[[StageTwo], nn.Module], balance: str, reweight: bool) -> Method:
+    """A method trained by `train_head`: its head, its sampling and whether the loss uses the generalized re-weight."""
 
     def fit(ctx: StageTwo) -> FittedMethod:
         head = build_head(ctx).to(ctx.features.train.device)
         rho = ctx.rho if reweight else 0.0
-        train_head(head, ctx, balance, rho, desc=type(head).__name__)
+        train_head(head, ctx, balance, rho, desc=f"stage 2: {title}")
         return FittedMethod(predict=head, head=head, info={"sampling": balance, "rho": rho})
 
-    return fit
+    return Method(key, title, "learnable", fit)
 
 
 def calibrated(input_aware: bool = True, magnitude: bool = True, margin: bool = True) -> Callable[[StageTwo], nn.Module]:
@@ -238,12 +251,12 @@ METHODS = {
         Method("ncm", "NCM", "hand-crafted", fit_ncm),
         Method("tau_norm", "tau-normalisation", "hand-crafted", fit_tau_norm),
         Method("logit_adjust", "Logit adjustment (post-hoc)", "hand-crafted", fit_logit_adjust),
-        Method("crt", "cRT", "learnable", trained(retrained_classifier, "class", reweight=False)),
-        Method("lws", "LWS", "learnable", trained(calibrated(input_aware=False, margin=False), "class", reweight=False)),
-        Method("grw_only", "DisAlign ablation: GRW only", "learnable", trained(retrained_classifier, "instance", True)),
-        Method("magnitude_only", "DisAlign ablation: magnitude only", "learnable", trained(calibrated(margin=False), "instance", True)),
-        Method("margin_only", "DisAlign ablation: margin only", "learnable", trained(calibrated(magnitude=False), "instance", True)),
-        Method("input_agnostic", "DisAlign ablation: input-agnostic", "learnable", trained(calibrated(input_aware=False), "instance", True)),
-        Method("disalign", "DisAlign", "learnable", trained(calibrated(), "instance", True)),
+        learnable("crt", "cRT", retrained_classifier, "class", reweight=False),
+        learnable("lws", "LWS", calibrated(input_aware=False, margin=False), "class", reweight=False),
+        learnable("grw_only", "DisAlign ablation: GRW only", retrained_classifier, "instance", reweight=True),
+        learnable("magnitude_only", "DisAlign ablation: magnitude only", calibrated(margin=False), "instance", reweight=True),
+        learnable("margin_only", "DisAlign ablation: margin only", calibrated(magnitude=False), "instance", reweight=True),
+        learnable("input_agnostic", "DisAlign ablation: input-agnostic", calibrated(input_aware=False), "instance", reweight=True),
+        learnable("disalign", "DisAlign", calibrated(), "instance", reweight=True),
     )
 }

@@ -32,7 +32,8 @@ def build_backbone(name: str, image_shape: tuple[int, int, int], width: int = 12
         )
     if name == "cnn":
         def block(c_in, c_out, stride):
-            return [nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.GroupNorm(8, c_out), nn.ReLU(inplace=True)]
+            norm = nn.GroupNorm(math.gcd(8, c_out), c_out)
+            return [nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), norm, nn.ReLU(inplace=True)]
 
         return nn.Sequential(
             *block(channels, width // 4, 1),
