@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
 from ._validation import accumulation_dtype, check_calibrate_args, check_cross_entropy_args
 
@@ -62,15 +63,18 @@ def _fake_calibrate_backward(grad, logits, alpha, beta, confidence, grad_mask):
 
 
 def _scaled_by_upstream(grad, grad_loss):
-    """grad * grad_loss. On the CPU, outside compilation, an upstream gradient of exactly 1 (plain
-    loss.backward()) returns the forward's buffer itself, which autograd then moves into .grad: no
-    second N x C pass and allocation. (On CUDA reading the value would synchronise.)"""
-    if (
-        grad_loss.device.type == "cpu"
+    """grad * grad_loss. An upstream gradient of exactly 1 (plain loss.backward()) returns the
+    forward's buffer itself, which autograd then moves into .grad: no second N x C pass and
+    allocation. The value is read only from a plain CPU tensor outside any tracing (torch.compile,
+    AOT/fake/functional tracing, make_fx); on CUDA reading it would synchronise."""
+    readable = (
+        type(grad_loss) is torch.Tensor
+        and grad_loss.device.type == "cpu"
         and not grad_loss.requires_grad
         and not torch.compiler.is_compiling()
-        and bool(grad_loss == 1)
-    ):
+        and get_proxy_mode() is None
+    )
+    if readable and bool(grad_loss == 1):
         return grad
     return grad * grad_loss.to(grad.dtype)
 
