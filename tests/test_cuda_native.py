@@ -1,0 +1,324 @@
+"""The native backend's CUDA kernels (csrc/cuda) against the eager reference on the GPU: every logits
+layout and dtype, all reductions, gradient subsets, edge cases, large class counts (block per row,
+class chunks), bitwise determinism, out-of-range targets and more than 2^31 elements.
+
+Skipped without a CUDA device or when the extension was built without CUDA (DISALIGN_CUDA=1)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import disalign_ops
+from conftest import (
+    GRAD_INPUTS,
+    LAYOUTS,
+    REDUCTIONS,
+    TOLERANCES,
+    LossInputs,
+    assert_matches,
+    backend_loss,
+    differentiable_view,
+    loss_and_grads,
+    make_inputs,
+    reference_loss,
+)
+
+
+def _skip_reason():
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    if "native" not in disalign_ops.available_backends("cuda"):
+        return "disalign_ops._C was built without CUDA kernels (build with DISALIGN_CUDA=1)"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
+
+NATIVE = backend_loss("native")
+# Shapes per layout kind: partial tiles, several tiles per image, C below and above a warp.
+NC_SHAPES = [(67, 1000), (301, 37), (5, 3)]
+SPATIAL_SHAPES = [(2, 19, 17, 17), (3, 150, 9, 11)]
+
+
+def _to_cuda(t: torch.Tensor | None) -> torch.Tensor | None:
+    """t on the GPU with the same sizes, strides and storage offset (Tensor.to would densify)."""
+    if t is None:
+        return None
+    storage_len = t.untyped_storage().nbytes() // t.element_size()
+    base = t.detach().as_strided((storage_len,), (1,), 0).cuda()
+    return base.as_strided(t.shape, t.stride(), t.storage_offset())
+
+
+def cuda_inputs(*args, **kwargs) -> LossInputs:
+    inputs = make_inputs(*args, **kwargs)
+    return inputs.with_(**{name: _to_cuda(getattr(inputs, name)) for name in GRAD_INPUTS + ("target", "weight")})
+
+
+def _upstream(inputs: LossInputs, reduction: str) -> torch.Tensor:
+    dtype = torch.float64 if inputs.logits.dtype == torch.float64 else torch.float32
+    if reduction != "none":
+        return torch.tensor(0.75, dtype=dtype, device="cuda")
+    return torch.randn(inputs.target.shape, generator=torch.Generator().manual_seed(1), dtype=dtype).cuda()
+
+
+def _compare(inputs: LossInputs, reduction: str, wrt=GRAD_INPUTS, equal_nan=False):
+    grad_output = _upstream(inputs, reduction)
+    expected = loss_and_grads(reference_loss, inputs, reduction, wrt, grad_output)
+    actual = loss_and_grads(NATIVE, inputs, reduction, wrt, grad_output)
+    assert actual.loss.device.type == "cuda"
+    assert_matches(actual, expected, inputs.logits.dtype, equal_nan=equal_nan)
+    return actual
+
+
+def _layout_cases():
+    for layout, (kind, _) in LAYOUTS.items():
+        for shape in NC_SHAPES if kind == "nc" else SPATIAL_SHAPES:
+            yield pytest.param(layout, shape, id=f"{layout}-{'x'.join(map(str, shape))}")
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout, shape", list(_layout_cases()))
+def test_matches_reference_in_every_layout_and_dtype(layout, shape, dtype, reduction):
+    _compare(cuda_inputs(shape, dtype=dtype, layout=layout, ignore_index=255), reduction)
+
+
+@pytest.mark.parametrize("with_weight", [True, False], ids=["weight", "no_weight"])
+@pytest.mark.parametrize("with_confidence", [True, False], ids=["confidence", "no_confidence"])
+@pytest.mark.parametrize("shape", [(67, 1000), (2, 19, 17, 17)], ids=["nc", "nchw"])
+def test_optional_confidence_and_weight(shape, with_confidence, with_weight):
+    inputs = cuda_inputs(shape, dtype=torch.float64, confidence=with_confidence, weight=with_weight)
+    for reduction in REDUCTIONS:
+        _compare(inputs, reduction)
+
+
+@pytest.mark.parametrize(
+    "wrt",
+    [("alpha", "beta", "confidence"), ("alpha",), ("beta",), ("confidence",), ("logits",), ()],
+    ids=["stage2", "alpha", "beta", "confidence", "logits", "none"],
+)
+@pytest.mark.parametrize("shape", [(67, 1000), (2, 19, 17, 17)], ids=["nc", "nchw"])
+def test_gradient_subsets_equal_full_gradients(shape, wrt):
+    """Stage 2 (logits frozen) and any other subset: the same gradient bits as when every gradient is
+    computed. (The loss may differ in its last bits: its per-block partials follow the grid, which
+    depends on the shared memory the requested gradients need.)"""
+    inputs = cuda_inputs(shape, dtype=torch.float32)
+    full = loss_and_grads(NATIVE, inputs, "mean")
+    subset = loss_and_grads(NATIVE, inputs, "mean", wrt=wrt)
+    assert subset.grads.keys() == set(wrt)
+    torch.testing.assert_close(full.loss, subset.loss, rtol=1e-6, atol=0)
+    for name in wrt:
+        assert torch.equal(full.grads[name], subset.grads[name]), name
+
+
+@pytest.mark.parametrize(
+    "layout, shape, dtype",
+    [
+        ("nc", (300, 8142), torch.float32),  # iNaturalist: a block per row
+        ("nc", (64, 8142), torch.bfloat16),
+        ("nc", (256, 1231), torch.float16),  # LVIS
+        ("nc", (7, 40000), torch.float64),  # classes in chunks, accumulators in the workspace
+        ("nc_transposed", (97, 3000), torch.float32),  # pixel tiles over class chunks
+        ("nchw", (2, 3000, 5, 7), torch.float32),
+    ],
+    ids=["inat-fp32", "inat-bf16", "lvis-fp16", "chunked-rows-fp64", "chunked-transposed", "chunked-nchw"],
+)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_large_class_counts(layout, shape, dtype, reduction):
+    _compare(cuda_inputs(shape, dtype=dtype, layout=layout), reduction)
+
+
+def test_float32_logits_with_float64_parameters_and_int32_targets():
+    inputs = cuda_inputs((67, 300), dtype=torch.float32, param_dtype=torch.float64, target_dtype=torch.int32)
+    _compare(inputs, "mean")
+
+
+@pytest.mark.parametrize("magnitude", [1e4, -1e4])
+@pytest.mark.parametrize("shape", [(67, 1000), (2, 19, 17, 17)], ids=["nc", "nchw"])
+def test_huge_logits_give_finite_correct_losses(shape, magnitude):
+    inputs = cuda_inputs(shape, dtype=torch.float32)
+    with torch.no_grad():
+        inputs.logits.add_(magnitude)
+    result = _compare(inputs, "mean")
+    assert torch.isfinite(result.loss)
+
+
+def test_float16_near_its_max_accumulates_in_float32():
+    inputs = cuda_inputs((67, 100), dtype=torch.float16)
+    logits = torch.full_like(inputs.logits, 6.0e4)
+    logits[:, 0] = 6.5e4
+    result = _compare(inputs.with_(logits=logits), "mean")
+    assert torch.isfinite(result.loss)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("shape", [(67, 300), (2, 19, 6, 6)], ids=["nc", "nchw"])
+def test_nan_and_inf_propagate_like_the_reference(shape, reduction):
+    inputs = cuda_inputs(shape, dtype=torch.float32)
+    logits = inputs.logits.clone()
+    logits.view(-1)[3] = float("nan")
+    logits.view(-1)[-7] = float("inf")
+    logits.view(-1)[11] = float("-inf")
+    _compare(inputs.with_(logits=logits), reduction, equal_nan=True)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize(
+    "shape, ignored_fraction",
+    [((0, 5), 0.0), ((2, 5, 0, 3), 0.0), ((40, 7), 1.0), ((2, 7, 5, 5), 1.0)],
+    ids=["n0", "h0", "nc-all-ignored", "nchw-all-ignored"],
+)
+def test_empty_and_all_ignored(shape, ignored_fraction, reduction):
+    """As F.cross_entropy: "mean" gives nan, "sum" 0, "none" zeros; every gradient is zero."""
+    result = _compare(cuda_inputs(shape, ignored_fraction=ignored_fraction), reduction, equal_nan=True)
+    if reduction == "mean":
+        assert torch.isnan(result.loss)
+    for name, grad in result.grads.items():
+        assert (grad == 0).all(), name
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize(
+    "shape", [(4096, 1000), (600, 8142), (4, 150, 64, 64), (2000, 5)], ids=["imagenet", "inat", "ade", "tiny-c"]
+)
+def test_bitwise_deterministic(shape, reduction):
+    inputs = cuda_inputs(shape, dtype=torch.float32)
+    first = loss_and_grads(NATIVE, inputs, reduction, grad_output=_upstream(inputs, reduction))
+    second = loss_and_grads(NATIVE, inputs, reduction, grad_output=_upstream(inputs, reduction))
+    assert torch.equal(first.loss, second.loss)
+    for name in GRAD_INPUTS:
+        assert torch.equal(first.grads[name], second.grads[name]), name
+
+
+def _with_bad_target(shape, value):
+    inputs = cuda_inputs(shape, dtype=torch.float32)
+    target = inputs.target.clone()
+    target.view(-1)[5] = value
+    return inputs.with_(target=target)
+
+
+@pytest.mark.parametrize("value", [-1, 7, 10**12])
+@pytest.mark.parametrize("shape", [(50, 7), (2, 7, 5, 5)], ids=["nc", "nchw"])
+def test_out_of_range_target_gives_nan_without_sync(shape, value, monkeypatch):
+    """Default: no device sync; the bad row's loss and gradients are NaN, nothing is read out of bounds
+    and the CUDA context stays usable."""
+    monkeypatch.delenv("DISALIGN_CUDA_CHECK_TARGETS", raising=False)
+    inputs = _with_bad_target(shape, value)
+    mean = loss_and_grads(NATIVE, inputs, "mean")
+    assert torch.isnan(mean.loss)
+    per_row = loss_and_grads(NATIVE, inputs, "none", wrt=())
+    assert torch.isnan(per_row.loss.view(-1)[5])
+    good = inputs.target.view(-1) != inputs.ignore_index
+    good[5] = False
+    assert torch.isfinite(per_row.loss.view(-1)[good]).all()
+    torch.cuda.synchronize()
+    assert torch.ones(3, device="cuda").sum().item() == 3
+
+
+@pytest.mark.parametrize("value", [-1, 7, 10**12])
+def test_out_of_range_target_raises_naming_the_value_when_checked(value, monkeypatch):
+    monkeypatch.setenv("DISALIGN_CUDA_CHECK_TARGETS", "1")
+    inputs = _with_bad_target((50, 7), value)
+    with pytest.raises(IndexError, match=f"target contains {value}"):
+        loss_and_grads(NATIVE, inputs, "mean")
+    assert torch.ones(3, device="cuda").sum().item() == 3
+
+
+def _calibrate_and_grads(fn, inputs, grad_output):
+    leaves, args = {}, []
+    for name in GRAD_INPUTS:
+        t = getattr(inputs, name)
+        if t is not None:
+            leaves[name], t = differentiable_view(t)
+        args.append(t)
+    out = fn(*args)
+    out.backward(grad_output(out))
+    grads = {}
+    for name, leaf in leaves.items():
+        t = getattr(inputs, name)
+        grads[name] = leaf.grad.as_strided(t.shape, t.stride(), t.storage_offset())
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("grad_layout", ["like_output", "contiguous", "transposed_batch"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout, shape", list(_layout_cases()))
+def test_calibrate_and_its_gradients_match_reference(layout, shape, dtype, grad_layout):
+    inputs = cuda_inputs(shape, dtype=dtype, layout=layout)
+
+    def grad_output(out):
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(out.dtype).cuda()
+        if grad_layout == "like_output":
+            return torch.empty_like(out).copy_(g)
+        if grad_layout == "transposed_batch":
+            return g.transpose(0, 1).contiguous().transpose(0, 1)
+        return g
+
+    expected, expected_grads = _calibrate_and_grads(disalign_ops.reference.calibrate, inputs, grad_output)
+    actual, grads = _calibrate_and_grads(
+        lambda *args: disalign_ops.calibrate(*args, backend="native"), inputs, grad_output
+    )
+    tol = TOLERANCES[dtype]
+    assert actual.dtype == dtype and actual.device.type == "cuda"
+    assert actual.stride() == torch.empty_like(inputs.logits).stride()
+    torch.testing.assert_close(actual, expected, **tol)
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in expected_grads.items():
+        assert grads[name].dtype == grad.dtype, name
+        torch.testing.assert_close(grads[name], grad, msg=lambda m: f"grad of {name}: {m}", **tol)
+
+
+@pytest.mark.parametrize("op", ["cross_entropy", "calibrate"])
+def test_opcheck(op):
+    inputs = cuda_inputs((2, 7, 5, 4), dtype=torch.float32)
+    alpha = inputs.alpha.detach().clone().requires_grad_()
+    beta = inputs.beta.detach().clone().requires_grad_()
+    if op == "cross_entropy":
+        for reduction, mask in (("mean", [True, True, True, True]), ("none", [False] * 4)):
+            args = (inputs.logits, inputs.target, alpha, beta, inputs.confidence, inputs.weight, 255, reduction, mask)
+            torch.library.opcheck(torch.ops.disalign.cross_entropy.default, args)
+    else:
+        args = (inputs.logits.detach().clone().requires_grad_(), alpha, beta, inputs.confidence)
+        torch.library.opcheck(torch.ops.disalign.calibrate.default, args)
+
+
+def _free_gpu_bytes():
+    free, _ = torch.cuda.mem_get_info()
+    return free
+
+
+@pytest.mark.parametrize("layout", ["classes", "pixels"])
+def test_more_than_2_to_31_elements(layout):
+    """Stage 2 on bfloat16 logits of 2^31 + 2^20 elements, (S, C) or (1, C, S): 64-bit indexing. All rows
+    but a few at the end are ignored, so the expected values are the reference on those rows."""
+    classes = 8
+    rows = (2**31 + 2**20) // classes
+    if _free_gpu_bytes() < 3 * rows * classes * 2:
+        pytest.skip("needs ~13 GiB of free GPU memory")
+    tail = 5
+    torch.manual_seed(0)
+    tail_logits = (torch.randn(tail, classes, device="cuda") * 3).bfloat16()
+    tail_target = torch.randint(0, classes, (tail,), device="cuda")
+    if layout == "pixels":
+        logits = torch.zeros(1, classes, rows, dtype=torch.bfloat16, device="cuda")
+        logits[0, :, -tail:] = tail_logits.t()
+        target = torch.full((1, rows), -100, dtype=torch.int64, device="cuda")
+        target[0, -tail:] = tail_target
+    else:
+        logits = torch.zeros(rows, classes, dtype=torch.bfloat16, device="cuda")
+        logits[-tail:] = tail_logits
+        target = torch.full((rows,), -100, dtype=torch.int64, device="cuda")
+        target[-tail:] = tail_target
+    alpha = (0.3 * torch.randn(classes, device="cuda")).requires_grad_()
+    beta = torch.randn(classes, device="cuda").requires_grad_()
+    loss = disalign_ops.disalign_cross_entropy(logits, target, alpha, beta, reduction="sum", backend="native")
+    loss.backward()
+    del logits, target
+    ref_alpha = alpha.detach().clone().requires_grad_()
+    ref_beta = beta.detach().clone().requires_grad_()
+    expected = disalign_ops.reference.cross_entropy(tail_logits, tail_target, ref_alpha, ref_beta, reduction="sum")
+    expected.backward()
+    torch.testing.assert_close(loss, expected, **TOLERANCES[torch.float32])
+    torch.testing.assert_close(alpha.grad, ref_alpha.grad, **TOLERANCES[torch.float32])
+    torch.testing.assert_close(beta.grad, ref_beta.grad, **TOLERANCES[torch.float32])
