@@ -60,80 +60,106 @@ struct Io {
 
 // One step of a sweep over a block: class `cls` (pixels layout) or the classes [cls, cls + count)
 // (classes layout). Vector k < vectors of an operand starts at
-// block_offset + cls * class_stride + k * kWidth and holds kWidth elements, the last one `last_count`.
+// block_offset + cls * class_stride + k * Layout::vector_stride(strides); it holds full_count
+// elements, the last one last_count.
 template <typename acc_t>
 struct Step {
   using Vec = Vectorized<acc_t>;
   int64_t cls;
   int vectors;
+  int64_t full_count;
   int64_t last_count;
   Vec alpha;
   Vec beta;
-  Vec class_index;  // the class of each lane, exact in acc_t (C < 2^24 is checked for float)
+  Vec class_index;  // the class of each lane, exact in acc_t (C <= 2^24 is checked for float)
   int64_t count(int k) const {
-    return k + 1 < vectors ? Vec::size() : last_count;
+    return k + 1 < vectors ? full_count : last_count;
   }
 };
 
+// Blocks never cross an image, so the rows of a block are evenly spaced in memory.
+inline int64_t block_rows_within_image(const Geometry& geometry, int64_t max_rows, int64_t row, int64_t end) {
+  const int64_t image_end = (row / geometry.spatial + 1) * geometry.spatial;
+  return std::min({max_rows, end - row, image_end - row});
+}
+
+// Classes contiguous: vector k of a block is row k of it; lanes are classes.
 template <typename acc_t>
 struct ClassesContiguous {
   using Vec = Vectorized<acc_t>;
-  static constexpr int kVectors = 1;
+  static constexpr int kVectors = 4;  // rows per block: independent work, fewer partial-sum updates
+  static constexpr int64_t kMaxRows = kVectors;
   static constexpr int64_t kWidth = Vec::size();
+  static constexpr bool kPrefetchNextBlock = false;  // rows are long sequential streams
 
   int64_t classes;
   const acc_t* alpha;
   const acc_t* beta;
 
-  static int64_t block_rows(const Geometry&, int64_t /*row*/, int64_t /*end*/) {
-    return 1;
+  static int64_t block_rows(const Geometry& geometry, int64_t row, int64_t end) {
+    return block_rows_within_image(geometry, kMaxRows, row, end);
   }
-  // A per-row value of the block (array of block rows) as seen by vector k: the row's value in every lane.
-  static Vec row_vector(const acc_t* values, int /*k*/) {
-    return Vec(values[0]);
+  static int64_t vector_stride(const Strides& strides) {
+    return strides.spatial;
+  }
+  // A per-row value of the block (array indexed by block row) as seen by vector k.
+  static Vec row_vector(const acc_t* values, int k) {
+    return Vec(values[k]);
   }
   template <typename Body>
-  void sweep(int64_t /*rows*/, const Body& body) const {
+  void sweep(int64_t rows, const Body& body) const {
     for (int64_t cls = 0; cls < classes; cls += kWidth) {
       const int64_t count = std::min(kWidth, classes - cls);
       body(Step<acc_t>{
-          cls, 1, count, Io<acc_t>::load(alpha + cls, count), Io<acc_t>::load(beta + cls, count),
-          Vec::arange(static_cast<acc_t>(cls), acc_t(1))});
+          cls, static_cast<int>(rows), count, count, Io<acc_t>::load(alpha + cls, count),
+          Io<acc_t>::load(beta + cls, count), Vec::arange(static_cast<acc_t>(cls), acc_t(1))});
     }
   }
   // Lanes past the last class are padding: -inf keeps them out of the row max and softmax.
   static Vec mask_padding(const Vec& value, int64_t count) {
     return count == kWidth ? value : Vec::set(Vec(-std::numeric_limits<acc_t>::infinity()), value, count);
   }
+  // Row statistics: each vector reduced across its lanes.
   template <typename Op>
   static void reduce_rows(Vec* values, const Op& op) {
-    values[0] = Vec(at::vec::vec_reduce_all<acc_t>(op, values[0]));
+    for (int k = 0; k < kVectors; ++k) {
+      values[k] = Vec(at::vec::vec_reduce_all<acc_t>(op, values[k]));
+    }
   }
   static void store_rows(const Vec* values, acc_t* out) {
     alignas(64) acc_t lanes[kWidth];
-    values[0].store(lanes);
-    out[0] = lanes[0];
+    for (int k = 0; k < kVectors; ++k) {
+      values[k].store(lanes);
+      out[k] = lanes[0];
+    }
   }
+  // value: the block's contribution (summed over its rows) to the step's classes.
   static void add_to_classes(acc_t* partial, const Step<acc_t>& step, const Vec& value) {
     acc_t* at = partial + step.cls;
-    (Io<acc_t>::load(at, step.last_count) + value).store(at, step.last_count);
+    (Io<acc_t>::load(at, step.full_count) + value).store(at, step.full_count);
   }
 };
 
+// Pixels contiguous: vector k of a block holds pixels [k * kWidth, (k + 1) * kWidth) of it; lanes
+// are rows.
 template <typename acc_t>
 struct PixelsContiguous {
   using Vec = Vectorized<acc_t>;
   static constexpr int kVectors = 4;  // enough independent work per class to hide latencies
   static constexpr int64_t kWidth = Vec::size();
+  static constexpr int64_t kMaxRows = kVectors * kWidth;
+  // Every class of a block is its own short stream: fetch the next block while sweeping this one.
+  static constexpr bool kPrefetchNextBlock = true;
 
   int64_t classes;
   const acc_t* alpha;
   const acc_t* beta;
 
-  // Blocks never cross an image boundary, so their pixels are consecutive in memory.
   static int64_t block_rows(const Geometry& geometry, int64_t row, int64_t end) {
-    const int64_t image_end = (row / geometry.spatial + 1) * geometry.spatial;
-    return std::min({kVectors * kWidth, end - row, image_end - row});
+    return block_rows_within_image(geometry, kMaxRows, row, end);
+  }
+  static int64_t vector_stride(const Strides& /*strides*/) {
+    return kWidth;
   }
   static Vec row_vector(const acc_t* values, int k) {
     return Vec::loadu(values + k * kWidth);
@@ -143,7 +169,8 @@ struct PixelsContiguous {
     const int vectors = static_cast<int>((rows + kWidth - 1) / kWidth);
     const int64_t last_count = rows - (vectors - 1) * kWidth;
     for (int64_t cls = 0; cls < classes; ++cls) {
-      body(Step<acc_t>{cls, vectors, last_count, Vec(alpha[cls]), Vec(beta[cls]), Vec(static_cast<acc_t>(cls))});
+      body(Step<acc_t>{
+          cls, vectors, kWidth, last_count, Vec(alpha[cls]), Vec(beta[cls]), Vec(static_cast<acc_t>(cls))});
     }
   }
   // Padding lanes are rows past the block: their gradient coefficient is 0, so they add nothing.
@@ -161,6 +188,30 @@ struct PixelsContiguous {
     partial[step.cls] += at::vec::vec_reduce_all<acc_t>([](const Vec& x, const Vec& y) { return x + y; }, value);
   }
 };
+
+// Hints the next block of the same image (the kMaxRows rows after this one) into the cache, one
+// class at a time, while the current block is swept.
+template <typename scalar_t, typename Layout>
+inline void prefetch_next_block(
+    const scalar_t* data,
+    const Geometry& geometry,
+    const Strides& strides,
+    int64_t block_offset,
+    int64_t first_row,
+    int64_t rows,
+    int64_t cls) {
+  if constexpr (Layout::kPrefetchNextBlock) {
+    const int64_t next_row = first_row + rows;
+    if (next_row + Layout::kMaxRows > (first_row / geometry.spatial + 1) * geometry.spatial) {
+      return;  // the next block is in another image (or absent)
+    }
+    const char* next = reinterpret_cast<const char*>(data + block_offset + cls * strides.cls + rows);
+    constexpr int64_t kBytes = Layout::kMaxRows * static_cast<int64_t>(sizeof(scalar_t));
+    for (int64_t byte = 0; byte < kBytes; byte += 64) {
+      __builtin_prefetch(next + byte);
+    }
+  }
+}
 
 inline int64_t row_offset(const Geometry& geometry, const Strides& strides, int64_t row) {
   const int64_t image = row / geometry.spatial;
@@ -210,7 +261,7 @@ struct LossBlocks {
   using Layout = LayoutT<acc_t>;
   static constexpr int kVectors = Layout::kVectors;
   static constexpr int64_t kWidth = Vec::size();
-  static constexpr int64_t kMaxRows = kVectors * kWidth;
+  static constexpr int64_t kMaxRows = Layout::kMaxRows;
 
   const LossArgs& args;
   Layout layout;
@@ -267,9 +318,10 @@ struct LossBlocks {
     }
     if (grad_logits) {
       const Strides& out = args.grad_logits.strides;
+      const int64_t out_step = Layout::vector_stride(out);
       layout.sweep(rows, [&](const Step<acc_t>& step) {
         for (int k = 0; k < step.vectors; ++k) {
-          IO::store(grad_logits + out_base + step.cls * out.cls + k * kWidth, Vec(0), step.count(k));
+          IO::store(grad_logits + out_base + step.cls * out.cls + k * out_step, Vec(0), step.count(k));
         }
       });
     }
@@ -282,6 +334,8 @@ struct LossBlocks {
     const Strides& out = args.grad_logits.strides;
     const int64_t in_base = row_offset(geometry, in, first_row);
     const int64_t out_base = grad_logits ? row_offset(geometry, out, first_row) : 0;
+    const int64_t in_step = Layout::vector_stride(in);
+    const int64_t out_step = Layout::vector_stride(out);
 
     // Per-row scalars; padding rows keep confidence 0 and gradient coefficient 0.
     alignas(64) acc_t row_confidence[kMaxRows] = {};
@@ -317,7 +371,7 @@ struct LossBlocks {
       running[k] = Vec(-std::numeric_limits<acc_t>::infinity());
     }
     auto load_logits = [&](const Step<acc_t>& step, int k) {
-      return IO::load(logits + in_base + step.cls * in.cls + k * kWidth, step.count(k));
+      return IO::load(logits + in_base + step.cls * in.cls + k * in_step, step.count(k));
     };
     auto calibrate = [&](const Step<acc_t>& step, int k, const Vec& z) {
       return at::vec::fmadd(at::vec::fmadd(s[k], step.alpha, one), z, s[k] * step.beta);
@@ -325,6 +379,7 @@ struct LossBlocks {
 
     // Sweep 1: row max of the calibrated logits.
     layout.sweep(rows, [&](const Step<acc_t>& step) {
+      prefetch_next_block<scalar_t, Layout>(logits, geometry, in, in_base, first_row, rows, step.cls);
       for (int k = 0; k < step.vectors; ++k) {
         const Vec zhat = Layout::mask_padding(calibrate(step, k, load_logits(step, k)), step.count(k));
         running[k] = at::vec::maximum(running[k], zhat);
@@ -395,7 +450,7 @@ struct LossBlocks {
           const Vec zhat = Layout::mask_padding(at::vec::fmadd(scale, z, s[k] * step.beta), count);
           const Vec dzhat = coefficient[k] * (exp(zhat - lse[k]) - step.class_index.eq(target_class[k]));
           if (grad_logits) {
-            IO::store(grad_logits + out_base + step.cls * out.cls + k * kWidth, dzhat * scale, count);
+            IO::store(grad_logits + out_base + step.cls * out.cls + k * out_step, dzhat * scale, count);
           }
           if (wants_class_grads) {
             const Vec dzhat_s = dzhat * s[k];
@@ -434,7 +489,7 @@ struct CalibrateBlocks {
   using Layout = LayoutT<acc_t>;
   static constexpr int kVectors = Layout::kVectors;
   static constexpr int64_t kWidth = Vec::size();
-  static constexpr int64_t kMaxRows = kVectors * kWidth;
+  static constexpr int64_t kMaxRows = Layout::kMaxRows;
 
   const CalibrateArgs& args;
   Layout layout;
@@ -462,6 +517,9 @@ struct CalibrateBlocks {
     const int64_t in_base = row_offset(geometry, in, first_row);
     const int64_t grad_base = grad ? row_offset(geometry, upstream, first_row) : 0;
     const int64_t out_base = out ? row_offset(geometry, result, first_row) : 0;
+    const int64_t in_step = Layout::vector_stride(in);
+    const int64_t grad_step = Layout::vector_stride(upstream);
+    const int64_t out_step = Layout::vector_stride(result);
 
     alignas(64) acc_t row_confidence[kMaxRows] = {};
     for (int64_t i = 0; i < rows; ++i) {
@@ -475,18 +533,22 @@ struct CalibrateBlocks {
       ds[k] = Vec(0);
     }
     layout.sweep(rows, [&](const Step<acc_t>& step) {
+      prefetch_next_block<scalar_t, Layout>(logits, geometry, in, in_base, first_row, rows, step.cls);
+      if (grad) {
+        prefetch_next_block<scalar_t, Layout>(grad, geometry, upstream, grad_base, first_row, rows, step.cls);
+      }
       Vec step_grad_alpha(0);
       Vec step_grad_beta(0);
       for (int k = 0; k < step.vectors; ++k) {
         const int64_t count = step.count(k);
-        const Vec z = IO::load(logits + in_base + step.cls * in.cls + k * kWidth, count);
+        const Vec z = IO::load(logits + in_base + step.cls * in.cls + k * in_step, count);
         const Vec scale = at::vec::fmadd(s[k], step.alpha, one);
-        scalar_t* out_at = out ? out + out_base + step.cls * result.cls + k * kWidth : nullptr;
+        scalar_t* out_at = out ? out + out_base + step.cls * result.cls + k * out_step : nullptr;
         if (!grad) {
           IO::store(out_at, at::vec::fmadd(scale, z, s[k] * step.beta), count);
           continue;
         }
-        const Vec g = IO::load(grad + grad_base + step.cls * upstream.cls + k * kWidth, count);
+        const Vec g = IO::load(grad + grad_base + step.cls * upstream.cls + k * grad_step, count);
         if (out_at) {
           IO::store(out_at, g * scale, count);
         }

@@ -250,9 +250,9 @@ std::optional<LayoutPlan> try_layout(
     strides.push_back(*out_strides);
   }
   Geometry geometry = logical;
-  // Without spatial dims and with classes not contiguous (a transposed (N, C)), the rows are the
-  // pixels of a single image: row r = b stays row r.
-  if (geometry.spatial == 1 && strides.front().cls != 1) {
+  // Without spatial extent the rows are the pixels of a single image (row r = b stays row r), so a
+  // transposed (N, C) is read along its contiguous rows and an (N, C) in blocks of rows.
+  if (geometry.spatial == 1) {
     geometry = {1, logical.classes, logical.batch};
     for (auto& s : strides) {
       s = {0, s.cls, logical.batch == 1 ? 1 : s.batch};
