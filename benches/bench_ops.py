@@ -313,6 +313,7 @@ def device_info(device: torch.device) -> dict:
         "cpu_name": cpu_name(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "python": platform.python_version(),
+        "load_average_at_start": os.getloadavg()[0],  # other work on the machine skews CPU timings
     }
     if device.type == "cuda":
         info["gpu_name"] = torch.cuda.get_device_name(device)
