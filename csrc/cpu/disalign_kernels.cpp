@@ -218,8 +218,8 @@ inline int64_t row_offset(const Geometry& geometry, const Strides& strides, int6
   return image * strides.batch + (row - image * geometry.spatial) * strides.spatial;
 }
 
-// Runs block(first_row, rows, grad_alpha_partial, grad_beta_partial) -> double over the rows of every
-// chunk, chunks in parallel; returns nothing, each chunk's block results summed into partials[chunk].
+// Runs block(first_row, rows, grad_alpha_partial, grad_beta_partial) -> double over the blocks of
+// every chunk, chunks in parallel; a chunk's block results are summed into sum_partials[chunk].
 template <typename acc_t, typename LayoutT, typename BlockFn>
 void for_each_chunk(
     const Geometry& geometry,
@@ -341,7 +341,6 @@ struct LossBlocks {
     alignas(64) acc_t row_confidence[kMaxRows] = {};
     alignas(64) acc_t row_coefficient[kMaxRows] = {};  // dL/dloss[row] * weight[target]; 0 if ignored
     alignas(64) acc_t row_lse[kMaxRows] = {};
-    alignas(64) acc_t row_grad_confidence[kMaxRows] = {};
     alignas(64) acc_t row_target_class[kMaxRows];  // the target as acc_t; -1 (no class) if ignored
     std::fill(row_target_class, row_target_class + kMaxRows, acc_t(-1));
     int64_t row_target[kMaxRows];
@@ -471,10 +470,8 @@ struct LossBlocks {
     });
     if (grad_confidence) {
       Layout::reduce_rows(running, [](const Vec& x, const Vec& y) { return x + y; });
+      alignas(64) acc_t row_grad_confidence[kMaxRows];
       Layout::store_rows(running, row_grad_confidence);
-    }
-
-    if (grad_confidence) {
       std::memcpy(grad_confidence + first_row, row_grad_confidence, rows * sizeof(acc_t));
     }
     return loss_sum;
