@@ -197,12 +197,12 @@ def training_roi_features(model: Detector, data: DetectionSet, args, seed: int, 
 
 
 def train_on_features(params, loss_of_batch, features, labels, args, desc: str):
-    """Stage 2: ``--stage2-steps`` SGD steps on random batches of cached RoI features.
+    """Stage 2: ``--stage2-steps`` Adam steps (cosine decay) on random batches of cached RoI features.
 
     The trained modules are tiny, so gradients are summed over ranks by hand (the same number of
     steps on every rank keeps the collectives in step) rather than through DDP.
     """
-    optimizer = torch.optim.SGD(params, lr=args.stage2_lr, momentum=0.9)
+    optimizer = torch.optim.Adam(params, lr=args.stage2_lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.stage2_steps)
     generator = torch.Generator().manual_seed(runtime.rank())
     for _ in runtime.progress(range(args.stage2_steps), desc=desc):
@@ -406,14 +406,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-test", type=int, default=200, help="embedded scenes: test images")
     parser.add_argument("--scene-seed", type=int, default=0, help="embedded scenes: generator seed")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (metrics: mean and std)")
-    parser.add_argument("--epochs", type=int, default=12, help="stage 1 epochs")
+    parser.add_argument("--epochs", type=int, default=24, help="stage 1 epochs")
     parser.add_argument("--batch-size", type=int, default=16, help="images per step and process")
-    parser.add_argument("--lr", type=float, default=0.02, help="stage 1 SGD learning rate")
+    parser.add_argument("--lr", type=float, default=0.05, help="stage 1 SGD learning rate")
     parser.add_argument("--rho", type=float, default=0.8, help="generalized re-weight exponent (foreground classes)")
     parser.add_argument("--stage2-passes", type=int, default=2, help="passes over the training images to cache RoIs")
-    parser.add_argument("--stage2-steps", type=int, default=300, help="stage 2 SGD steps (each method)")
+    parser.add_argument("--stage2-steps", type=int, default=1000, help="stage 2 Adam steps (each method)")
     parser.add_argument("--stage2-batch-size", type=int, default=512, help="RoIs per stage 2 step and process")
-    parser.add_argument("--stage2-lr", type=float, default=0.05, help="stage 2 SGD learning rate")
+    parser.add_argument("--stage2-lr", type=float, default=0.05, help="stage 2 Adam learning rate")
     parser.add_argument("--eval-batch-size", type=int, default=4, help="test images per forward pass")
     parser.add_argument("--figure-images", type=int, default=4, help="test scenes drawn in detections.png")
     parser.add_argument("--figure-threshold", type=float, default=0.3, help="score threshold of drawn detections")

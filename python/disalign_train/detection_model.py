@@ -31,6 +31,7 @@ class DetectorConfig:
     width: int = 32  # backbone channels at stride 2 (half at full resolution, double at stride 4)
     hidden: int = 256  # box head fully connected width
     roi_size: int = 7
+    roi_sampling_ratio: int = 1  # bins are under one feature cell wide here: their centre sample suffices
     anchor_stride: int = 4
     anchor_sizes: tuple = (9, 14, 21)
     anchor_ratios: tuple = (0.5, 1.0, 2.0)
@@ -59,9 +60,9 @@ class Detector(nn.Module):
         super().__init__()
         self.config = config
         w = config.width
-        # Full resolution only for the first layer (textures have a 3-pixel period), then stride 2 and 4.
+        # Full resolution only for the first layer (textures have a 3-pixel period); receptive field 17 pixels.
         self.backbone = nn.Sequential(
-            _conv(3, w // 2), _conv(w // 2, w, 2), _conv(w, w), _conv(w, 2 * w, 2), _conv(2 * w, 2 * w), nn.Conv2d(2 * w, w, 1)
+            _conv(3, w // 2), _conv(w // 2, w, 2), _conv(w, 2 * w, 2), _conv(2 * w, 2 * w), nn.Conv2d(2 * w, w, 1)
         )
         self.box_head = nn.Sequential(
             nn.Flatten(), nn.Linear(w * config.roi_size**2, config.hidden), nn.ReLU(inplace=True),
@@ -77,7 +78,7 @@ class Detector(nn.Module):
     def roi_features(self, images: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
         """Box head features (R, hidden) of ``rois`` (R, 5) on uint8 ``images`` (B, 3, H, W)."""
         x = (images.float() / 255 - PIXEL_MEAN) / PIXEL_STD
-        pooled = roi_align(self.backbone(x), rois, self.config.roi_size, 1.0 / self.stride)
+        pooled = roi_align(self.backbone(x), rois, self.config.roi_size, 1.0 / self.stride, self.config.roi_sampling_ratio)
         return self.box_head(pooled)
 
     def forward(self, images: torch.Tensor, rois: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -85,6 +85,8 @@ def roi_align(
     if rois.dim() != 2 or rois.shape[1] != 5:
         raise ValueError(f"rois must be (R, 5) rows of (image index, x0, y0, x1, y1), got shape {tuple(rois.shape)}")
     _, channels, height, width = features.shape
+    if rois.shape[0] == 0:
+        return features.new_zeros(0, channels, output_size, output_size)
     samples = output_size * sampling_ratio
     boxes = rois[:, 1:].to(features.dtype) * spatial_scale - 0.5  # into feature-cell coordinates
     fractions = (torch.arange(samples, device=features.device, dtype=features.dtype) + 0.5) / samples
@@ -95,21 +97,24 @@ def roi_align(
     grid_y = ((2 * ys + 1) / height - 1)[:, :, None].expand(-1, -1, samples)
     grid = torch.stack([grid_x, grid_y], dim=3)  # (R, samples, samples, 2)
 
+    # One grid_sample call for the whole batch: image b samples the RoIs it owns, stacked vertically
+    # (padded to the busiest image's count), so pooling windows never straddle two RoIs.
+    batch = features.shape[0]
     image_index = rois[:, 0].long()
+    counts = torch.bincount(image_index, minlength=batch)
     order = torch.argsort(image_index, stable=True)
-    images, counts = torch.unique_consecutive(image_index[order], return_counts=True)
-    pieces = [features.new_zeros(0, channels, output_size, output_size)]
-    for b, rows in zip(images.tolist(), torch.split(order, counts.tolist())):
-        # All of this image's RoIs stacked vertically: one grid_sample call, and the pooling windows
-        # (sampling_ratio high) never straddle two RoIs.
-        image_grid = grid[rows].reshape(1, -1, samples, 2)
-        values = F.grid_sample(features[b : b + 1], image_grid, mode="bilinear", padding_mode="border", align_corners=False)
-        values = F.avg_pool2d(values, sampling_ratio).view(channels, len(rows), output_size, output_size)
-        pieces.append(values.transpose(0, 1))
-    pooled = torch.cat(pieces)
-    if bool((image_index[1:] < image_index[:-1]).any()):
-        pooled = pooled[torch.argsort(order)]  # back from image order to the order of ``rois``
-    return pooled
+    slot = torch.empty_like(image_index)  # each RoI's position among its image's RoIs
+    slot[order] = torch.arange(len(order), device=rois.device) - (torch.cumsum(counts, 0) - counts)[image_index[order]]
+    slots = int(counts.max())
+    padded = grid.new_zeros(batch, slots, samples, samples, 2)
+    padded[image_index, slot] = grid
+    values = F.grid_sample(
+        features, padded.view(batch, slots * samples, samples, 2), mode="bilinear", padding_mode="border", align_corners=False
+    )
+    if sampling_ratio > 1:
+        values = F.avg_pool2d(values, sampling_ratio)
+    values = values.view(batch, channels, slots, output_size, output_size).transpose(1, 2)
+    return values[image_index, slot]
 
 
 def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, max_keep: int | None = None) -> torch.Tensor:
