@@ -321,10 +321,22 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(got, want)
 
 
+def _run_without_interpreter(script: str) -> None:
+    """Runs `script` in a fresh interpreter where Triton compiles kernels (no TRITON_INTERPRET)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([repo] + [p for p in [env.get("PYTHONPATH")] if p])
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, cwd=repo,
+                            capture_output=True, text=True, timeout=600)
+    if result.returncode == 77:
+        pytest.skip(result.stdout.strip().splitlines()[-1])
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+
+
 def test_cuda_path_is_a_traceable_triton_op():
     """Without the interpreter the ops are triton_ops whose fake kernel is the op itself: tracing
     with fake CUDA tensors (no GPU needed) must see the Triton kernels and no data-dependent code."""
-    script = textwrap.dedent(
+    _run_without_interpreter(
         """
         import torch
         from torch._functorch.aot_autograd import aot_function
@@ -360,6 +372,71 @@ def test_cuda_path_is_a_traceable_triton_op():
         assert "_assert_async" in code and "_local_scalar_dense" not in code, code
         """
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def test_every_launch_compiles_for_sm90_without_spills():
+    """Each launch the host makes for benchmark-like layouts and class counts (C = 8142 rows,
+    C = 150 NCHW, C = 1231 rows, float64), compiled for an H100 with the launch's own
+    specialisation (no GPU needed): catches code the interpreter accepts but the compiler does
+    not, and register spills. Skips where this Triton lacks the APIs it drives."""
+    _run_without_interpreter(
+        """
+        import re, subprocess, sys, tempfile
+        import torch, triton
+        try:
+            from triton.backends.compiler import GPUTarget
+            from triton.backends.nvidia.compiler import get_ptxas
+            from triton.compiler import ASTSource, make_backend
+            from triton.runtime.jit import create_function_from_signature
+            sm90 = GPUTarget("cuda", 90, 32)
+            backend = make_backend(sm90)
+            ptxas = get_ptxas(90).path
+        except Exception as error:  # another Triton version: nothing to check with
+            print(f"cannot compile for sm_90 offline with this Triton: {error!r}")
+            sys.exit(77)
+        from disalign_ops.triton_backend import ops
+
+        ops._num_sms = lambda device: 132
+        launches = []
+
+        class CompileOnly:
+            def __init__(self, kernel):
+                self.kernel = kernel
+
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    k = self.kernel
+                    binder = create_function_from_signature(k.signature, k.params, backend)
+                    bound, specialization, options = binder(*args, **kwargs)
+                    options, signature, constexprs, attrs = k._pack_args(backend, kwargs, bound, specialization,
+                                                                         options)
+                    compiled = triton.compile(ASTSource(k, signature, constexprs, attrs), target=sm90,
+                                              options=options.__dict__)
+                    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
+                        ptx.write(compiled.asm["ptx"])
+                        ptx.flush()
+                        log = subprocess.run([ptxas, "-arch=sm_90a", "-v", ptx.name, "-o", "/dev/null"],
+                                             capture_output=True, text=True).stderr
+                    spills = re.search(r"(\\d+) bytes spill stores, (\\d+) bytes spill loads", log)
+                    launches.append((k.fn.__name__, kwargs.get("BLOCK_R"), kwargs.get("BLOCK_C"), log))
+                    assert spills and spills.groups() == ("0", "0"), (k.fn.__name__, kwargs, log)
+                return launch
+
+        torch.library.wrap_triton = CompileOnly
+        for shape, dtype in [((8, 8142), torch.bfloat16), ((2, 150, 32, 32), torch.bfloat16),
+                             ((8, 1231), torch.float32), ((2, 150, 32, 32), torch.float32),
+                             ((8, 1000), torch.float64)]:
+            param = torch.float64 if dtype == torch.float64 else torch.float32
+            logits = torch.empty(shape, dtype=dtype)
+            rows = (shape[0],) + shape[2:]
+            target, s = torch.zeros(rows, dtype=torch.long), torch.zeros(rows, dtype=param)
+            a = b = w = torch.zeros(shape[1], dtype=param)
+            ops.cross_entropy(logits, target, a, b, s, None, -100, "mean", [False, True, True, True])
+            ops.cross_entropy(logits, target, a, b, s, w, -100, "sum", [True, True, True, True])
+            ops.cross_entropy(logits, target, a, b, s, w, -100, "none", [False] * 4)
+            ops.cross_entropy_backward(torch.ones(rows), logits, target, a, b, s, w, -100, [True] * 4)
+            ops.calibrate(logits, a, b, s)
+            ops.calibrate_backward(torch.empty_like(logits), logits, a, b, s, [True] * 4)
+        assert len(launches) == 5 * 9, len(launches)  # 9 launches per shape
+        """
+    )

@@ -77,7 +77,7 @@ def _calibrated_block(logits_ptr, row_offsets, stride_class, alpha_ptr, beta_ptr
 @triton.jit
 def _calibration_vjp(dzhat, z, a, b, s, multiplier, cols, in_class, mask,
                      grad_logits_ptr, grad_row_offsets, grad_stride_class, grad_confidence_acc,
-                     grad_alpha_ptr, grad_beta_ptr, partial_offset,
+                     class_partials_ptr, partial_offset, beta_slot_offset, partial_read_limit,
                      GRAD_LOGITS: tl.constexpr, GRAD_ALPHA: tl.constexpr, GRAD_BETA: tl.constexpr,
                      GRAD_CONFIDENCE: tl.constexpr):
     """Chain rule through the calibration for one tile, given dL/dzhat:
@@ -87,10 +87,13 @@ def _calibration_vjp(dzhat, z, a, b, s, multiplier, cols, in_class, mask,
         da[j] += sum_rows dzhat * s * z   into this program's partial row (no atomics)
         db[j] += sum_rows dzhat * s
 
-    The partial rows (grad_alpha_ptr/grad_beta_ptr + partial_offset, C values each) belong to
-    this program only, so the read-modify-write is race-free and the final reduction over
+    class_partials_ptr is a [slots, programs, C] buffer: da in slot 0 when wanted, db in the next
+    slot (beta_slot_offset = programs * C when da is wanted, else 0). A program's rows (at
+    partial_offset = pid * C in each slot) belong to this program only, so the read-modify-write is race-free and the final reduction over
     programs (on the host, in a fixed order) is deterministic. The load and the store use the same
     pointer tensor, hence the same thread owns an element in both, across the persistent loop too.
+    A program's first tile writes without reading, so the buffers need no zero fill (and with one
+    tile per program the partials are write-once).
     """
     dzhat = tl.where(mask, dzhat, 0.0)
     if GRAD_LOGITS:
@@ -98,24 +101,26 @@ def _calibration_vjp(dzhat, z, a, b, s, multiplier, cols, in_class, mask,
         tl.store(grad_ptrs, (dzhat * multiplier).to(grad_logits_ptr.dtype.element_ty), mask=mask)
     if GRAD_CONFIDENCE:
         grad_confidence_acc += dzhat * (a[None, :] * z + b[None, :])
+    read_partials = cols < partial_read_limit  # C, or 0 on the program's first tile
     if GRAD_ALPHA:
-        alpha_ptrs = grad_alpha_ptr + partial_offset + cols
+        alpha_ptrs = class_partials_ptr + partial_offset + cols
         column_sum = tl.sum(dzhat * s[:, None] * z, axis=0)
-        tl.store(alpha_ptrs, tl.load(alpha_ptrs, mask=in_class, other=0.0) + column_sum, mask=in_class)
+        tl.store(alpha_ptrs, tl.load(alpha_ptrs, mask=read_partials, other=0.0) + column_sum, mask=in_class)
     if GRAD_BETA:
-        beta_ptrs = grad_beta_ptr + partial_offset + cols
+        beta_ptrs = class_partials_ptr + beta_slot_offset + partial_offset + cols
         column_sum = tl.sum(dzhat * s[:, None], axis=0)
-        tl.store(beta_ptrs, tl.load(beta_ptrs, mask=in_class, other=0.0) + column_sum, mask=in_class)
+        tl.store(beta_ptrs, tl.load(beta_ptrs, mask=read_partials, other=0.0) + column_sum, mask=in_class)
     return grad_confidence_acc
 
 
 @triton.jit
-def _target_stats_kernel(target_ptr, weight_ptr, weight_sum_ptr, bad_count_ptr, num_rows, num_classes, ignore_index,
+def _target_stats_kernel(target_ptr, weight_ptr, stats_ptr, num_rows, num_classes, ignore_index,
                          HAS_WEIGHT: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK: tl.constexpr):
-    """Per-block sums over the targets, read once before the loss kernel (8 bytes per row):
+    """Per-block sums over the targets, read once before the loss kernel (8 bytes per row), into
+    a [2, blocks] buffer (one host reduction sums both rows):
 
-    weight_sum[block] = sum of w[y] over valid rows  (the "mean" denominator, F.cross_entropy's rule)
-    bad_count[block]  = number of targets outside [0, C) that are not ignore_index
+    stats[0, block] = sum of w[y] over valid rows  (the "mean" denominator, F.cross_entropy's rule)
+    stats[1, block] = number of targets outside [0, C) that are not ignore_index
 
     The weight gather is masked by the range check, so a bad target is never an address.
     """
@@ -129,8 +134,9 @@ def _target_stats_kernel(target_ptr, weight_ptr, weight_sum_ptr, bad_count_ptr, 
         weight = _to_acc(tl.load(weight_ptr + tl.where(valid, target, 0), mask=valid, other=0.0), ACC_FP64)
     else:
         weight = _to_acc(valid.to(tl.float32), ACC_FP64)
-    tl.store(weight_sum_ptr + block, tl.sum(weight, axis=0))
-    tl.store(bad_count_ptr + block, tl.sum((counted & ~in_range).to(tl.int32), axis=0))
+    tl.store(stats_ptr + block, tl.sum(weight, axis=0))
+    # Stored in the accumulation dtype beside the weight sums: exact, and only == 0 is ever asked.
+    tl.store(stats_ptr + tl.num_programs(0) + block, tl.sum(_to_acc((counted & ~in_range).to(tl.float32), ACC_FP64), axis=0))
 
 
 @triton.jit
@@ -140,7 +146,7 @@ def _cross_entropy_kernel(
     grad_scale_ptr, grad_scale_stride,
     loss_ptr,
     grad_logits_ptr, grad_stride_image, grad_stride_class, grad_stride_row,
-    grad_confidence_ptr, grad_alpha_ptr, grad_beta_ptr,
+    grad_confidence_ptr, class_partials_ptr,
     num_tiles, tiles_per_image, rows_per_image, num_classes, ignore_index,
     HAS_CONFIDENCE: tl.constexpr, HAS_WEIGHT: tl.constexpr, LOSS_MODE: tl.constexpr,
     GRAD_LOGITS: tl.constexpr, GRAD_ALPHA: tl.constexpr, GRAD_BETA: tl.constexpr, GRAD_CONFIDENCE: tl.constexpr,
@@ -173,6 +179,7 @@ def _cross_entropy_kernel(
     """
     pid = tl.program_id(0).to(tl.int64)
     partial_offset = pid * num_classes
+    beta_slot_offset = GRAD_ALPHA * tl.num_programs(0).to(tl.int64) * num_classes
     loss_sum = _to_acc(tl.zeros([BLOCK_R], tl.float32), ACC_FP64)
     for tile in range(pid, num_tiles, tl.num_programs(0)):
         rows, row_mask, image, pixel = _tile_rows(tile, tiles_per_image, rows_per_image, BLOCK_R)
@@ -216,7 +223,7 @@ def _cross_entropy_kernel(
         if GRAD_LOGITS or GRAD_ALPHA or GRAD_BETA or GRAD_CONFIDENCE:
             row_scale = _to_acc(tl.load(grad_scale_ptr + rows * grad_scale_stride, mask=row_mask, other=0.0), ACC_FP64)
             # Ignored rows get exactly no gradient, also when "mean" has no valid row (scale 1/0).
-            row_grad = tl.where(valid, row_weight * row_scale, 0.0)
+            row_grad = row_weight * tl.where(valid, row_scale, 0.0)
             grad_row_offsets = image * grad_stride_image + pixel * grad_stride_row
             grad_confidence_acc = _to_acc(tl.zeros([BLOCK_R, BLOCK_C], tl.float32), ACC_FP64)
             for class_start in range(0, num_classes, BLOCK_C):
@@ -231,7 +238,7 @@ def _cross_entropy_kernel(
                 grad_confidence_acc = _calibration_vjp(
                     dzhat, z, a, b, s, multiplier, cols, in_class, mask,
                     grad_logits_ptr, grad_row_offsets, grad_stride_class, grad_confidence_acc,
-                    grad_alpha_ptr, grad_beta_ptr, partial_offset,
+                    class_partials_ptr, partial_offset, beta_slot_offset, tl.where(tile == pid, 0, num_classes),
                     GRAD_LOGITS, GRAD_ALPHA, GRAD_BETA, GRAD_CONFIDENCE,
                 )
             if GRAD_CONFIDENCE:
@@ -274,7 +281,7 @@ def _calibrate_backward_kernel(
     logits_ptr, logits_stride_image, logits_stride_class, logits_stride_row,
     alpha_ptr, beta_ptr, confidence_ptr,
     grad_logits_ptr, grad_logits_stride_image, grad_logits_stride_class, grad_logits_stride_row,
-    grad_confidence_ptr, grad_alpha_ptr, grad_beta_ptr,
+    grad_confidence_ptr, class_partials_ptr,
     num_tiles, tiles_per_image, rows_per_image, num_classes,
     HAS_CONFIDENCE: tl.constexpr, GRAD_LOGITS: tl.constexpr, GRAD_ALPHA: tl.constexpr, GRAD_BETA: tl.constexpr,
     GRAD_CONFIDENCE: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -287,6 +294,7 @@ def _calibrate_backward_kernel(
     """
     pid = tl.program_id(0).to(tl.int64)
     partial_offset = pid * num_classes
+    beta_slot_offset = GRAD_ALPHA * tl.num_programs(0).to(tl.int64) * num_classes
     for tile in range(pid, num_tiles, tl.num_programs(0)):
         rows, row_mask, image, pixel = _tile_rows(tile, tiles_per_image, rows_per_image, BLOCK_R)
         row_offsets = image * logits_stride_image + pixel * logits_stride_row
@@ -305,7 +313,7 @@ def _calibrate_backward_kernel(
             grad_confidence_acc = _calibration_vjp(
                 dzhat, z, a, b, s, multiplier, cols, in_class, mask,
                 grad_logits_ptr, grad_logits_row_offsets, grad_logits_stride_class, grad_confidence_acc,
-                grad_alpha_ptr, grad_beta_ptr, partial_offset,
+                class_partials_ptr, partial_offset, beta_slot_offset, tl.where(tile == pid, 0, num_classes),
                 GRAD_LOGITS, GRAD_ALPHA, GRAD_BETA, GRAD_CONFIDENCE,
             )
         if GRAD_CONFIDENCE:

@@ -130,17 +130,20 @@ def _num_sms(device: torch.device) -> int:
 def _num_programs(num_tiles: int, device: torch.device, class_partials_bytes: int, logits_bytes: int) -> int:
     """One program per tile, unless da/db partial rows are written: then a persistent grid.
 
-    Each program owns a partial row of C floats for da and for db. With one row per tile, (N, C)
-    logits would need N x C partials (as much as the logits); a persistent grid of P programs needs
-    P x C. P is the larger of the SM count (every SM busy) and what fits in 4% of the logits' bytes
-    (the stage-2 memory budget); e.g. NCHW seg-ade keeps one program per tile (partials ~ 0.2% of
-    the logits), cls-inat (N=4096, C=8142) gets one program per SM (132 x 65 KB = 8.6 MB, 6.5% of
-    fp32 logits, 13% of bf16 ones: the price of determinism without atomics).
+    Each program owns a partial row of C floats for da and for db. With one program per tile,
+    (N, C) logits would need about N x C partials (as much as the logits); a persistent grid of P
+    programs needs P x C. P is what fits in 4% of the logits' bytes (the stage-2 memory budget),
+    at least one program per SM (every SM busy) and at most four (a few waves amortise the
+    partials; more only adds partial traffic). On an H100 (132 SMs): seg-ade (8 x 150 x 512 x 512)
+    gets 528 programs of ~16 tiles (partials 0.6 MB, 0.1% of bf16 logits); cls-inat (4096 x 8142)
+    gets 132 programs of 31 rows (8.6 MB: 6.5% of fp32 logits, 13% of bf16 ones, the price of
+    determinism without atomics).
     """
     if class_partials_bytes == 0:
         return num_tiles
-    budget_programs = (logits_bytes // 25) // class_partials_bytes
-    return min(num_tiles, max(_num_sms(device), budget_programs))
+    resident = _num_sms(device)
+    within_budget = (logits_bytes // 25) // class_partials_bytes
+    return min(num_tiles, max(resident, min(4 * resident, within_budget)))
 
 
 @dataclass
@@ -211,8 +214,9 @@ class _TilePlan:
         partial_bytes = (int(self.wanted[1]) + int(self.wanted[2])) * self.num_classes * acc.itemsize
         self.programs = _num_programs(self.num_tiles, logits.device, partial_bytes,
                                       logits.numel() * logits.element_size())
-        self.partials = [logits.new_zeros((self.programs, self.num_classes), dtype=acc) if w else None
-                         for w in self.wanted[1:3]]
+        # Per-program partial rows of da and/or db in one buffer; the kernels write before they read.
+        slots = int(self.wanted[1]) + int(self.wanted[2])
+        self.class_partials = logits.new_empty((slots, self.programs, self.num_classes), dtype=acc)
         num_rows = layout.images * layout.rows_per_image
         self.grad_confidence_rows = (logits.new_empty((num_rows,), dtype=confidence.dtype)
                                      if self.wanted[3] else None)
@@ -225,8 +229,8 @@ class _TilePlan:
         return self.operand(self.grad_logits_index) if self.wanted[0] else (None, 0, 0, 0)
 
     def grad_operands(self):
-        """The kernels' (grad_confidence_ptr, grad_alpha_ptr, grad_beta_ptr) arguments."""
-        return self.grad_confidence_rows, self.partials[0], self.partials[1]
+        """The kernels' (grad_confidence_ptr, class_partials_ptr) arguments."""
+        return self.grad_confidence_rows, self.class_partials if self.wanted[1] or self.wanted[2] else None
 
     def grid_args(self):
         return self.num_tiles, self.tiles_per_image, self.canonical.layout.rows_per_image, self.num_classes
@@ -242,9 +246,10 @@ class _TilePlan:
         grads = list(self.grads)
         if self.wanted[0]:
             grads[0] = self.canonical.finish(self.grad_logits_index)
+        slots = iter(self.class_partials)  # summed one by one: outputs of an op must not alias
         for i, like in ((1, alpha), (2, beta)):
             if self.wanted[i]:
-                grads[i] = self.partials[i - 1].sum(dim=0).to(like.dtype)
+                grads[i] = next(slots).sum(dim=0).to(like.dtype)
         if self.wanted[3]:
             grads[3] = _shaped_like(self.grad_confidence_rows, confidence)
         return grads
@@ -276,19 +281,22 @@ def _launch_cross_entropy(logits, target_rows, alpha, beta, confidence, weight, 
 
 
 def _target_stats(target_rows, weight, num_classes, ignore_index, acc):
-    """(sum of w[y] over valid rows, number of out-of-range targets) as device scalars, no sync."""
+    """(sum of w[y] over valid rows, number of out-of-range targets) as device scalars, no sync.
+
+    Both per-block results share one buffer so that one reduction launch sums them.
+    """
     num_rows = target_rows.numel()
     block = min(_LIMITS.prepass_block, triton.next_power_of_2(max(num_rows, 1)))
     blocks = triton.cdiv(num_rows, block)
-    weight_sums = target_rows.new_empty((blocks,), dtype=acc)
-    bad_counts = target_rows.new_empty((blocks,), dtype=torch.int32)
+    stats = target_rows.new_empty((2, blocks), dtype=acc)
     if blocks > 0:
         torch.library.wrap_triton(kernels._target_stats_kernel)[(blocks,)](
-            target_rows, _contiguous(weight), weight_sums, bad_counts,
+            target_rows, _contiguous(weight), stats,
             num_rows, num_classes, ignore_index,
             HAS_WEIGHT=weight is not None, ACC_FP64=acc == torch.float64, BLOCK=block,
         )
-    return weight_sums.sum(), bad_counts.sum()
+    weight_sum, bad_count = stats.sum(dim=1)
+    return weight_sum, bad_count
 
 
 def _report_bad_targets(target, num_classes, ignore_index, bad_count) -> None:
