@@ -33,7 +33,7 @@ from .classification.data import (
     reduced_class_counts,
     shard,
 )
-from .classification.methods import METHODS, FrozenFeatures, HeadTraining, StageTwo
+from .classification.methods import METHODS, FrozenFeatures, HeadTraining, StageTwo, sgd
 from .classification.metrics import (
     GROUP_RULES,
     describe_rule,
@@ -45,6 +45,8 @@ from .classification.metrics import (
 from .classification.models import BACKBONES, CLASSIFIERS, ImageClassifier, augment, build_backbone, build_classifier
 
 DEFAULT_RHO = {"linear": 1.2, "cosine": 1.5}  # appendix A.2
+# The cosine head's logits carry its scale (16): at the linear head's rate its gradients can kill the MLP's ReLU features.
+DEFAULT_STAGE1_LR = {"linear": 0.05, "cosine": 0.02}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,14 +74,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     stage1 = parser.add_argument_group("stage 1 (joint, instance-balanced)")
     stage1.add_argument("--epochs", type=int, default=60)
     stage1.add_argument("--batch-size", type=int, default=64, help="global batch, split over processes")
-    stage1.add_argument("--lr", type=float, default=0.05)
+    stage1.add_argument("--lr", type=float, help="initial learning rate (default 0.05 linear, 0.02 cosine)")
     stage1.add_argument("--weight-decay", type=float, default=5e-4)
     stage1.add_argument("--max-shift", type=float, default=0.125,
                         help="augmentation: random translation up to this fraction of the image size (0: off)")
     stage1.add_argument("--stage1-checkpoint", help="skip stage 1 and start stage 2 from this stage1.pt")
 
     stage2 = parser.add_argument_group("stage 2 (frozen features; DisAlign and baselines)")
-    stage2.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    stage2.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS), metavar="METHOD",
+                        help=f"methods to fit and report (default: all): {', '.join(METHODS)}")
     stage2.add_argument("--stage2-epochs", type=int, default=30)
     stage2.add_argument("--stage2-batch-size", type=int, default=64)
     stage2.add_argument("--stage2-lr", type=float, default=0.05)
@@ -130,7 +133,9 @@ def train_stage1(model: ImageClassifier, data: LongTailData, args, seed: int, de
         network = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     sampler = ShardedBatchSampler(data.train.labels, args.batch_size, "instance", seed, runtime.rank(), runtime.world_size())
     loader = DataLoader(data.train.dataset, batch_sampler=sampler, num_workers=args.workers)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    lr = args.lr if args.lr is not None else DEFAULT_STAGE1_LR[args.classifier]
+    optimizer = sgd(model.parameters(), lr, args.weight_decay)
+    logger.info("stage 1: lr %g, global batch %d, %d steps per epoch", lr, args.batch_size, len(sampler))
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, args.epochs * len(sampler)))
     views = torch.Generator().manual_seed(seed * 1000 + runtime.rank())
     log_every = max(1, args.epochs // 5)

@@ -134,6 +134,18 @@ class HeadObjective(nn.Module):
         return self.loss_fn(self.head.calibration_inputs(x), target) * (runtime.world_size() / total_weight)
 
 
+def sgd(parameters, lr: float, weight_decay: float) -> torch.optim.SGD:
+    """SGD with momentum 0.9 (appendix A.2) over the trainable parameters. Weight decay applies to
+    weight matrices and kernels only: biases, the cosine scale, and the magnitude (init 1) and margin
+    of the calibration are offsets that decay would pull away from their meaning."""
+    trainable = [p for p in parameters if p.requires_grad]
+    groups = [
+        {"params": [p for p in trainable if p.dim() > 1], "weight_decay": weight_decay},
+        {"params": [p for p in trainable if p.dim() <= 1], "weight_decay": 0.0},
+    ]
+    return torch.optim.SGD(groups, lr=lr, momentum=0.9)
+
+
 def train_head(head: nn.Module, ctx: StageTwo, balance: str, rho: float, desc: str) -> None:
     """The one stage-2 loop: SGD on the head's trainable parameters over the frozen train features."""
     features, labels = ctx.features.train, ctx.features.train_labels
@@ -141,13 +153,7 @@ def train_head(head: nn.Module, ctx: StageTwo, balance: str, rho: float, desc: s
     if runtime.world_size() > 1:
         device_ids = [features.device] if features.device.type == "cuda" else None
         objective = DistributedDataParallel(objective, device_ids=device_ids)
-    trainable = [p for p in head.parameters() if p.requires_grad]
-    # decay weight matrices only: magnitude (init 1), margin and biases are calibration offsets, not weights
-    groups = [
-        {"params": [p for p in trainable if p.dim() > 1], "weight_decay": ctx.training.weight_decay},
-        {"params": [p for p in trainable if p.dim() <= 1], "weight_decay": 0.0},
-    ]
-    optimizer = torch.optim.SGD(groups, lr=ctx.training.lr, momentum=0.9)
+    optimizer = sgd(head.parameters(), ctx.training.lr, ctx.training.weight_decay)
     sampler = ShardedBatchSampler(
         labels, ctx.training.batch_size, balance, ctx.training.seed, runtime.rank(), runtime.world_size()
     )

@@ -70,9 +70,15 @@ def _by_size(class_counts) -> np.ndarray:
 def _counts_axis(fig: Figure, class_counts, order, ylabel: str = "training images"):
     ax = fig.add_subplot(1, 1, 1)
     ax.bar(range(len(order)), np.asarray(class_counts)[order], color="0.85", label="training images")
-    ax.set_xlabel("classes sorted by training count")
+    _label_classes(ax, order)
     ax.set_ylabel(ylabel)
     return ax, ax.twinx()
+
+
+def _label_classes(ax, order) -> None:
+    ax.set_xlabel("classes sorted by training count" + (" (tick: class index)" if len(order) <= 30 else ""))
+    if len(order) <= 30:
+        ax.set_xticks(range(len(order)), [str(c) for c in order])
 
 
 def plot_per_class_accuracy(path: Path, class_counts, accuracies: dict[str, list]) -> None:
@@ -97,7 +103,7 @@ def plot_reweight_curves(path: Path, class_counts, rhos=(0.0, 0.5, 1.0, 1.2, 1.5
     fig = Figure(figsize=(7, 4), layout="constrained")
     ax = fig.add_subplot(1, 1, 1)
     ax.bar(range(len(order)), (counts / counts.sum())[order], color="0.8")
-    ax.set_xlabel("classes sorted by training count")
+    _label_classes(ax, order)
     ax.set_ylabel("class frequency r_c (bars)")
     curves = ax.twinx()
     for rho in rhos:
