@@ -161,6 +161,7 @@ def test_none_backward_with_expanded_grad_output():
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy (the interpreter) reports the inf/nan arithmetic
 def test_edge_cases_match_torch():
     """All rows ignored (mean is nan, gradients 0), no rows, logits of magnitude 1e4, -inf and nan."""
     logits, target, alpha, beta, confidence, weight = _inputs("rows", torch.float64)
@@ -335,7 +336,8 @@ def _run_without_interpreter(script: str) -> None:
 
 def test_cuda_path_is_a_traceable_triton_op():
     """Without the interpreter the ops are triton_ops whose fake kernel is the op itself: tracing
-    with fake CUDA tensors (no GPU needed) must see the Triton kernels and no data-dependent code."""
+    with fake CUDA tensors (no GPU needed) must see the Triton kernels and no data-dependent code,
+    and symbolic sizes must not add guards."""
     _run_without_interpreter(
         """
         import torch
@@ -370,6 +372,17 @@ def test_cuda_path_is_a_traceable_triton_op():
         code = graphs[0]
         assert code.count("triton_kernel_wrapper_functional(") == 2, code
         assert "_assert_async" in code and "_local_scalar_dense" not in code, code
+
+        # Dynamic shapes (a last partial batch recompiles with symbolic sizes): the host code of
+        # the op, here its fake kernel, must handle symbolic sizes without guarding on them.
+        from torch.fx.experimental.proxy_tensor import make_fx
+        for shape in [(4, 150, 16, 16), (64, 1231)]:
+            rows = (shape[0],) + shape[2:]
+            example = (torch.empty(shape, device="meta", dtype=torch.bfloat16),
+                       torch.zeros(rows, device="meta", dtype=torch.long), torch.empty(shape[1], device="meta"),
+                       torch.empty(shape[1], device="meta"), torch.empty(rows, device="meta"))
+            graph = make_fx(stage2, tracing_mode="symbolic")(*example)
+            assert not graph.shape_env.guards, graph.shape_env.guards
         """
     )
 

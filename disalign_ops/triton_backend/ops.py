@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 import triton
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import optimization_hint
 
 from .._registration import OpFamily, register_autograd, register_fake_kernels
 from .._validation import accumulation_dtype, check_calibrate_args, check_cross_entropy_args, check_target_values
@@ -101,14 +102,22 @@ class _TileConfig:
     num_warps: int
 
 
+def _hint(size) -> int:
+    """A size as a plain int for tuning choices. Under torch.compile with dynamic shapes this reads
+    the symbolic size's example value without adding a guard: tile sizes and program caps only
+    change speed, never results, so they need not be re-derived for every size."""
+    return optimization_hint(size)
+
+
 def _tile_config(layout: _RowLayout, num_classes: int, element_size: int, acc_size: int) -> _TileConfig:
     """BLOCK_R x BLOCK_C from the memory layout of the logits (the first tensor of the layout)."""
-    _, stride_class, stride_row = layout.strides[0]
+    _, stride_class, stride_row = (_hint(s) for s in layout.strides[0])
     limits = _LIMITS
     tile_elements = limits.tile_bytes // acc_size
-    rows = triton.next_power_of_2(max(layout.rows_per_image, 1))
-    classes = triton.next_power_of_2(num_classes)
-    if layout.rows_per_image > 1 and stride_row < stride_class:
+    rows_per_image = _hint(layout.rows_per_image)
+    rows = triton.next_power_of_2(max(rows_per_image, 1))
+    classes = triton.next_power_of_2(_hint(num_classes))
+    if rows_per_image > 1 and stride_row < stride_class:
         # Pixel-contiguous (NCHW): a warp reads `contiguous_bytes` of one class row per load.
         block_rows = min(rows, limits.contiguous_bytes // element_size)
         block_classes = min(classes, limits.max_block_classes, max(1, tile_elements // block_rows))
@@ -142,8 +151,9 @@ def _num_programs(num_tiles: int, device: torch.device, class_partials_bytes: in
     if class_partials_bytes == 0:
         return num_tiles
     resident = _num_sms(device)
-    within_budget = (logits_bytes // 25) // class_partials_bytes
-    return min(num_tiles, max(resident, min(4 * resident, within_budget)))
+    within_budget = (_hint(logits_bytes) // 25) // _hint(class_partials_bytes)
+    # sym_min keeps the program count exact (never more programs than tiles) for symbolic sizes.
+    return torch.sym_min(num_tiles, max(resident, min(4 * resident, within_budget)))
 
 
 @dataclass
@@ -286,7 +296,7 @@ def _target_stats(target_rows, weight, num_classes, ignore_index, acc):
     Both per-block results share one buffer so that one reduction launch sums them.
     """
     num_rows = target_rows.numel()
-    block = min(_LIMITS.prepass_block, triton.next_power_of_2(max(num_rows, 1)))
+    block = min(_LIMITS.prepass_block, triton.next_power_of_2(max(_hint(num_rows), 1)))
     blocks = triton.cdiv(num_rows, block)
     stats = target_rows.new_empty((2, blocks), dtype=acc)
     if blocks > 0:
