@@ -3,12 +3,18 @@ logits layout, and loss/gradient evaluation for comparison against disalign_ops.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 
 import pytest
 import torch
 
-import disalign_ops
+# Without a GPU, Triton kernels run on CPU tensors only under its interpreter, which must be enabled
+# before disalign_ops.triton_backend is first imported: enable it for the whole suite.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import disalign_ops  # noqa: E402
 
 # Every op-based backend that runs on this machine's CPU ("native"; "triton" under TRITON_INTERPRET=1).
 OP_BACKENDS = [name for name in disalign_ops.available_backends("cpu") if name != "eager"]
