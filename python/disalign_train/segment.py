@@ -63,10 +63,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds; results are averaged")
     train.add_argument("--width", type=int, default=16, help="base channel width of the FCN")
     train.add_argument("--batch-size", type=int, default=32, help="global batch size (split over ranks)")
-    train.add_argument("--stage1-epochs", type=int, default=12)
-    train.add_argument("--stage1-lr", type=float, default=3e-3)
-    train.add_argument("--stage2-epochs", type=int, default=4)
-    train.add_argument("--stage2-lr", type=float, default=2e-2)
+    train.add_argument("--stage1-epochs", type=int, default=20)
+    train.add_argument("--stage1-lr", type=float, default=1e-2)
+    train.add_argument("--stage2-epochs", type=int, default=8)
+    train.add_argument("--stage2-lr", type=float, default=1.0,
+                       help="DisAlign magnitude/margin/confidence learning rate (AdamW; they live in logit units)")
+    train.add_argument("--grw-lr", type=float, default=5e-2, help="learning rate of the re-weight-only classifier retraining")
     train.add_argument("--rho", type=float, default=0.3, help="generalized re-weight exponent (paper: 0.3)")
     train.add_argument("--max-steps", type=int, default=None, help="cap on steps per stage (smoke tests)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
@@ -240,7 +242,7 @@ def train_stage(step: nn.Module, images, labels, *, epochs, lr, batch_size, seed
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
-    return float(loss)
+    return loss.item()
 
 
 @torch.no_grad()
@@ -286,7 +288,8 @@ def run_seed(seed, args, data, device, out: Path, logger) -> tuple[dict, dict]:
         step = Stage2Step(model, head.to(device), DisAlignLoss(class_counts, args.rho, ignore_index=scenes.IGNORE_INDEX,
                                                                backend=args.backend).to(device))
         started = time.time()
-        loss = train_stage(step, train_images, train_labels, epochs=args.stage2_epochs, lr=args.stage2_lr,
+        lr = args.stage2_lr if method == "disalign" else args.grw_lr
+        loss = train_stage(step, train_images, train_labels, epochs=args.stage2_epochs, lr=lr,
                            seed=seed + 1000, desc=f"seed {seed} stage 2 {method}", **common)
         head.eval()
         logger.info("seed %d stage 2 %s: %.1fs, last loss %.3f", seed, method, time.time() - started, loss)
