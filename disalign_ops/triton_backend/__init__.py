@@ -4,7 +4,8 @@ Importing this package registers the four operators (with the shared autograd of
 `disalign_ops._registration`) once, when Triton can be imported; without Triton it registers
 nothing and `is_available` is False. CUDA tensors run compiled kernels; CPU tensors run under the
 Triton interpreter, which needs TRITON_INTERPRET=1 in the environment before this package is first
-imported (Triton reads it when the kernels are defined).
+imported (Triton reads it when the kernels are defined; with it set, CUDA tensors are interpreted
+too, slowly).
 """
 
 import os

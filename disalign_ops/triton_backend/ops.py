@@ -40,10 +40,11 @@ LOSS_PER_ROW, LOSS_PER_PROGRAM, NO_LOSS = 0, 1, 2
 @dataclass(frozen=True)
 class _TileLimits:
     """Tile sizes. GPU: 8 KB of accumulators per tile (2048 fp32 values, 8 per thread with 8 warps;
-    ptxas for sm_90 reports no spills and ~120-180 registers for C = 150 to 8142 because the class
+    ptxas for sm_90 reports no spills and 100-130 registers for C = 150 to 8142, because the class
     dim is blocked, never held whole) and 512 contiguous bytes per class row of an NCHW tile (a
-    warp's 32 x 16-byte loads). Interpreter: small tiles, so that tests on small shapes still cover
-    several class blocks, ragged last blocks and the persistent loop."""
+    warp's 32 x 16-byte loads). Chosen from register counts and byte arithmetic, not yet timed on
+    a GPU. Interpreter: small tiles, so that tests on small shapes still cover several class
+    blocks, ragged last blocks and the persistent loop."""
 
     tile_bytes: int
     contiguous_bytes: int
