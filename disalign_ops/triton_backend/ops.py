@@ -368,9 +368,11 @@ def cross_entropy_backward(
     ignore_index: int,
     grad_mask: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    check_cross_entropy_args(logits, target, alpha, beta, confidence, weight, ignore_index, "none")
+    num_classes = check_cross_entropy_args(logits, target, alpha, beta, confidence, weight, ignore_index, "none")
     if tuple(grad_loss.shape) != tuple(target.shape):
         raise ValueError(f"grad_loss must have the shape of target {tuple(target.shape)}, got {tuple(grad_loss.shape)}")
+    if target.device.type == "cpu":  # free there; on CUDA the forward already asserted on these targets
+        check_target_values(target, num_classes, ignore_index)
     acc = accumulation_dtype(logits.dtype)
     grad_rows = grad_loss.to(acc).contiguous().view(-1)
     _, *grads = _launch_cross_entropy(logits, _flat_rows(target), alpha, beta, confidence, weight, ignore_index,
