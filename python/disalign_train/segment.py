@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -205,8 +206,8 @@ def to_tensors(scene_set: scenes.SceneSet) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def train_stage(step: nn.Module, images, labels, *, epochs, lr, batch_size, seed, device, max_steps, desc) -> float:
-    """The one training loop of every stage: AdamW + cosine schedule over ``step``'s trainable
-    parameters, random horizontal flips, each rank on its slice of a shared permutation (DDP when
+    """The one training loop of every stage: AdamW with a one-cycle (warm-up, cosine) schedule over
+    ``step``'s trainable parameters, random horizontal flips, each rank on its slice of a shared permutation (DDP when
     distributed). Returns the last loss."""
     params = [p for p in step.parameters() if p.requires_grad]
     world, rank = runtime.world_size(), runtime.rank()
@@ -260,26 +261,40 @@ def evaluate(predictor, images, labels, num_classes, device) -> np.ndarray:
     return runtime.all_reduce_sum(torch.from_numpy(confusion)).numpy()
 
 
-def run_seed(seed, args, data, device, out: Path, logger) -> tuple[dict, dict]:
+@dataclass
+class PreparedData:
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    class_names: list[str]
+    pixel_counts: np.ndarray  # labelled training pixels per class
+    groups: dict[str, list[int]]
+    group_rule: str
+
+
+def run_seed(seed, args, data: PreparedData, device, out: Path, logger) -> tuple[dict, dict]:
     """Stage 1 and both stage-2 variants for one seed: (metrics per method, predictors for the figure)."""
     from disalign_ops.nn import DisAlignConv2d, DisAlignLoss
 
-    train_images, train_labels, test_images, test_labels, class_counts, groups, rule, class_names = data
+    class_names, groups, rule = data.class_names, data.groups, data.group_rule
     num_classes = len(class_names)
+    # generalized_reweight needs positive counts: a class without training pixels counts as one pixel.
+    class_counts = np.maximum(data.pixel_counts, 1)
     seed_dir = out / f"seed_{seed}"
     common = dict(batch_size=args.batch_size, device=device, max_steps=args.max_steps)
 
     runtime.seed_everything(seed)
     model = SmallFCN(num_classes, args.width).to(device)
     started = time.time()
-    loss = train_stage(Stage1Step(model), train_images, train_labels, epochs=args.stage1_epochs, lr=args.stage1_lr,
-                       seed=seed, desc=f"seed {seed} stage 1", **common)
+    loss = train_stage(Stage1Step(model), data.train_images, data.train_labels, epochs=args.stage1_epochs,
+                       lr=args.stage1_lr, seed=seed, desc=f"seed {seed} stage 1", **common)
     model.eval()
     logger.info("seed %d stage 1: %.1fs, last loss %.3f", seed, time.time() - started, loss)
     save_checkpoint(seed_dir / "stage1.pt", model.state_dict(), args, class_names)
 
     predictors = {"baseline": model}
-    results = {"baseline": evaluate(model, test_images, test_labels, num_classes, device)}
+    results = {"baseline": evaluate(model, data.test_images, data.test_labels, num_classes, device)}
     for method in ("grw", "disalign"):
         if method == "disalign":
             head = DisAlignConv2d.from_conv(model.classifier, input_aware=True, backend=args.backend)
@@ -289,13 +304,13 @@ def run_seed(seed, args, data, device, out: Path, logger) -> tuple[dict, dict]:
                                                                backend=args.backend).to(device))
         started = time.time()
         lr = args.stage2_lr if method == "disalign" else args.grw_lr
-        loss = train_stage(step, train_images, train_labels, epochs=args.stage2_epochs, lr=lr,
+        loss = train_stage(step, data.train_images, data.train_labels, epochs=args.stage2_epochs, lr=lr,
                            seed=seed + 1000, desc=f"seed {seed} stage 2 {method}", **common)
         head.eval()
         logger.info("seed %d stage 2 %s: %.1fs, last loss %.3f", seed, method, time.time() - started, loss)
         save_checkpoint(seed_dir / f"stage2_{method}.pt", head.state_dict(), args, class_names)
         predictors[method] = _HeadPredictor(model, head)
-        results[method] = evaluate(predictors[method], test_images, test_labels, num_classes, device)
+        results[method] = evaluate(predictors[method], data.test_images, data.test_labels, num_classes, device)
     metrics = {}
     for method in METHODS:
         metrics[method] = segmentation_metrics(results[method], groups)
@@ -326,7 +341,8 @@ def _ensure_dir(path: Path) -> Path:
 def save_checkpoint(path: Path, state_dict, args, class_names) -> None:
     if runtime.is_main():
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"state_dict": state_dict, "args": {k: v for k, v in vars(args).items() if k != "run"}, "class_names": class_names}, path)
+        settings = {k: v for k, v in vars(args).items() if k != "run"}  # `run` is the CLI's function
+        torch.save({"state_dict": state_dict, "args": settings, "class_names": class_names}, path)
 
 
 # ---------------------------------------------------------------- figure
@@ -345,10 +361,8 @@ def palette(num_classes: int) -> np.ndarray:
 
 def save_predictions_figure(path, test_set, test_images, predictors, class_names, tail_classes, device, count):
     """Rows: test scenes with the most tail pixels; columns: image, ground truth, baseline, DisAlign."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend state
+    from matplotlib.patches import Rectangle
 
     tail = np.asarray(sorted(tail_classes), dtype=np.int64)
     tail_pixels = np.array([np.isin(s.semantic, tail).sum() for s in test_set.scenes])
@@ -356,7 +370,8 @@ def save_predictions_figure(path, test_set, test_images, predictors, class_names
     colours = palette(len(class_names))
     predictions = {name: predict(p, test_images[chosen], device).numpy() for name, p in predictors.items()}
     columns = ["image", "ground truth", "baseline", "disalign"]
-    fig, axes = plt.subplots(len(chosen), len(columns), figsize=(2.2 * len(columns), 2.2 * len(chosen)), squeeze=False)
+    fig = Figure(figsize=(2.2 * len(columns), 2.2 * len(chosen)))
+    axes = fig.subplots(len(chosen), len(columns), squeeze=False)
     for row, index in enumerate(chosen):
         panels = [test_set.scenes[index].image, colours[test_set.scenes[index].semantic]]
         panels += [colours[predictions[name][row]] for name in ("baseline", "disalign")]
@@ -367,33 +382,39 @@ def save_predictions_figure(path, test_set, test_images, predictors, class_names
                 axes[row, col].set_title(columns[col], fontsize=9)
     shown = np.concatenate([test_set.scenes[i].semantic.ravel() for i in chosen])
     present = [int(c) for c in np.unique(shown) if c != scenes.IGNORE_INDEX]
-    handles = [plt.Rectangle((0, 0), 1, 1, color=colours[c] / 255) for c in present]
+    handles = [Rectangle((0, 0), 1, 1, color=colours[c] / 255) for c in present]
     labels = [class_names[c] + (" (tail)" if c in tail else "") for c in present]
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, 0.04 + 0.02 * (len(present) // 3), 1, 1))
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------- entry point
 
 
+def check_arguments(args) -> None:
+    for name in ("stage1_epochs", "stage2_epochs", "batch_size", "width", "image_size", "num_train", "num_test"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise ValueError(f"--max-steps must be >= 1, got {args.max_steps}")
+    if args.rho < 0:
+        raise ValueError(f"--rho must be >= 0, got {args.rho}")
+
+
 def run(args) -> int:
+    check_arguments(args)
     device = runtime.pick_device(args.device)
     runtime.init_distributed(device)
     try:
         out, logger = runtime.prepare_output(args.out, "disalign_train.segment")
         train_set, test_set = load_data(args, logger)
         class_names = train_set.seg_class_names
-        class_counts = train_set.seg_pixel_counts()
-        groups, rule = frequency_groups(class_counts)
+        pixel_counts = train_set.seg_pixel_counts()
+        groups, rule = frequency_groups(pixel_counts)
         logger.info("%d classes, %d train / %d test images; groups by %s: %s", len(class_names), len(train_set),
                     len(test_set), describe_rule(rule), {g: len(groups[g]) for g in GROUPS})
-        # generalized_reweight needs positive counts: a class with no training pixel counts as one pixel.
-        weights_counts = np.maximum(class_counts, 1)
-        train_images, train_labels = to_tensors(train_set)
-        test_images, test_labels = to_tensors(test_set)
-        data = (train_images, train_labels, test_images, test_labels, weights_counts, groups, rule, class_names)
+        data = PreparedData(*to_tensors(train_set), *to_tensors(test_set), class_names, pixel_counts, groups, rule)
         per_seed = {method: [] for method in METHODS}
         for seed in args.seeds:
             metrics, predictors = run_seed(seed, args, data, device, out, logger)
@@ -412,7 +433,7 @@ def run(args) -> int:
                   f"({', '.join(f'{g} {len(groups[g])}' for g in GROUPS)} classes).\n\n{table}")
         if runtime.is_main():
             (out / "results.md").write_text(report)
-            save_predictions_figure(out / "predictions.png", test_set, test_images, predictors, class_names,
+            save_predictions_figure(out / "predictions.png", test_set, data.test_images, predictors, class_names,
                                     groups["tail"], device, args.num_visualize)
         logger.info("\n%s", report)
         return 0
