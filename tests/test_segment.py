@@ -2,10 +2,13 @@
 
 import copy
 import json
+import os
+import socket
 
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 from disalign_ops import reference
 from disalign_ops.nn import DisAlignConv2d, DisAlignLoss
@@ -141,12 +144,13 @@ def test_reweight_only_ablation_retrains_a_copy_of_the_classifier_and_nothing_el
 # ---------------------------------------------------------------- end to end
 
 
+TINY = ["--num-train", "12", "--num-test", "6", "--image-size", "32", "--width", "8", "--batch-size", "4",
+        "--seeds", "0", "--stage1-epochs", "1", "--stage2-epochs", "1", "--max-steps", "2", "--num-visualize", "2"]
+
+
 def test_tiny_run_writes_metrics_table_figure_and_checkpoints(tmp_path):
     out = tmp_path / "run"
-    argv = ["segment", "--out", str(out), "--num-train", "12", "--num-test", "6", "--image-size", "32",
-            "--width", "8", "--batch-size", "4", "--seeds", "0", "--stage1-epochs", "1", "--stage2-epochs", "1",
-            "--max-steps", "2", "--num-visualize", "2"]
-    assert cli.main(argv) == 0
+    assert cli.main(["segment", "--out", str(out), *TINY]) == 0
     for method in segment.METHODS:
         metrics = json.loads((out / method / "metrics.json").read_text())
         assert metrics["per_seed"][0]["seed"] == 0
@@ -165,3 +169,26 @@ def test_tiny_run_writes_metrics_table_figure_and_checkpoints(tmp_path):
     assert (out / "predictions.png").stat().st_size > 0
     # the generated data went through the ADE20K-style files
     assert (out / "data" / "scenes-lt" / "annotations" / "validation").is_dir()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, argv: list[str]) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
+    cli.main(argv)
+
+
+def test_two_processes_evaluate_the_whole_test_set_like_one(tmp_path):
+    """gloo, 2 CPU processes: shared data files, each rank scores half the test set, confusion summed."""
+    mp.spawn(_ddp_worker, args=(2, _free_port(), ["segment", "--out", str(tmp_path / "ddp"), *TINY]), nprocs=2, join=True)
+    assert cli.main(["segment", "--out", str(tmp_path / "single"), *TINY]) == 0
+    for method in segment.METHODS:
+        ddp, single = (json.loads((tmp_path / run / "seed_0" / method / "metrics.json").read_text())
+                       for run in ("ddp", "single"))
+        assert ddp["pixels_evaluated"] == single["pixels_evaluated"] > 0
+        assert ddp["miou"] == pytest.approx(single["miou"], abs=0.05)

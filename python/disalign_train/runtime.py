@@ -31,6 +31,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def share_cpu_threads(device: torch.device) -> None:
+    """Under torchrun on CPU, splits the cores between the local processes (no oversubscription)."""
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if device.type == "cpu" and local_processes > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_processes))
+
+
 def init_distributed(device: torch.device) -> bool:
     """Joins the process group when started by torchrun (gloo on CPU, nccl on GPU). Returns whether distributed."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():

@@ -16,12 +16,13 @@ Methods, all on the same stage-1 network (per seed):
   entropy, i.e. cRT with generalized re-weighting instead of class-balanced sampling. It goes
   through the same fused op with alpha = beta = 0 and no confidence.
 
-Outputs in ``--out``: ``seed_<s>/<method>/metrics.json`` and ``seed_<s>/stage1.pt``,
+Outputs in ``--out``: ``metrics.json`` (every method averaged over seeds, with the groups),
+``seed_<s>/<method>/metrics.json`` and ``seed_<s>/stage1.pt``,
 ``stage2_disalign.pt``, ``stage2_grw.pt``; ``<method>/metrics.json`` averaged over seeds (with
 ``std`` and ``per_seed``); ``results.md`` (paper Table 6 layout); ``predictions.png``;
 ``train.log``. metrics.json schema: ``miou``, ``macc`` in [0, 1]; ``head``/``body``/``tail``:
 ``{"miou", "macc", "num_classes"}``; ``group_rule`` and ``groups`` (class names per group);
-``per_class`` IoU/accuracy (null where a class is absent).
+``per_class`` IoU/accuracy (null where a class is absent); ``pixels_evaluated``.
 """
 
 from __future__ import annotations
@@ -314,7 +315,7 @@ def run_seed(seed, args, data: PreparedData, device, out: Path, logger) -> tuple
     metrics = {}
     for method in METHODS:
         metrics[method] = segmentation_metrics(results[method], groups)
-        metrics[method].update(method=method, seed=seed, group_rule=rule,
+        metrics[method].update(method=method, seed=seed, group_rule=rule, pixels_evaluated=int(results[method].sum()),
                                groups={g: [class_names[c] for c in groups[g]] for g in GROUPS}, class_names=class_names)
         runtime.write_json(_ensure_dir(seed_dir / method) / "metrics.json", metrics[method])
         logger.info("seed %d %-8s mIoU %.3f (head %.3f body %.3f tail %.3f)  mAcc %.3f (tail %.3f)", seed, method,
@@ -405,6 +406,7 @@ def check_arguments(args) -> None:
 def run(args) -> int:
     check_arguments(args)
     device = runtime.pick_device(args.device)
+    runtime.share_cpu_threads(device)
     runtime.init_distributed(device)
     try:
         out, logger = runtime.prepare_output(args.out, "disalign_train.segment")
@@ -427,6 +429,10 @@ def run(args) -> int:
                                            "per_seed": [{k: m[k] for k in ("seed", "miou", "macc", *GROUPS)}
                                                         for m in per_seed[method]]}
             runtime.write_json(_ensure_dir(out / method) / "metrics.json", payload)
+        runtime.write_json(out / "metrics.json", {
+            "task": "segment", "seeds": list(args.seeds), "group_rule": rule, "group_rule_text": describe_rule(rule),
+            "groups": {g: [class_names[c] for c in groups[g]] for g in GROUPS}, "methods": summaries,
+        })
         table = table6_markdown(summaries)
         report = (f"Semantic segmentation, {len(args.seeds)} seed(s) {list(args.seeds)}: mean ± std (percent), "
                   f"delta to the baseline in parentheses.\nGroups: {describe_rule(rule)} "
