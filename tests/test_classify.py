@@ -110,6 +110,13 @@ def test_class_sampler_draws_classes_uniformly():
     assert set(drawn[labels[drawn] == 2].tolist()) == {550, 551, 552, 553, 554}
 
 
+def test_bad_arguments_name_their_flag(tmp_path):
+    with pytest.raises(ValueError, match="--stage2-views must be >= 1, got 0"):
+        classify.run(parse("--out", tmp_path, "--stage2-views", 0))
+    with pytest.raises(ValueError, match="--seeds must be distinct"):
+        classify.run(parse("--out", tmp_path, "--seeds", 1, 1))
+
+
 def test_sampler_rejects_bad_arguments():
     with pytest.raises(ValueError, match="balance"):
         ShardedBatchSampler(torch.zeros(4, dtype=torch.long), 2, "square-root", 0)

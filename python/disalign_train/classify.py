@@ -92,7 +92,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     stage2.add_argument("--rho", type=float, help="generalized re-weight scale (default 1.2 linear, 1.5 cosine)")
     stage2.add_argument("--logit-adjust-tau", type=float, default=1.0)
     stage2.add_argument("--group-rule", choices=GROUP_RULES, default="auto",
-                        help="Many/Medium/Few: paper thresholds (100/20), terciles, or auto (paper if all groups are non-empty)")
+                        help="Many/Medium/Few: paper thresholds (>100, 20-100, <20 training images), terciles of the "
+                        "ranked counts, or auto (paper when each group has at least 5 classes)")
 
     run_args = parser.add_argument_group("run")
     run_args.add_argument("--out", default="runs/classify", help="output folder")
@@ -100,6 +101,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run_args.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available)")
     run_args.add_argument("--backend", choices=("eager", "native", "triton"), help="disalign_ops backend (default: automatic)")
     run_args.add_argument("--workers", type=int, default=0, help="DataLoader workers for split-file images")
+
+
+def check_args(args) -> None:
+    """Values argparse cannot check, named by their flag."""
+    for flag, value, least in (
+        ("--epochs", args.epochs, 0),
+        ("--stage2-epochs", args.stage2_epochs, 0),
+        ("--batch-size", args.batch_size, 1),
+        ("--stage2-batch-size", args.stage2_batch_size, 1),
+        ("--stage2-views", args.stage2_views, 1),
+        ("--width", args.width, 4),
+        ("--image-size", args.image_size, 1),
+    ):
+        if value < least:
+            raise ValueError(f"{flag} must be >= {least}, got {value}")
+    if len(set(args.seeds)) != len(args.seeds):
+        raise ValueError(f"--seeds must be distinct, got {args.seeds}")
 
 
 def load_data(args) -> LongTailData:
@@ -137,20 +155,20 @@ def train_stage1(model: ImageClassifier, data: LongTailData, args, seed: int, de
     optimizer = sgd(model.parameters(), lr, args.weight_decay)
     logger.info("stage 1: lr %g, global batch %d, %d steps per epoch", lr, args.batch_size, len(sampler))
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, args.epochs * len(sampler)))
-    views = torch.Generator().manual_seed(seed * 1000 + runtime.rank())
+    augment_rng = torch.Generator().manual_seed(seed * 1000 + runtime.rank())
     log_every = max(1, args.epochs // 5)
     model.train()
     for epoch in runtime.progress(range(args.epochs), desc="stage 1"):
         sampler.set_epoch(epoch)
-        total = torch.zeros(2, dtype=torch.float64)
+        total = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, images: no sync per step
         for images, labels in loader:
-            images = augment(images, args.max_shift, data.natural_images, views).to(device)
+            images = augment(images, args.max_shift, data.natural_images, augment_rng).to(device)
             loss = F.cross_entropy(network(images), labels.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
-            total += torch.tensor([loss.item() * len(labels), len(labels)], dtype=torch.float64)
+            total += torch.stack([loss.detach().double() * len(labels), total.new_tensor(len(labels))])
         if (epoch + 1) % log_every == 0 or epoch + 1 == args.epochs:
             runtime.all_reduce_sum(total)
             logger.info("stage 1 epoch %d/%d: loss %.4f", epoch + 1, args.epochs, total[0] / total[1])
@@ -321,6 +339,7 @@ def write_summary(out: Path, per_seed: dict[int, dict], methods) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_args(args)
     device = runtime.pick_device(args.device)
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if device.type == "cpu" and local_processes > 1:
