@@ -183,7 +183,7 @@ def extract_features(model: ImageClassifier, split, args, device, views: int, na
     loader = DataLoader(Subset(split.dataset, indices.tolist()), batch_size=256, num_workers=args.workers)
     generator = torch.Generator().manual_seed(seed * 1000 + 500 + runtime.rank())
     per_view = [[] for _ in range(views)]
-    for images, _ in loader:
+    for images, _ in runtime.progress(loader, desc="features"):
         for view, chunks in enumerate(per_view):
             batch = images if view == 0 else augment(images, args.max_shift, natural_images, generator)
             chunks.append(model.backbone(batch.to(device)))
