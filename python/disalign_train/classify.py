@@ -15,7 +15,6 @@ folder per seed plus summary.md and summary.json. Runs the same under torchrun (
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import torch
@@ -341,9 +340,7 @@ def write_summary(out: Path, per_seed: dict[int, dict], methods) -> str:
 def run(args: argparse.Namespace) -> int:
     check_args(args)
     device = runtime.pick_device(args.device)
-    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if device.type == "cpu" and local_processes > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_processes))  # no oversubscription under torchrun
+    runtime.share_cpu_threads(device)
     runtime.init_distributed(device)
     try:
         out, logger = runtime.prepare_output(args.out, "disalign_train.classify")
