@@ -214,12 +214,12 @@ def test_tiny_run_writes_metrics_table_figure_checkpoints_and_reads_its_data_bac
         metrics = json.loads((out / method / "metrics.json").read_text())
         for key in ("AP", "APr", "APc", "APf"):
             assert np.isnan(metrics[key]) or 0 <= metrics[key] <= 1
-        assert json.loads((out / "seed0" / method / "metrics.json").read_text())["AP"] == metrics["seeds"][0]["AP"]
-    assert "| DisAlign |" in (out / "table.md").read_text()
+        assert json.loads((out / "seed_0" / method / "metrics.json").read_text())["AP"] == metrics["per_seed"][0]["AP"]
+    assert "| DisAlign |" in (out / "results.md").read_text()
     assert (out / "detections.png").stat().st_size > 0
-    checkpoint = torch.load(out / "seed0" / "stage1.pt")
+    checkpoint = torch.load(out / "seed_0" / "stage1.pt")
     Detector(DetectorConfig(**checkpoint["config"])).load_state_dict(checkpoint["model"])
-    assert {p.name for p in (out / "seed0").glob("*.pt")} == {"stage1.pt", "reweight_only.pt", "disalign.pt"}
+    assert {p.name for p in (out / "seed_0").glob("*.pt")} == {"stage1.pt", "stage2_reweight_only.pt", "stage2_disalign.pt"}
 
     again = _tiny_args(tmp_path, "--data", str(out / "data"), "--out", str(tmp_path / "again"), "--figure-images", "0")
     assert again.run(again) == 0

@@ -16,10 +16,12 @@ and ``baseline`` is the stage-1 detector. All three share backbone, box head and
 one pass over the test set scores all of them. Box AP by pycocotools over the exported ground-truth
 JSON, overall and for LVIS's rare / common / frequent groups (detection_eval).
 
-Outputs in --out: ``<method>/metrics.json`` (mean and std over seeds, each seed's numbers),
-``seed<s>/<method>/metrics.json`` and ``seed<s>/*.pt`` checkpoints, ``table.md`` (paper Table 8's
-shape), ``detections.png`` (test scenes: ground truth, baseline, DisAlign), ``train.log``, and
-``data/`` (the embedded scenes in COCO/LVIS format, readable back with ``--data OUT/data``).
+Outputs in --out: ``<method>/metrics.json`` (means over seeds, their ``std`` and ``per_seed``),
+``seed_<s>/<method>/metrics.json`` (``AP``, ``APr``, ``APc``, ``APf`` in [0, 1], NaN for a group
+without test ground truth, and ``per_category`` AP with group and training image count),
+``seed_<s>/stage1.pt``, ``stage2_disalign.pt``, ``stage2_reweight_only.pt``, ``results.md`` (paper
+Table 8's shape), ``detections.png`` (test scenes: ground truth, baseline, DisAlign), ``train.log``,
+and ``data/`` (the embedded scenes in COCO/LVIS format, readable back with ``--data OUT/data``).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+
+from disalign_ops.nn import CalibrationInputs, DisAlignLoss, DisAlignROIHead
 
 from . import detection_eval, runtime, scenes
 from .detection_model import (
@@ -204,9 +208,8 @@ def train_on_features(params, loss_of_batch, features, labels, args, desc: str):
     """
     optimizer = torch.optim.Adam(params, lr=args.stage2_lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.stage2_steps)
-    generator = torch.Generator().manual_seed(runtime.rank())
     for _ in runtime.progress(range(args.stage2_steps), desc=desc):
-        batch = torch.randint(len(labels), (args.stage2_batch_size,), generator=generator).to(labels.device)
+        batch = torch.randint(len(labels), (args.stage2_batch_size,), device=labels.device)
         loss = loss_of_batch(features[batch], labels[batch])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -222,26 +225,24 @@ def foreground_weights_loss(counts, args):
     """DisAlignLoss with generalized re-weight over the foreground instance counts, background weight 1.
 
     A category without training instances counts as 1 (re-weighting needs positive counts)."""
-    from disalign_ops.nn import DisAlignLoss
-
     counts = np.maximum(np.asarray(counts), 1)
     return DisAlignLoss(counts.tolist(), rho=args.rho, background_index=-1, backend=args.backend)
 
 
 def train_stage2(model: Detector, data: DetectionSet, args, seed: int, device, logger) -> dict[str, nn.Module]:
     """The classifiers of the three methods: the stage-1 ``cls_score``, a re-trained copy, a DisAlign head."""
-    from disalign_ops.nn import DisAlignROIHead
-
     features, labels = training_roi_features(model, data, args, seed, device)
     loss_fn = foreground_weights_loss(data.instance_counts, args).to(device)
     logger.info(f"seed {seed} stage 2: {len(labels)} cached RoIs per rank, "
                 f"foreground weights {[round(w, 2) for w in loss_fn.weight[:-1].tolist()]}")
 
+    # Re-weight only: the same loss with no calibration (alpha = beta = 0, s = 1) on a re-trained cls_score.
     reweighted = copy.deepcopy(model.cls_score).requires_grad_(True)
-    params = list(reweighted.parameters())
+    no_calibration = torch.zeros(model.config.num_classes + 1, device=device)
     final = train_on_features(
-        params, lambda x, y: F.cross_entropy(reweighted(x), y, weight=loss_fn.weight), features, labels, args,
-        f"seed {seed} re-weight only",
+        list(reweighted.parameters()),
+        lambda x, y: loss_fn(CalibrationInputs(reweighted(x), no_calibration, no_calibration, None), y),
+        features, labels, args, f"seed {seed} re-weight only",
     )
     logger.info(f"seed {seed} stage 2 re-weight only: final loss {final:.4f}")
 
@@ -360,14 +361,18 @@ def draw_detections(path: Path, test: DetectionSet, train: DetectionSet, detecti
     plt.close(fig)
 
 
-def summarise(per_seed: list[dict]) -> dict:
-    """Mean and std over seeds of AP / APr / APc / APf, plus each seed's full metrics."""
-    summary = {"seeds": per_seed}
-    for key in ("AP", "APr", "APc", "APf"):
-        values = np.array([m[key] for m in per_seed], dtype=np.float64)
-        summary[key] = float(values.mean())
-        summary[key + "_std"] = float(values.std())
-    return summary
+SUMMARY_KEYS = ("AP", "APr", "APc", "APf")
+
+
+def summarise(per_seed: list[dict], seeds: list[int]) -> dict:
+    """Means over seeds of AP / APr / APc / APf, their ``std``, and each seed's values."""
+    values = {key: np.array([m[key] for m in per_seed], dtype=np.float64) for key in SUMMARY_KEYS}
+    return {
+        **{key: float(v.mean()) for key, v in values.items()},
+        "std": {key: float(v.std()) for key, v in values.items()},
+        "seeds": list(seeds),
+        "per_seed": [{"seed": seed, **{key: m[key] for key in SUMMARY_KEYS}} for seed, m in zip(seeds, per_seed)],
+    }
 
 
 def results_table(summaries: dict[str, dict], seeds: list[int]) -> str:
@@ -382,9 +387,9 @@ def results_table(summaries: dict[str, dict], seeds: list[int]) -> str:
     baseline = summaries["baseline"]
     for method in METHODS:
         cells = []
-        for key in ("AP", "APr", "APc", "APf"):
+        for key in SUMMARY_KEYS:
             s = summaries[method]
-            cell = f"{100 * s[key]:.1f} ± {100 * s[key + '_std']:.1f}"
+            cell = f"{100 * s[key]:.1f} ± {100 * s['std'][key]:.1f}"
             if method != "baseline":
                 cell += f" ({100 * (s[key] - baseline[key]):+.1f})"
             cells.append(cell)
@@ -418,14 +423,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--figure-images", type=int, default=4, help="test scenes drawn in detections.png")
     parser.add_argument("--figure-threshold", type=float, default=0.3, help="score threshold of drawn detections")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
-    parser.add_argument("--backend", default=None, choices=[None, "eager", "native", "triton"],
+    parser.add_argument("--backend", default=None, choices=["eager", "native", "triton"],
                         help="disalign_ops backend for stage 2 (default: automatic)")
 
 
 def run_seed(seed: int, train: DetectionSet, test: DetectionSet, ground_truth, args, out: Path, device, logger):
     """Stage 1, both stage-2 methods and evaluation for one seed; returns {method: metrics}."""
     runtime.seed_everything(seed)
-    seed_dir = out / f"seed{seed}"
+    seed_dir = out / f"seed_{seed}"
     config = DetectorConfig(num_classes=len(train.class_names), image_size=args.image_size)
     model = Detector(config).to(device)
     started = time.time()
@@ -438,12 +443,12 @@ def run_seed(seed: int, train: DetectionSet, test: DetectionSet, ground_truth, a
         seed_dir.mkdir(parents=True, exist_ok=True)
         torch.save({"config": config.__dict__, "model": model.state_dict()}, seed_dir / "stage1.pt")
         for name in ("reweight_only", "disalign"):
-            torch.save(classifiers[name].state_dict(), seed_dir / f"{name}.pt")
+            torch.save(classifiers[name].state_dict(), seed_dir / f"stage2_{name}.pt")
         for name in METHODS:
             metrics[name] = evaluate(detections[name], train, test, ground_truth)
             (seed_dir / name).mkdir(exist_ok=True)
             runtime.write_json(seed_dir / name / "metrics.json", metrics[name])
-            logger.info(f"seed {seed} {name:>13}: " + " ".join(f"{k} {100 * metrics[name][k]:.1f}" for k in ("AP", "APr", "APc", "APf")))
+            logger.info(f"seed {seed} {name:>13}: " + " ".join(f"{k} {100 * metrics[name][k]:.1f}" for k in SUMMARY_KEYS))
         if seed == args.seeds[0] and args.figure_images > 0:
             draw_detections(out / "detections.png", test, train, detections, args.figure_images, args.figure_threshold)
     logger.info(f"seed {seed} done in {time.time() - started:.0f}s")
@@ -459,12 +464,12 @@ def run(args: argparse.Namespace) -> int:
         train, test, ground_truth = load_data(args, out, logger)
         per_seed = [run_seed(seed, train, test, ground_truth, args, out, device, logger) for seed in args.seeds]
         if runtime.is_main():
-            summaries = {name: summarise([m[name] for m in per_seed]) for name in METHODS}
+            summaries = {name: summarise([m[name] for m in per_seed], args.seeds) for name in METHODS}
             for name, summary in summaries.items():
                 (out / name).mkdir(exist_ok=True)
                 runtime.write_json(out / name / "metrics.json", {"method": name, **summary})
             table = results_table(summaries, args.seeds)
-            (out / "table.md").write_text(table)
+            (out / "results.md").write_text(table)
             logger.info("\n" + table)
         logger.info(f"done in {time.time() - started:.0f}s on {runtime.world_size()} process(es); outputs in {out}")
     finally:
