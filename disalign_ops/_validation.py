@@ -14,6 +14,10 @@ TARGET_DTYPES = (torch.int64, torch.int32)
 REDUCTIONS = ("none", "mean", "sum")
 
 
+class InputTypeError(TypeError, ValueError):
+    """A wrong type or dtype: a TypeError by Python convention and a ValueError, as SPEC section 4 lists."""
+
+
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 for float64 inputs, float32 for everything else (half inputs accumulate in float32)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -25,12 +29,12 @@ def _describe(t: torch.Tensor) -> str:
 
 def _check_tensor(name: str, value, allowed_dtypes=None) -> None:
     if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        raise InputTypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if allowed_dtypes is not None and value.dtype not in allowed_dtypes:
         allowed = ", ".join(str(d) for d in allowed_dtypes)
-        raise TypeError(f"{name} must have dtype in ({allowed}), got {value.dtype}")
+        raise InputTypeError(f"{name} must have dtype in ({allowed}), got {value.dtype}")
     if allowed_dtypes is None and not value.dtype.is_floating_point:
-        raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+        raise InputTypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
 
 
 def _check_same_device(logits: torch.Tensor, **others) -> None:
@@ -82,7 +86,7 @@ def check_cross_entropy_args(
             raise ValueError(f"weight must have shape (C,) = ({num_classes},) to match logits, got {_describe(weight)}")
     _check_same_device(logits, target=target, weight=weight)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+        raise InputTypeError(f"ignore_index must be an int, got {ignore_index!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     return num_classes
