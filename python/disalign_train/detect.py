@@ -177,6 +177,10 @@ def train_stage1(model: Detector, data: DetectionSet, args, seed: int, device, l
         logger.info(f"seed {seed} stage 1 epoch {epoch + 1}/{args.epochs}: "
                     f"cls {totals[0] / totals[2]:.4f} box {totals[1] / totals[2]:.4f}")
     bar.close()
+    if runtime.world_size() > 1:  # DDP syncs parameters; BatchNorm statistics are each rank's own: average them
+        for buffer in model.buffers():
+            if buffer.is_floating_point():
+                buffer.copy_(runtime.all_reduce_sum(buffer.clone()) / runtime.world_size())
     model.eval()
 
 
@@ -246,6 +250,7 @@ def train_stage2(model: Detector, data: DetectionSet, args, seed: int, device, l
     )
     logger.info(f"seed {seed} stage 2 re-weight only: final loss {final:.4f}")
 
+    torch.manual_seed(seed)  # the confidence layer starts the same on every rank, whatever ran before
     head = DisAlignROIHead(model.cls_score, background_index=-1, backend=args.backend).to(device)
     params = [p for p in head.parameters() if p.requires_grad]
     final = train_on_features(
@@ -423,6 +428,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--figure-images", type=int, default=4, help="test scenes drawn in detections.png")
     parser.add_argument("--figure-threshold", type=float, default=0.3, help="score threshold of drawn detections")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads per process: the detector's ops are small, so extra intra-op threads mostly "
+                             "spin-wait (badly on a shared machine); use torchrun processes for more cores")
     parser.add_argument("--backend", default=None, choices=["eager", "native", "triton"],
                         help="disalign_ops backend for stage 2 (default: automatic)")
 
@@ -438,6 +446,8 @@ def run_seed(seed: int, train: DetectionSet, test: DetectionSet, ground_truth, a
     logger.info(f"seed {seed} stage 1 done in {time.time() - started:.0f}s")
     classifiers = train_stage2(model, train, args, seed, device, logger)
     detections = detect(model, classifiers, test, args, device)
+    logger.info(f"seed {seed} detections on {len(test)} test images: "
+                + ", ".join(f"{name} {sum(len(d[2]) for d in detections[name])}" for name in METHODS))
     metrics = {}
     if runtime.is_main():
         seed_dir.mkdir(parents=True, exist_ok=True)
@@ -457,6 +467,8 @@ def run_seed(seed: int, train: DetectionSet, test: DetectionSet, ground_truth, a
 
 def run(args: argparse.Namespace) -> int:
     device = runtime.pick_device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
     runtime.init_distributed(device)
     try:
         out, logger = runtime.prepare_output(args.out, "disalign_train.detect")

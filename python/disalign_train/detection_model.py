@@ -35,7 +35,7 @@ class DetectorConfig:
     anchor_stride: int = 4
     anchor_sizes: tuple = (9, 14, 21)
     anchor_ratios: tuple = (0.5, 1.0, 2.0)
-    rois_per_image: int = 64
+    rois_per_image: int = 48
     foreground_fraction: float = 0.25
     jitters_per_box: int = 8
     foreground_iou: float = 0.5

@@ -114,7 +114,11 @@ def roi_align(
     if sampling_ratio > 1:
         values = F.avg_pool2d(values, sampling_ratio)
     values = values.view(batch, channels, slots, output_size, output_size).transpose(1, 2)
-    return values[image_index, slot]
+    values = values.reshape(batch * slots, channels, output_size, output_size)
+    rows = image_index * slots + slot
+    if len(rows) == len(values) and bool((rows[1:] > rows[:-1]).all()):
+        return values  # every image has the same RoI count, in image order (inference): nothing to pick
+    return values.index_select(0, rows)
 
 
 def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, max_keep: int | None = None) -> torch.Tensor:
