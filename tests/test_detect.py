@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from disalign_train import cli, detect, detection_eval
+from disalign_train import cli, detect, detection_eval, scenes
 from disalign_train.detection_model import Detector, DetectorConfig, postprocess, sample_training_rois
 from disalign_train.detection_ops import BoxCoder, batched_nms, box_iou, dense_anchors, nms, roi_align
 
@@ -171,6 +171,18 @@ def test_lvis_groups_and_grouped_means():
     summary = detection_eval.grouped_ap({1: 0.2, 2: 0.4, 3: 0.9}, {1: "r", 2: "r", 3: "f"})
     assert summary["AP"] == pytest.approx(0.5) and summary["APr"] == pytest.approx(0.3) and summary["APf"] == pytest.approx(0.9)
     assert np.isnan(summary["APc"])  # no common category: not a made-up number
+
+
+def test_detections_are_mapped_back_to_original_pixels_and_category_ids():
+    image = np.zeros((32, 32, 3), np.uint8)
+    scene = scenes.Scene(image, np.zeros((32, 32), np.uint8), np.zeros((0, 4), np.float32), np.zeros(0, np.int64),
+                         np.zeros((0, 32, 32), bool))
+    scene_set = scenes.SceneSet([scene, scene], ["stuff", "a", "b"], ["a", "b"])
+    data = detect.DetectionSet(scene_set, image_ids=[7, 9], original_sizes=[(64, 32), (32, 96)])
+    detections = [(1, torch.tensor([[2.0, 4.0, 10.0, 6.0]]), torch.tensor([0.5]), torch.tensor([1]))]
+    (result,) = detect.coco_results(detections, data, category_ids=[11, 12])
+    assert result["image_id"] == 9 and result["category_id"] == 12 and result["score"] == 0.5
+    assert result["bbox"] == pytest.approx([2.0, 12.0, 8.0, 6.0])  # x scaled by 32/32, y by 96/32; xywh
 
 
 # ---------------------------------------------------------------- stage 2 and the trainer

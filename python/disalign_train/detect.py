@@ -115,15 +115,14 @@ def flip_horizontally(images: torch.Tensor, boxes: list[torch.Tensor]):
     return images.flip(-1), flipped
 
 
-def training_batch(config: DetectorConfig, data: DetectionSet, indices, anchors, device, augment: bool):
-    """Images and sampled RoIs (R, 5), labels and regression targets of a batch of training images."""
+def training_batch(config: DetectorConfig, data: DetectionSet, indices, anchors, device):
+    """Images (half of them flipped) and sampled RoIs (R, 5), labels and regression targets of a batch."""
     images = data.images[indices]
     boxes = [data.boxes[i] for i in indices]
-    if augment:
-        flip = torch.rand(len(indices)) < 0.5
-        flipped_images, flipped_boxes = flip_horizontally(images, boxes)
-        images = torch.where(flip[:, None, None, None], flipped_images, images)
-        boxes = [fb if f else b for f, b, fb in zip(flip.tolist(), boxes, flipped_boxes)]
+    flip = torch.rand(len(indices)) < 0.5
+    flipped_images, flipped_boxes = flip_horizontally(images, boxes)
+    images = torch.where(flip[:, None, None, None], flipped_images, images)
+    boxes = [fb if f else b for f, b, fb in zip(flip.tolist(), boxes, flipped_boxes)]
     rois, labels, targets = [], [], []
     for k, i in enumerate(indices):
         r, y, t = sample_training_rois(config, boxes[k].to(device), data.labels[i].to(device), anchors)
@@ -133,7 +132,7 @@ def training_batch(config: DetectorConfig, data: DetectionSet, indices, anchors,
     return images.to(device), torch.cat(rois), torch.cat(labels), torch.cat(targets)
 
 
-def rank_shard(num_items: int, epoch_seed: int) -> list[list[int]]:
+def rank_shard(num_items: int, epoch_seed: int) -> list[int]:
     """This rank's share of a seeded permutation (the same on every rank), equal-sized across ranks."""
     order = torch.randperm(num_items, generator=torch.Generator().manual_seed(epoch_seed))
     per_rank = num_items // runtime.world_size()
@@ -154,16 +153,18 @@ def train_stage1(model: Detector, data: DetectionSet, args, seed: int, device, l
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
     steps_per_epoch = math.ceil((len(data) // runtime.world_size()) / args.batch_size)
     total_steps = args.epochs * steps_per_epoch
-    warmup = min(50, total_steps // 10)
-    # Linear warm-up, then cosine decay to zero.
-    schedule = lambda step: min(1.0, (step + 1) / max(warmup, 1)) * 0.5 * (1 + math.cos(math.pi * step / total_steps))  # noqa: E731
+    warmup = max(1, min(50, total_steps // 10))
+
+    def schedule(step: int) -> float:  # linear warm-up, then cosine decay to zero
+        return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / total_steps))
+
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     model.train()
     bar = runtime.progress(total=total_steps, desc=f"seed {seed} stage 1")
     for epoch in range(args.epochs):
-        totals = torch.zeros(3)
+        totals = torch.zeros(3, device=device)  # summed cls loss, box loss, steps
         for indices in batches(rank_shard(len(data), seed * 1000 + epoch), args.batch_size):
-            images, rois, labels, targets = training_batch(config, data, indices, anchors, device, augment=True)
+            images, rois, labels, targets = training_batch(config, data, indices, anchors, device)
             logits, deltas = wrapped(images, rois)
             loss_cls = F.cross_entropy(logits, labels)
             loss_box = box_regression_loss(deltas, labels, targets, config.num_classes)
@@ -171,7 +172,7 @@ def train_stage1(model: Detector, data: DetectionSet, args, seed: int, device, l
             (loss_cls + loss_box).backward()
             optimizer.step()
             scheduler.step()
-            totals += torch.tensor([loss_cls.item(), loss_box.item(), 1.0])
+            totals += torch.stack([loss_cls.detach(), loss_box.detach(), torch.ones_like(loss_box)])
             bar.update()
         totals = runtime.all_reduce_sum(totals)
         logger.info(f"seed {seed} stage 1 epoch {epoch + 1}/{args.epochs}: "
@@ -198,7 +199,7 @@ def training_roi_features(model: Detector, data: DetectionSet, args, seed: int, 
     features, labels = [], []
     for p in range(args.stage2_passes):
         for indices in batches(rank_shard(len(data), seed * 1000 + 500 + p), args.batch_size):
-            images, rois, roi_labels, _ = training_batch(model.config, data, indices, anchors, device, augment=True)
+            images, rois, roi_labels, _ = training_batch(model.config, data, indices, anchors, device)
             features.append(model.roi_features(images, rois))
             labels.append(roi_labels)
     return torch.cat(features), torch.cat(labels)
@@ -272,9 +273,10 @@ def stage2_parameters(classifiers: dict[str, nn.Module]) -> dict[str, list[str]]
 
 @torch.no_grad()
 def detect(model: Detector, classifiers: dict[str, nn.Module], data: DetectionSet, args, device):
-    """COCO-format detections of every method on this rank's share of ``data``, gathered on every rank.
+    """{method: [(image index, boxes, scores, labels) for every image of ``data``]}, boxes in the S x S frame.
 
-    One backbone/box-head pass per image serves all methods: they differ in the classifier only.
+    Each rank detects on its share of the images and the shares are gathered on every rank. One
+    backbone/box-head pass per image serves all methods: they differ in the classifier only.
     """
     config = model.config
     proposals = inference_proposals(config, device)
@@ -311,6 +313,7 @@ def coco_results(detections, data: DetectionSet, category_ids: list[int]) -> lis
 
 
 def evaluate(detections, train: DetectionSet, test: DetectionSet, ground_truth) -> dict:
+    """AP / APr / APc / APf (groups from training image counts) and per-category AP of one method."""
     category_ids = detection_eval.category_ids_by_name(ground_truth, test.class_names)
     groups = {c: detection_eval.frequency_group(int(n)) for c, n in zip(category_ids, train.image_counts)}
     category_ap = detection_eval.per_category_ap(ground_truth, coco_results(detections, test, category_ids))
@@ -380,11 +383,15 @@ def summarise(per_seed: list[dict], seeds: list[int]) -> dict:
     }
 
 
-def results_table(summaries: dict[str, dict], seeds: list[int]) -> str:
+def results_table(summaries: dict[str, dict], seeds: list[int], image_counts) -> str:
     """Markdown table in the shape of paper Table 8 (box AP in percent, mean ± std over seeds, gain over baseline)."""
+    groups = [detection_eval.frequency_group(int(n)) for n in image_counts]
     lines = [
         f"Box AP on the test scenes (percent; mean ± std over seeds {', '.join(map(str, seeds))}; "
         "gain over the baseline in brackets).",
+        "LVIS groups by training images: rare (1-10) {}, common (11-100) {}, frequent (>100) {} categories.".format(
+            *(groups.count(g) for g in detection_eval.FREQUENCY_GROUPS)
+        ),
         "",
         "| Method | AP_bbox | AP_bbox^r | AP_bbox^c | AP_bbox^f |",
         "| --- | --- | --- | --- | --- |",
@@ -480,7 +487,7 @@ def run(args: argparse.Namespace) -> int:
             for name, summary in summaries.items():
                 (out / name).mkdir(exist_ok=True)
                 runtime.write_json(out / name / "metrics.json", {"method": name, **summary})
-            table = results_table(summaries, args.seeds)
+            table = results_table(summaries, args.seeds, train.image_counts)
             (out / "results.md").write_text(table)
             logger.info("\n" + table)
         logger.info(f"done in {time.time() - started:.0f}s on {runtime.world_size()} process(es); outputs in {out}")
