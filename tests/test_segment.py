@@ -4,6 +4,7 @@ import copy
 import json
 import os
 import socket
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -98,7 +99,11 @@ def test_disalign_stage_trains_only_magnitude_margin_and_confidence():
     calibration = {n: p.detach().clone() for n, p in head.named_parameters() if p.requires_grad}
     assert set(calibration) == {"magnitude", "margin", "confidence.weight", "confidence.bias"}
     images, labels = _batch()
-    segment.train_stage(step, images, labels, epochs=3, lr=0.05, batch_size=2, seed=0, device=torch.device("cpu"),
+    groups = segment.stage2_param_groups(head, SimpleNamespace(stage2_lr=1.0, confidence_lr=0.05))
+    trainable = {id(p) for p in step.parameters() if p.requires_grad}
+    assert {id(p) for group in groups for p in group["params"]} == trainable == {id(p) for p in head.parameters()
+                                                                                if p.requires_grad}
+    segment.train_stage(step, groups, images, labels, epochs=3, batch_size=2, seed=0, device=torch.device("cpu"),
                         max_steps=None, desc="test")
     for name, value in model.state_dict().items():  # backbone, BatchNorm statistics and classifier untouched
         torch.testing.assert_close(value, frozen[name], rtol=0, atol=0, msg=name)
@@ -134,7 +139,8 @@ def test_reweight_only_ablation_retrains_a_copy_of_the_classifier_and_nothing_el
     head = segment.ReweightedClassifier(copy.deepcopy(model.classifier))
     step = segment.Stage2Step(model, head, DisAlignLoss([100, 50, 10, 5, 1], 0.3, ignore_index=255))
     images, labels = _batch()
-    segment.train_stage(step, images, labels, epochs=2, lr=0.05, batch_size=2, seed=0, device=torch.device("cpu"),
+    groups = [{"params": list(head.classifier.parameters()), "lr": 0.05}]
+    segment.train_stage(step, groups, images, labels, epochs=2, batch_size=2, seed=0, device=torch.device("cpu"),
                         max_steps=None, desc="test")
     for name, value in model.state_dict().items():
         torch.testing.assert_close(value, frozen[name], rtol=0, atol=0, msg=name)

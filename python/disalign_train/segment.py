@@ -67,9 +67,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--batch-size", type=int, default=32, help="global batch size (split over ranks)")
     train.add_argument("--stage1-epochs", type=int, default=20)
     train.add_argument("--stage1-lr", type=float, default=1e-2)
-    train.add_argument("--stage2-epochs", type=int, default=8)
+    train.add_argument("--stage2-epochs", type=int, default=16)
     train.add_argument("--stage2-lr", type=float, default=1.0,
-                       help="DisAlign magnitude/margin/confidence learning rate (AdamW; they live in logit units)")
+                       help="DisAlign magnitude and margin learning rate (AdamW; they live in logit units)")
+    train.add_argument("--confidence-lr", type=float, default=2e-2, help="DisAlign confidence layer learning rate")
     train.add_argument("--grw-lr", type=float, default=5e-2, help="learning rate of the re-weight-only classifier retraining")
     train.add_argument("--rho", type=float, default=0.3, help="generalized re-weight exponent (paper: 0.3)")
     train.add_argument("--max-steps", type=int, default=None, help="cap on steps per stage (smoke tests)")
@@ -206,11 +207,10 @@ def to_tensors(scene_set: scenes.SceneSet) -> tuple[torch.Tensor, torch.Tensor]:
 # ---------------------------------------------------------------- training and evaluation
 
 
-def train_stage(step: nn.Module, images, labels, *, epochs, lr, batch_size, seed, device, max_steps, desc) -> float:
-    """The one training loop of every stage: AdamW with a one-cycle (warm-up, cosine) schedule over
-    ``step``'s trainable parameters, random horizontal flips, each rank on its slice of a shared permutation (DDP when
-    distributed). Returns the last loss."""
-    params = [p for p in step.parameters() if p.requires_grad]
+def train_stage(step: nn.Module, param_groups, images, labels, *, epochs, batch_size, seed, device, max_steps, desc):
+    """The one training loop of every stage: AdamW over ``param_groups`` ([{"params", "lr"}], the
+    trainable parameters of ``step``), a one-cycle (warm-up, cosine) schedule, random horizontal
+    flips, each rank on its slice of a shared permutation (DDP when distributed). Returns the last loss."""
     world, rank = runtime.world_size(), runtime.rank()
     per_rank = max(1, batch_size // world)
     steps_per_epoch = max(1, len(images) // (per_rank * world))
@@ -218,8 +218,9 @@ def train_stage(step: nn.Module, images, labels, *, epochs, lr, batch_size, seed
     module = step
     if world > 1:
         module = nn.parallel.DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total, pct_start=0.1)
+    optimizer = torch.optim.AdamW(param_groups, weight_decay=1e-4)
+    max_lr = [group["lr"] for group in param_groups]
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total, pct_start=0.1)
     generator = torch.Generator().manual_seed(seed)
     step.train()
     loss = torch.tensor(float("nan"))
@@ -288,8 +289,9 @@ def run_seed(seed, args, data: PreparedData, device, out: Path, logger) -> tuple
     runtime.seed_everything(seed)
     model = SmallFCN(num_classes, args.width).to(device)
     started = time.time()
-    loss = train_stage(Stage1Step(model), data.train_images, data.train_labels, epochs=args.stage1_epochs,
-                       lr=args.stage1_lr, seed=seed, desc=f"seed {seed} stage 1", **common)
+    all_weights = [{"params": list(model.parameters()), "lr": args.stage1_lr}]
+    loss = train_stage(Stage1Step(model), all_weights, data.train_images, data.train_labels, epochs=args.stage1_epochs,
+                       seed=seed, desc=f"seed {seed} stage 1", **common)
     model.eval()
     logger.info("seed %d stage 1: %.1fs, last loss %.3f", seed, time.time() - started, loss)
     save_checkpoint(seed_dir / "stage1.pt", model.state_dict(), args, class_names)
@@ -304,9 +306,8 @@ def run_seed(seed, args, data: PreparedData, device, out: Path, logger) -> tuple
         step = Stage2Step(model, head.to(device), DisAlignLoss(class_counts, args.rho, ignore_index=scenes.IGNORE_INDEX,
                                                                backend=args.backend).to(device))
         started = time.time()
-        lr = args.stage2_lr if method == "disalign" else args.grw_lr
-        loss = train_stage(step, data.train_images, data.train_labels, epochs=args.stage2_epochs, lr=lr,
-                           seed=seed + 1000, desc=f"seed {seed} stage 2 {method}", **common)
+        loss = train_stage(step, stage2_param_groups(head, args), data.train_images, data.train_labels,
+                           epochs=args.stage2_epochs, seed=seed + 1000, desc=f"seed {seed} stage 2 {method}", **common)
         head.eval()
         logger.info("seed %d stage 2 %s: %.1fs, last loss %.3f", seed, method, time.time() - started, loss)
         save_checkpoint(seed_dir / f"stage2_{method}.pt", head.state_dict(), args, class_names)
@@ -322,6 +323,17 @@ def run_seed(seed, args, data: PreparedData, device, out: Path, logger) -> tuple
                     metrics[method]["miou"], *(metrics[method][g]["miou"] for g in GROUPS),
                     metrics[method]["macc"], metrics[method]["tail"]["macc"])
     return metrics, predictors
+
+
+def stage2_param_groups(head: nn.Module, args) -> list[dict]:
+    """Magnitude and margin are in logit units and need far larger steps than the confidence layer's
+    or a classifier's weights (one shared rate either barely moves them or saturates the confidence)."""
+    if isinstance(head, ReweightedClassifier):
+        return [{"params": list(head.classifier.parameters()), "lr": args.grw_lr}]
+    groups = [{"params": [head.magnitude, head.margin], "lr": args.stage2_lr}]
+    if head.confidence is not None:
+        groups.append({"params": list(head.confidence.parameters()), "lr": args.confidence_lr})
+    return groups
 
 
 class _HeadPredictor(nn.Module):
