@@ -372,7 +372,7 @@ def palette(num_classes: int) -> np.ndarray:
     return table
 
 
-def save_predictions_figure(path, test_set, test_images, predictors, class_names, tail_classes, device, count):
+def save_predictions_figure(path, test_set, test_images, predictors, class_names, tail_classes, device, count, title):
     """Rows: test scenes with the most tail pixels; columns: image, ground truth, baseline, DisAlign."""
     from matplotlib.figure import Figure  # no pyplot: no global backend state
     from matplotlib.patches import Rectangle
@@ -381,23 +381,25 @@ def save_predictions_figure(path, test_set, test_images, predictors, class_names
     tail_pixels = np.array([np.isin(s.semantic, tail).sum() for s in test_set.scenes])
     chosen = np.argsort(-tail_pixels, kind="stable")[:count]
     colours = palette(len(class_names))
-    predictions = {name: predict(p, test_images[chosen], device).numpy() for name, p in predictors.items()}
-    columns = ["image", "ground truth", "baseline", "disalign"]
+    shown_methods = ("baseline", "disalign")
+    predictions = {name: predict(predictors[name], test_images[chosen], device).numpy() for name in shown_methods}
+    columns = ["image", "ground truth", *shown_methods]
     fig = Figure(figsize=(2.2 * len(columns), 2.2 * len(chosen)))
     axes = fig.subplots(len(chosen), len(columns), squeeze=False)
     for row, index in enumerate(chosen):
         panels = [test_set.scenes[index].image, colours[test_set.scenes[index].semantic]]
-        panels += [colours[predictions[name][row]] for name in ("baseline", "disalign")]
+        panels += [colours[predictions[name][row]] for name in shown_methods]
         for col, panel in enumerate(panels):
             axes[row, col].imshow(panel, interpolation="nearest")
             axes[row, col].set_axis_off()
             if row == 0:
                 axes[row, col].set_title(columns[col], fontsize=9)
-    shown = np.concatenate([test_set.scenes[i].semantic.ravel() for i in chosen])
-    present = [int(c) for c in np.unique(shown) if c != scenes.IGNORE_INDEX]
+    shown = [test_set.scenes[i].semantic.ravel() for i in chosen] + [p.ravel() for p in predictions.values()]
+    present = [int(c) for c in np.unique(np.concatenate(shown)) if c != scenes.IGNORE_INDEX]
     handles = [Rectangle((0, 0), 1, 1, color=colours[c] / 255) for c in present]
     labels = [class_names[c] + (" (tail)" if c in tail else "") for c in present]
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.04 + 0.02 * (len(present) // 3), 1, 1))
     fig.savefig(path, dpi=110)
 
@@ -432,6 +434,8 @@ def run(args) -> int:
         per_seed = {method: [] for method in METHODS}
         for seed in args.seeds:
             metrics, predictors = run_seed(seed, args, data, device, out, logger)
+            if seed == args.seeds[0]:
+                figure_predictors = predictors
             for method in METHODS:
                 per_seed[method].append(metrics[method])
         summaries = {}
@@ -451,8 +455,8 @@ def run(args) -> int:
                   f"({', '.join(f'{g} {len(groups[g])}' for g in GROUPS)} classes).\n\n{table}")
         if runtime.is_main():
             (out / "results.md").write_text(report)
-            save_predictions_figure(out / "predictions.png", test_set, data.test_images, predictors, class_names,
-                                    groups["tail"], device, args.num_visualize)
+            save_predictions_figure(out / "predictions.png", test_set, data.test_images, figure_predictors, class_names,
+                                    groups["tail"], device, args.num_visualize, f"test scenes, seed {args.seeds[0]}")
         logger.info("\n%s", report)
         return 0
     finally:
