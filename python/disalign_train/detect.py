@@ -143,6 +143,11 @@ def batches(indices: list[int], batch_size: int) -> list[list[int]]:
     return [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
 
 
+def per_process(global_batch_size: int) -> int:
+    """Each process's part of a global batch, so that torchrun runs the same schedule as one process."""
+    return max(1, global_batch_size // runtime.world_size())
+
+
 # ---------------------------------------------------------------- stage 1
 
 
@@ -151,7 +156,8 @@ def train_stage1(model: Detector, data: DetectionSet, args, seed: int, device, l
     anchors = inference_proposals(config, device)
     wrapped = DistributedDataParallel(model) if runtime.world_size() > 1 else model
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
-    steps_per_epoch = math.ceil((len(data) // runtime.world_size()) / args.batch_size)
+    batch_size = per_process(args.batch_size)
+    steps_per_epoch = math.ceil((len(data) // runtime.world_size()) / batch_size)
     total_steps = args.epochs * steps_per_epoch
     warmup = max(1, min(50, total_steps // 10))
 
@@ -163,7 +169,7 @@ def train_stage1(model: Detector, data: DetectionSet, args, seed: int, device, l
     bar = runtime.progress(total=total_steps, desc=f"seed {seed} stage 1")
     for epoch in range(args.epochs):
         totals = torch.zeros(3, device=device)  # summed cls loss, box loss, steps
-        for indices in batches(rank_shard(len(data), seed * 1000 + epoch), args.batch_size):
+        for indices in batches(rank_shard(len(data), seed * 1000 + epoch), batch_size):
             images, rois, labels, targets = training_batch(config, data, indices, anchors, device)
             logits, deltas = wrapped(images, rois)
             loss_cls = F.cross_entropy(logits, labels)
@@ -198,7 +204,7 @@ def training_roi_features(model: Detector, data: DetectionSet, args, seed: int, 
     anchors = inference_proposals(model.config, device)
     features, labels = [], []
     for p in range(args.stage2_passes):
-        for indices in batches(rank_shard(len(data), seed * 1000 + 500 + p), args.batch_size):
+        for indices in batches(rank_shard(len(data), seed * 1000 + 500 + p), per_process(args.batch_size)):
             images, rois, roi_labels, _ = training_batch(model.config, data, indices, anchors, device)
             features.append(model.roi_features(images, rois))
             labels.append(roi_labels)
@@ -214,7 +220,7 @@ def train_on_features(params, loss_of_batch, features, labels, args, desc: str):
     optimizer = torch.optim.Adam(params, lr=args.stage2_lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.stage2_steps)
     for _ in runtime.progress(range(args.stage2_steps), desc=desc):
-        batch = torch.randint(len(labels), (args.stage2_batch_size,), device=labels.device)
+        batch = torch.randint(len(labels), (per_process(args.stage2_batch_size),), device=labels.device)
         loss = loss_of_batch(features[batch], labels[batch])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -424,12 +430,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scene-seed", type=int, default=0, help="embedded scenes: generator seed")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (metrics: mean and std)")
     parser.add_argument("--epochs", type=int, default=24, help="stage 1 epochs")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per step and process")
+    parser.add_argument("--batch-size", type=int, default=16, help="stage 1 images per step (split over torchrun processes)")
     parser.add_argument("--lr", type=float, default=0.05, help="stage 1 SGD learning rate")
     parser.add_argument("--rho", type=float, default=0.8, help="generalized re-weight exponent (foreground classes)")
     parser.add_argument("--stage2-passes", type=int, default=2, help="passes over the training images to cache RoIs")
     parser.add_argument("--stage2-steps", type=int, default=1000, help="stage 2 Adam steps (each method)")
-    parser.add_argument("--stage2-batch-size", type=int, default=512, help="RoIs per stage 2 step and process")
+    parser.add_argument("--stage2-batch-size", type=int, default=512, help="RoIs per stage 2 step (split over processes)")
     parser.add_argument("--stage2-lr", type=float, default=0.05, help="stage 2 Adam learning rate")
     parser.add_argument("--eval-batch-size", type=int, default=4, help="test images per forward pass")
     parser.add_argument("--figure-images", type=int, default=4, help="test scenes drawn in detections.png")
