@@ -138,6 +138,20 @@ def test_postprocess_keeps_confident_boxes_per_class_after_nms():
 # ---------------------------------------------------------------- COCO AP and LVIS groups
 
 
+def _scene_set(labels_per_image, num_classes=3, size=32):
+    """Blank scenes holding the given instance labels (one box each)."""
+    scene_list = []
+    for labels in labels_per_image:
+        count = len(labels)
+        scene_list.append(scenes.Scene(
+            np.zeros((size, size, 3), np.uint8), np.zeros((size, size), np.uint8),
+            np.tile(np.array([[1, 1, 9, 9]], np.float32), (count, 1)), np.array(labels, np.int64),
+            np.zeros((count, size, size), bool),
+        ))
+    names = [f"c{k}" for k in range(num_classes)]
+    return scenes.SceneSet(scene_list, ["stuff"] + names, names)
+
+
 def _write_ground_truth(path):
     images = [dict(id=i, file_name=f"{i}.png", width=40, height=40) for i in (1, 2)]
     boxes = [(1, 1, [2, 2, 10, 10]), (1, 2, [20, 20, 12, 8]), (2, 1, [5, 5, 8, 12]), (2, 3, [25, 3, 10, 10])]
@@ -165,20 +179,16 @@ def test_coco_ap_is_one_for_perfect_detections_and_drops_for_a_shifted_box(tmp_p
 
 def test_lvis_groups_and_grouped_means():
     assert [detection_eval.frequency_group(n) for n in (1, 10, 11, 100, 101, 5000)] == ["r", "r", "c", "c", "f", "f"]
-    counts = detection_eval.images_per_category([np.array([0, 0, 2]), np.array([2]), np.array([], dtype=np.int64)], 3)
-    assert counts.tolist() == [1, 0, 2]  # images containing the category, not instances
-    assert detection_eval.instances_per_category([np.array([0, 0, 2]), np.array([2])], 3).tolist() == [2, 0, 2]
+    data = detect.DetectionSet(_scene_set([[0, 0, 2], [2], []]))
+    assert data.image_counts.tolist() == [1, 0, 2]  # the grouping statistic: images containing the category
+    assert data.instance_counts.tolist() == [2, 0, 2]  # the re-weighting statistic
     summary = detection_eval.grouped_ap({1: 0.2, 2: 0.4, 3: 0.9}, {1: "r", 2: "r", 3: "f"})
     assert summary["AP"] == pytest.approx(0.5) and summary["APr"] == pytest.approx(0.3) and summary["APf"] == pytest.approx(0.9)
     assert np.isnan(summary["APc"])  # no common category: not a made-up number
 
 
 def test_detections_are_mapped_back_to_original_pixels_and_category_ids():
-    image = np.zeros((32, 32, 3), np.uint8)
-    scene = scenes.Scene(image, np.zeros((32, 32), np.uint8), np.zeros((0, 4), np.float32), np.zeros(0, np.int64),
-                         np.zeros((0, 32, 32), bool))
-    scene_set = scenes.SceneSet([scene, scene], ["stuff", "a", "b"], ["a", "b"])
-    data = detect.DetectionSet(scene_set, image_ids=[7, 9], original_sizes=[(64, 32), (32, 96)])
+    data = detect.DetectionSet(_scene_set([[], []], num_classes=2), image_ids=[7, 9], original_sizes=[(64, 32), (32, 96)])
     detections = [(1, torch.tensor([[2.0, 4.0, 10.0, 6.0]]), torch.tensor([0.5]), torch.tensor([1]))]
     (result,) = detect.coco_results(detections, data, category_ids=[11, 12])
     assert result["image_id"] == 9 and result["category_id"] == 12 and result["score"] == 0.5

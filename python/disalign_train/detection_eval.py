@@ -29,20 +29,6 @@ def frequency_group(num_train_images: int) -> str:
     return "c" if num_train_images <= COMMON_MAX_IMAGES else "f"
 
 
-def images_per_category(label_lists, num_classes: int) -> np.ndarray:
-    """How many images contain each category, from one array of instance labels per image."""
-    counts = np.zeros(num_classes, dtype=np.int64)
-    for labels in label_lists:
-        counts[np.unique(np.asarray(labels, dtype=np.int64))] += 1
-    return counts
-
-
-def instances_per_category(label_lists, num_classes: int) -> np.ndarray:
-    """How many instances of each category, from one array of instance labels per image."""
-    labels = np.concatenate([np.asarray(x, dtype=np.int64).ravel() for x in label_lists] + [np.zeros(0, np.int64)])
-    return np.bincount(labels, minlength=num_classes)
-
-
 def load_ground_truth(json_path) -> COCO:
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
         return COCO(str(json_path))
