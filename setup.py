@@ -62,6 +62,8 @@ class BuildPerIsaExtension(BuildExtension):
 
 def extension():
     cxx_flags = ["-O3", "-fopenmp", "-std=c++17", "-DAT_PARALLEL_OPENMP=1"]
+    # Compiled once in every build: the schemas (csrc/disalign.cpp), the binding code shared by the
+    # CPU and CUDA registrations (csrc/common) and the CPU registration (csrc/cpu/dispatch.cpp).
     sources = [s for s in glob.glob("csrc/**/*.cpp", recursive=True) if s != PER_ISA_KERNEL]
     sources = [s for s in sources if not s.startswith(os.path.join("csrc", "cuda"))]
     common = dict(

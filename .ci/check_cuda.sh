@@ -5,9 +5,11 @@
 #    BuildExtension adds that change what compiles (no implicit half/bfloat16 conversions), and
 #    ptxas prints each kernel's registers, stack frame and spills.
 # 2. Fails if a tile or reduction kernel spills to local memory.
-# 3. Syntax-checks the torch binding (csrc/cuda/*.cpp) against the installed torch headers, with
-#    stand-ins for the two CUDA-only torch headers it includes (their real versions need the CUDA
-#    libraries' headers, absent from a CPU-only machine).
+# 3. Syntax-checks the torch binding (csrc/cuda/*.cpp, and the shared binding code of csrc/common it
+#    uses) against the installed torch headers, with stand-ins for the two CUDA-only torch headers it
+#    includes (their real versions need the CUDA libraries' headers, absent from a CPU-only machine).
+# The .cu files see only -Icsrc (no torch include path), so step 1 also fails if they, or the
+# csrc/common/layout.h they include, pull in a torch header.
 # Skips (exit 0) with a message when nvcc is not installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -85,7 +87,7 @@ else
     fi
   done
   py_inc=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['include'])")
-  for src in csrc/cuda/*.cpp; do
+  for src in csrc/cuda/*.cpp csrc/common/*.cpp; do
     # shellcheck disable=SC2086
     if ! g++ -std=c++17 -fsyntax-only -Wno-c++20-extensions -DDISALIGN_WITH_CUDA -Icsrc -I"$stubs" $torch_inc -I"$cuda_inc" -I"$py_inc" "$src"; then
       echo "check_cuda: FAILED binding syntax check of $src"

@@ -218,6 +218,38 @@ inline int64_t row_offset(const Geometry& geometry, const Strides& strides, int6
   return image * strides.batch + (row - image * geometry.spatial) * strides.spatial;
 }
 
+// A step's contributions to the alpha and beta gradients of its classes, summed over the block's
+// vectors: g*s*z and g*s for the upstream gradient g of a calibrated logit and its confidence s.
+template <typename Layout, typename acc_t>
+struct StepClassGrads {
+  using Vec = Vectorized<acc_t>;
+  Vec alpha = Vec(0);
+  Vec beta = Vec(0);
+
+  void add(const Vec& g_s, const Vec& z) {
+    alpha = at::vec::fmadd(g_s, z, alpha);
+    beta += g_s;
+  }
+  // Into the chunk's partials of those asked for (nullptr: not asked for).
+  void add_to(acc_t* grad_alpha, acc_t* grad_beta, const Step<acc_t>& step) const {
+    if (grad_alpha) {
+      Layout::add_to_classes(grad_alpha, step, alpha);
+    }
+    if (grad_beta) {
+      Layout::add_to_classes(grad_beta, step, beta);
+    }
+  }
+};
+
+// Stores the block's per-row sums, held as the layout's vectors, to out[0, rows).
+template <typename Layout, typename acc_t>
+inline void store_row_sums(Vectorized<acc_t>* sums, int64_t rows, acc_t* out) {
+  Layout::reduce_rows(sums, [](const Vectorized<acc_t>& x, const Vectorized<acc_t>& y) { return x + y; });
+  alignas(64) acc_t values[Layout::kMaxRows];
+  Layout::store_rows(sums, values);
+  std::memcpy(out, values, rows * sizeof(acc_t));
+}
+
 // Runs block(first_row, rows, grad_alpha_partial, grad_beta_partial) -> double over the blocks of
 // every chunk, chunks in parallel; a chunk's block results are summed into sum_partials[chunk].
 template <typename acc_t, typename LayoutT, typename BlockFn>
@@ -260,7 +292,6 @@ struct LossBlocks {
   using IO = Io<scalar_t>;
   using Layout = LayoutT<acc_t>;
   static constexpr int kVectors = Layout::kVectors;
-  static constexpr int64_t kWidth = Vec::size();
   static constexpr int64_t kMaxRows = Layout::kMaxRows;
 
   const LossArgs& args;
@@ -440,8 +471,7 @@ struct LossBlocks {
     const bool wants_class_grads = grad_alpha || grad_beta;
     with_exp(all_finite(row_lse, rows), [&](const auto& exp) {
       layout.sweep(rows, [&](const Step<acc_t>& step) {
-        Vec step_grad_alpha(0);
-        Vec step_grad_beta(0);
+        StepClassGrads<Layout, acc_t> class_grads;
         for (int k = 0; k < step.vectors; ++k) {
           const int64_t count = step.count(k);
           const Vec z = load_logits(step, k);
@@ -452,27 +482,17 @@ struct LossBlocks {
             IO::store(grad_logits + out_base + step.cls * out.cls + k * out_step, dzhat * scale, count);
           }
           if (wants_class_grads) {
-            const Vec dzhat_s = dzhat * s[k];
-            step_grad_alpha = at::vec::fmadd(dzhat_s, z, step_grad_alpha);
-            step_grad_beta += dzhat_s;
+            class_grads.add(dzhat * s[k], z);
           }
           if (grad_confidence) {
             running[k] = at::vec::fmadd(dzhat, at::vec::fmadd(step.alpha, z, step.beta), running[k]);
           }
         }
-        if (grad_alpha) {
-          Layout::add_to_classes(grad_alpha, step, step_grad_alpha);
-        }
-        if (grad_beta) {
-          Layout::add_to_classes(grad_beta, step, step_grad_beta);
-        }
+        class_grads.add_to(grad_alpha, grad_beta, step);
       });
     });
     if (grad_confidence) {
-      Layout::reduce_rows(running, [](const Vec& x, const Vec& y) { return x + y; });
-      alignas(64) acc_t row_grad_confidence[kMaxRows];
-      Layout::store_rows(running, row_grad_confidence);
-      std::memcpy(grad_confidence + first_row, row_grad_confidence, rows * sizeof(acc_t));
+      store_row_sums<Layout>(running, rows, grad_confidence + first_row);
     }
     return loss_sum;
   }
@@ -485,7 +505,6 @@ struct CalibrateBlocks {
   using IO = Io<scalar_t>;
   using Layout = LayoutT<acc_t>;
   static constexpr int kVectors = Layout::kVectors;
-  static constexpr int64_t kWidth = Vec::size();
   static constexpr int64_t kMaxRows = Layout::kMaxRows;
 
   const CalibrateArgs& args;
@@ -534,8 +553,7 @@ struct CalibrateBlocks {
       if (grad) {
         prefetch_next_block<scalar_t, Layout>(grad, geometry, upstream, grad_base, first_row, rows, step.cls);
       }
-      Vec step_grad_alpha(0);
-      Vec step_grad_beta(0);
+      StepClassGrads<Layout, acc_t> class_grads;
       for (int k = 0; k < step.vectors; ++k) {
         const int64_t count = step.count(k);
         const Vec z = IO::load(logits + in_base + step.cls * in.cls + k * in_step, count);
@@ -549,23 +567,13 @@ struct CalibrateBlocks {
         if (out_at) {
           IO::store(out_at, g * scale, count);
         }
-        const Vec g_s = g * s[k];
-        step_grad_alpha = at::vec::fmadd(g_s, z, step_grad_alpha);
-        step_grad_beta += g_s;
+        class_grads.add(g * s[k], z);
         ds[k] = at::vec::fmadd(g, at::vec::fmadd(step.alpha, z, step.beta), ds[k]);
       }
-      if (grad_alpha) {
-        Layout::add_to_classes(grad_alpha, step, step_grad_alpha);
-      }
-      if (grad_beta) {
-        Layout::add_to_classes(grad_beta, step, step_grad_beta);
-      }
+      class_grads.add_to(grad_alpha, grad_beta, step);
     });
     if (grad_confidence) {
-      Layout::reduce_rows(ds, [](const Vec& x, const Vec& y) { return x + y; });
-      alignas(64) acc_t row_grad_confidence[kMaxRows];
-      Layout::store_rows(ds, row_grad_confidence);
-      std::memcpy(grad_confidence + first_row, row_grad_confidence, rows * sizeof(acc_t));
+      store_row_sums<Layout>(ds, rows, grad_confidence + first_row);
     }
     return 0;
   }

@@ -1,9 +1,12 @@
 // Launchers of the CUDA kernels of the disalign ops (csrc/cuda/disalign_kernels.cu).
 //
 // This header is shared by the torch-free kernel file and the torch binding (disalign_cuda.cpp), so it
-// includes CUDA's own runtime header only. The binding canonicalises the layout, allocates the
-// outputs and the workspace, converts the small operands and passes raw pointers here.
+// includes CUDA's own runtime header and the torch-free common/layout.h only. The binding (with
+// csrc/common/op_common.h) canonicalises the layout, allocates the outputs and the workspace,
+// converts the small operands and passes raw pointers here.
 #pragma once
+
+#include "common/layout.h"
 
 #include <cuda_runtime_api.h>
 
@@ -14,52 +17,15 @@ namespace disalign::cuda {
 
 enum class ScalarType { kHalf, kBFloat16, kFloat, kDouble };
 
-enum class Reduction { kNone, kMean, kSum };
-
-// Logits (N, C, d1, ..., dk) seen as (B, C, S), as in csrc/cpu: element (row r = b*S + s, class j)
-// of an operand is at b*batch + j*cls + s*spatial (element strides of that operand). Rows follow the
-// row-major order of target, so row r is target.flatten()[r].
-struct Strides {
-  int64_t batch;
-  int64_t cls;
-  int64_t spatial;
-};
-
-struct Geometry {
-  int64_t batch;
-  int64_t classes;
-  int64_t spatial;
-};
-
-// Which axis of the logits is contiguous: the kernels stage tiles of rows (kClassesContiguous:
-// (N, C), NHWC) or of pixels (kPixelsContiguous: NCHW, transposed (N, C)) through shared memory.
-enum class Layout { kClassesContiguous, kPixelsContiguous };
-
-// An operand in the logits' dtype with its (B, C, S) strides.
-struct View {
-  const void* data;
-  Strides strides;
-};
-
-struct MutableView {
-  void* data;  // nullptr when not wanted
-  Strides strides;
-};
-
-// Arrays named "per class" have C entries and "per row" B*S entries; they are contiguous and in the
-// accumulation type (double for double logits, float otherwise), as are all outputs but
-// grad_logits. Optional pointers are nullptr when absent / not wanted.
-struct LossArgs {
-  Geometry geometry;
-  Layout layout;
-  ScalarType dtype;  // logits and grad_logits
-  View logits;
+// The launchers' arguments besides the CalibrationOperands (common/layout.h). Arrays named "per
+// class" have C entries and "per row" B*S entries; they are contiguous and in the accumulation type
+// (double for double logits, float otherwise), as are all outputs but grad_logits. Optional
+// pointers are nullptr when absent / not wanted.
+struct LossArgs : CalibrationOperands {
+  ScalarType dtype;    // logits and grad_logits
   const void* target;  // per row, int64 or int32
   bool target_is_int64;
-  const void* alpha;       // per class
-  const void* beta;        // per class
-  const void* weight;      // per class, optional (all ones)
-  const void* confidence;  // per row, optional (all ones)
+  const void* weight;  // per class, optional (all ones)
   int64_t ignore_index;
   Reduction reduction;
   // Upstream gradient of each row's loss for the "none" backward (per row); otherwise nullptr and
@@ -78,31 +44,20 @@ struct LossArgs {
 };
 
 // calibrate_backward: gradients of zhat = (1 + s*alpha) * z + s*beta for the upstream gradient grad.
-struct CalibrateBackwardArgs {
-  Geometry geometry;
-  Layout layout;
+struct CalibrateBackwardArgs : CalibrationOperands {
   ScalarType dtype;  // logits, grad and grad_logits
-  View logits;
   View grad;
-  const void* alpha;       // per class
-  const void* beta;        // per class
-  const void* confidence;  // per row, optional
   MutableView grad_logits;
   void* grad_alpha;       // per class, optional
   void* grad_beta;        // per class, optional
   void* grad_confidence;  // per row, optional
 };
 
-// calibrate: out = (1 + s*alpha) * z + s*beta in the logits' dtype.
-struct CalibrateArgs {
-  Geometry geometry;
-  Layout layout;     // of the logits: the kernel walks their contiguous axis
+// calibrate: out = (1 + s*alpha) * z + s*beta in the logits' dtype (the kernel walks the logits'
+// contiguous axis).
+struct CalibrateArgs : CalibrationOperands {
   ScalarType dtype;  // logits and out
-  View logits;
   MutableView out;
-  const void* alpha;       // per class
-  const void* beta;        // per class
-  const void* confidence;  // per row, optional
 };
 
 // Bytes of device workspace the call needs (for the current device); pass a buffer of at least that

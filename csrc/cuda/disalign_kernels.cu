@@ -28,6 +28,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 namespace disalign::cuda {
 namespace {
@@ -1068,151 +1069,128 @@ auto dispatch_dtype(ScalarType dtype, F&& f) {
   return f(double{}, double{});
 }
 
-template <typename scalar_t, typename acc_t, bool CALIBRATE>
+// The tile kernel of an op (cross_entropy: LossArgs, calibrate_backward: CalibrateBackwardArgs).
+template <typename scalar_t, typename acc_t, typename Args>
 auto tile_kernel_for(bool pixels) {
-  return pixels ? tile_kernel<scalar_t, acc_t, true, CALIBRATE> : tile_kernel<scalar_t, acc_t, false, CALIBRATE>;
+  constexpr bool kCalibrate = std::is_same_v<Args, CalibrateBackwardArgs>;
+  return pixels ? tile_kernel<scalar_t, acc_t, true, kCalibrate> : tile_kernel<scalar_t, acc_t, false, kCalibrate>;
 }
 
-TileRequest loss_request(const LossArgs& a, int elem, int acc) {
+TileRequest tile_request(const LossArgs& a, int elem, int acc) {
   const bool reduced = a.reduction != Reduction::kNone && a.grad_loss == nullptr;
   return TileRequest{
       a.geometry, a.layout == Layout::kPixelsContiguous, elem, acc, false, a.grad_alpha != nullptr,
       a.grad_beta != nullptr, reduced && a.loss != nullptr, reduced && a.reduction == Reduction::kMean};
 }
 
-TileRequest calibrate_backward_request(const CalibrateBackwardArgs& a, int elem, int acc) {
+TileRequest tile_request(const CalibrateBackwardArgs& a, int elem, int acc) {
   return TileRequest{
       a.geometry, a.layout == Layout::kPixelsContiguous, elem, acc, true, a.grad_alpha != nullptr,
       a.grad_beta != nullptr, false, false};
 }
 
-}  // namespace
+// The widest copy unit of a tile operand under the plan.
+template <typename scalar_t>
+int tile_copy_unit(const void* data, const Strides& strides, const TileRequest& q, const TilePlan& plan) {
+  return copy_unit(
+      data, strides, q.geometry, q.pixels, plan.tile_rows, plan.chunk_classes, plan.line_stride, sizeof(scalar_t));
+}
 
-size_t cross_entropy_workspace_bytes(const LossArgs& args) {
+template <typename Args>
+size_t tile_workspace_bytes(const Args& args) {
   return dispatch_dtype(args.dtype, [&](auto scalar, auto acc) -> size_t {
     using scalar_t = decltype(scalar);
     using acc_t = decltype(acc);
-    const TileRequest q = loss_request(args, sizeof(scalar_t), sizeof(acc_t));
+    const TileRequest q = tile_request(args, sizeof(scalar_t), sizeof(acc_t));
     TilePlan plan;
-    if (plan_tiles(q, tile_kernel_for<scalar_t, acc_t, false>(q.pixels), &plan) != cudaSuccess) {
+    if (plan_tiles(q, tile_kernel_for<scalar_t, acc_t, Args>(q.pixels), &plan) != cudaSuccess) {
       return 0;  // the launch reports the error
     }
     return plan.workspace_bytes;
   });
 }
 
-cudaError_t cross_entropy(const LossArgs& args, void* workspace, cudaStream_t stream) {
+// Plans and launches the tile kernel of an op (cross_entropy: LossArgs, calibrate_backward:
+// CalibrateBackwardArgs), then the reduction of its per-block partials.
+template <typename Args>
+cudaError_t launch_tiles(const Args& args, void* workspace, cudaStream_t stream) {
   return dispatch_dtype(args.dtype, [&](auto scalar, auto acc) -> cudaError_t {
     using scalar_t = decltype(scalar);
     using acc_t = decltype(acc);
-    const TileRequest q = loss_request(args, sizeof(scalar_t), sizeof(acc_t));
-    const auto kernel = tile_kernel_for<scalar_t, acc_t, false>(q.pixels);
+    const TileRequest q = tile_request(args, sizeof(scalar_t), sizeof(acc_t));
+    const auto kernel = tile_kernel_for<scalar_t, acc_t, Args>(q.pixels);
     TilePlan plan;
     cudaError_t err = plan_tiles(q, kernel, &plan);
     if (err != cudaSuccess) {
       return err;
     }
-    const Geometry& g = args.geometry;
-    const int64_t rows = g.batch * g.spatial;
-    if (q.mean) {
-      total_weight_kernel<acc_t><<<plan.weight_blocks, kBlock, 0, stream>>>(
-          args.target, args.target_is_int64, static_cast<const acc_t*>(args.weight), args.ignore_index, g.classes, rows,
-          at_offset<acc_t>(workspace, plan.ws_weight));
-    }
     TileParams<scalar_t, acc_t> p{};
-    fill_plan(p, plan, g);
+    fill_plan(p, plan, args.geometry);
     p.logits = static_cast<const scalar_t*>(args.logits.data);
     p.logits_strides = args.logits.strides;
-    p.logits_unit = copy_unit(
-        args.logits.data, args.logits.strides, g, q.pixels, plan.tile_rows, plan.chunk_classes, plan.line_stride,
-        sizeof(scalar_t));
+    p.logits_unit = tile_copy_unit<scalar_t>(args.logits.data, args.logits.strides, q, plan);
     p.grad_logits = static_cast<scalar_t*>(args.grad_logits.data);
     p.grad_strides = args.grad_logits.strides;
-    p.grad_unit = p.grad_logits == nullptr ? sizeof(scalar_t)
-                                           : copy_unit(
-                                                 args.grad_logits.data, args.grad_logits.strides, g, q.pixels,
-                                                 plan.tile_rows, plan.chunk_classes, plan.line_stride, sizeof(scalar_t));
+    p.grad_unit = p.grad_logits == nullptr
+        ? static_cast<int>(sizeof(scalar_t))
+        : tile_copy_unit<scalar_t>(args.grad_logits.data, args.grad_logits.strides, q, plan);
     p.alpha = static_cast<const acc_t*>(args.alpha);
     p.beta = static_cast<const acc_t*>(args.beta);
-    p.weight = static_cast<const acc_t*>(args.weight);
     p.confidence = static_cast<const acc_t*>(args.confidence);
-    p.target = args.target;
-    p.target_is_int64 = args.target_is_int64;
-    p.ignore_index = args.ignore_index;
-    p.grad_loss = static_cast<const acc_t*>(args.grad_loss);
-    p.weight_partials = at_offset<acc_t>(workspace, plan.ws_weight);
-    p.num_weight_partials = plan.weight_blocks;
-    p.loss_rows = args.reduction == Reduction::kNone ? static_cast<acc_t*>(args.loss) : nullptr;
-    p.loss_partials = at_offset<acc_t>(workspace, plan.ws_loss);
     p.grad_confidence = static_cast<acc_t*>(args.grad_confidence);
     p.alpha_partials = at_offset<acc_t>(workspace, plan.ws_alpha);
     p.beta_partials = at_offset<acc_t>(workspace, plan.ws_beta);
-    p.bad_target = args.bad_target;
+    void* loss = nullptr;  // the scalar loss the per-block loss partials reduce into
+    if constexpr (std::is_same_v<Args, CalibrateBackwardArgs>) {
+      p.grad_in = static_cast<const scalar_t*>(args.grad.data);
+      p.grad_in_strides = args.grad.strides;
+      p.grad_in_unit = tile_copy_unit<scalar_t>(args.grad.data, args.grad.strides, q, plan);
+    } else {
+      const Geometry& g = args.geometry;
+      if (q.mean) {
+        total_weight_kernel<acc_t><<<plan.weight_blocks, kBlock, 0, stream>>>(
+            args.target, args.target_is_int64, static_cast<const acc_t*>(args.weight), args.ignore_index, g.classes,
+            g.batch * g.spatial, at_offset<acc_t>(workspace, plan.ws_weight));
+      }
+      p.weight = static_cast<const acc_t*>(args.weight);
+      p.target = args.target;
+      p.target_is_int64 = args.target_is_int64;
+      p.ignore_index = args.ignore_index;
+      p.grad_loss = static_cast<const acc_t*>(args.grad_loss);
+      p.weight_partials = at_offset<acc_t>(workspace, plan.ws_weight);
+      p.num_weight_partials = plan.weight_blocks;
+      p.loss_rows = args.reduction == Reduction::kNone ? static_cast<acc_t*>(args.loss) : nullptr;
+      p.loss_partials = at_offset<acc_t>(workspace, plan.ws_loss);
+      p.bad_target = args.bad_target;
+      if (q.want_loss_partials) {
+        loss = args.loss;
+      }
+    }
     kernel<<<plan.blocks, kBlock, plan.shared_bytes, stream>>>(p);
     err = cudaGetLastError();
     if (err != cudaSuccess) {
       return err;
     }
-    return launch_finalize<acc_t>(
-        g, plan, workspace, args.grad_alpha, args.grad_beta, q.want_loss_partials ? args.loss : nullptr, stream);
+    return launch_finalize<acc_t>(args.geometry, plan, workspace, args.grad_alpha, args.grad_beta, loss, stream);
   });
+}
+
+}  // namespace
+
+size_t cross_entropy_workspace_bytes(const LossArgs& args) {
+  return tile_workspace_bytes(args);
+}
+
+cudaError_t cross_entropy(const LossArgs& args, void* workspace, cudaStream_t stream) {
+  return launch_tiles(args, workspace, stream);
 }
 
 size_t calibrate_backward_workspace_bytes(const CalibrateBackwardArgs& args) {
-  return dispatch_dtype(args.dtype, [&](auto scalar, auto acc) -> size_t {
-    using scalar_t = decltype(scalar);
-    using acc_t = decltype(acc);
-    const TileRequest q = calibrate_backward_request(args, sizeof(scalar_t), sizeof(acc_t));
-    TilePlan plan;
-    if (plan_tiles(q, tile_kernel_for<scalar_t, acc_t, true>(q.pixels), &plan) != cudaSuccess) {
-      return 0;
-    }
-    return plan.workspace_bytes;
-  });
+  return tile_workspace_bytes(args);
 }
 
 cudaError_t calibrate_backward(const CalibrateBackwardArgs& args, void* workspace, cudaStream_t stream) {
-  return dispatch_dtype(args.dtype, [&](auto scalar, auto acc) -> cudaError_t {
-    using scalar_t = decltype(scalar);
-    using acc_t = decltype(acc);
-    const TileRequest q = calibrate_backward_request(args, sizeof(scalar_t), sizeof(acc_t));
-    const auto kernel = tile_kernel_for<scalar_t, acc_t, true>(q.pixels);
-    TilePlan plan;
-    cudaError_t err = plan_tiles(q, kernel, &plan);
-    if (err != cudaSuccess) {
-      return err;
-    }
-    const Geometry& g = args.geometry;
-    TileParams<scalar_t, acc_t> p{};
-    fill_plan(p, plan, g);
-    const int elem = sizeof(scalar_t);
-    p.logits = static_cast<const scalar_t*>(args.logits.data);
-    p.logits_strides = args.logits.strides;
-    p.logits_unit = copy_unit(
-        args.logits.data, args.logits.strides, g, q.pixels, plan.tile_rows, plan.chunk_classes, plan.line_stride, elem);
-    p.grad_in = static_cast<const scalar_t*>(args.grad.data);
-    p.grad_in_strides = args.grad.strides;
-    p.grad_in_unit = copy_unit(
-        args.grad.data, args.grad.strides, g, q.pixels, plan.tile_rows, plan.chunk_classes, plan.line_stride, elem);
-    p.grad_logits = static_cast<scalar_t*>(args.grad_logits.data);
-    p.grad_strides = args.grad_logits.strides;
-    p.grad_unit = p.grad_logits == nullptr ? elem
-                                           : copy_unit(
-                                                 args.grad_logits.data, args.grad_logits.strides, g, q.pixels,
-                                                 plan.tile_rows, plan.chunk_classes, plan.line_stride, elem);
-    p.alpha = static_cast<const acc_t*>(args.alpha);
-    p.beta = static_cast<const acc_t*>(args.beta);
-    p.confidence = static_cast<const acc_t*>(args.confidence);
-    p.grad_confidence = static_cast<acc_t*>(args.grad_confidence);
-    p.alpha_partials = at_offset<acc_t>(workspace, plan.ws_alpha);
-    p.beta_partials = at_offset<acc_t>(workspace, plan.ws_beta);
-    kernel<<<plan.blocks, kBlock, plan.shared_bytes, stream>>>(p);
-    err = cudaGetLastError();
-    if (err != cudaSuccess) {
-      return err;
-    }
-    return launch_finalize<acc_t>(g, plan, workspace, args.grad_alpha, args.grad_beta, nullptr, stream);
-  });
+  return launch_tiles(args, workspace, stream);
 }
 
 cudaError_t calibrate(const CalibrateArgs& args, cudaStream_t stream) {
