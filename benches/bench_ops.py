@@ -64,9 +64,11 @@ import os
 import platform
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -352,12 +354,27 @@ def device_info(device: torch.device) -> dict:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "python": platform.python_version(),
         "load_average_at_start": os.getloadavg()[0],  # other work on the machine skews CPU timings
+        "commit": git_commit(),
     }
     if device.type == "cuda":
         info["gpu_name"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
     info["device_name"] = info.get("gpu_name", info["cpu_name"])
     return info
+
+
+def git_commit() -> str | None:
+    """The checkout's HEAD, with "+dirty" when tracked files differ from it; None outside git."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True)
+    except OSError:
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def cpu_name() -> str:
@@ -493,6 +510,7 @@ def main(argv=None) -> int:
     device, dtype = args.device, DTYPES[args.dtype]
     # The compile backend's first call then measures a whole compile, not a hit in inductor's disk cache.
     torch._inductor.config.force_disable_caches = True
+    warnings.filterwarnings("ignore", message="dynamo_pgo force disabled")  # repeated once per compile
     info = device_info(device)
     runnable = runnable_backends(device)
     backends = [b for b in (args.backends or runnable) if b in runnable]
