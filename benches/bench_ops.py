@@ -340,8 +340,8 @@ def measure_case(problem: Problem, backends: list[str], timer: Timer, device: to
         print(f"{problem.name} {problem.mode} {backend}: {ms:.3f} ms", file=sys.stderr)
     for row in rows.values():
         for ref in ("eager", "compile"):
-            ok = "ms" in row and ref in steps
-            row[f"speedup_vs_{ref}"] = rows[ref]["ms"] / row["ms"] if ok else None
+            measured = "ms" in row and ref in steps
+            row[f"speedup_vs_{ref}"] = rows[ref]["ms"] / row["ms"] if measured else None
     return list(rows.values())
 
 
