@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import csv
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -436,7 +437,9 @@ def _decode_segmentation(segmentation, height: int, width: int) -> np.ndarray:
         rle = mask_utils.frPyObjects(segmentation, height, width)
     else:
         rle = segmentation
-    return mask_utils.decode(rle).astype(bool)
+    with warnings.catch_warnings():  # pycocotools' decode predates numpy 2's __array__(copy=...) protocol
+        warnings.filterwarnings("ignore", "__array__ implementation doesn't accept a copy keyword", DeprecationWarning)
+        return mask_utils.decode(rle).astype(bool)
 
 
 def load_coco(json_path, image_dir, image_size: int | None = None) -> SceneSet:
