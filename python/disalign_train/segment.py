@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from disalign_ops.nn import CalibrationInputs, DisAlignConv2d, DisAlignLoss
+
 from . import runtime, scenes
 from .segmentation_metrics import (
     GROUPS,
@@ -135,9 +137,7 @@ class ReweightedClassifier(nn.Module):
         self.classifier = classifier.requires_grad_(True)
         self.register_buffer("zeros", torch.zeros(classifier.out_channels))
 
-    def calibration_inputs(self, x: torch.Tensor):
-        from disalign_ops.nn import CalibrationInputs
-
+    def calibration_inputs(self, x: torch.Tensor) -> CalibrationInputs:
         return CalibrationInputs(self.classifier(x), self.zeros, self.zeros, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -277,8 +277,6 @@ class PreparedData:
 
 def run_seed(seed, args, data: PreparedData, device, out: Path, logger) -> tuple[dict, dict]:
     """Stage 1 and both stage-2 variants for one seed: (metrics per method, predictors for the figure)."""
-    from disalign_ops.nn import DisAlignConv2d, DisAlignLoss
-
     class_names, groups, rule = data.class_names, data.groups, data.group_rule
     num_classes = len(class_names)
     # generalized_reweight needs positive counts: a class without training pixels counts as one pixel.
