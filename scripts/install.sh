@@ -5,5 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install --quiet "torch==${DISALIGN_TORCH_VERSION:-2.13.0}"
-python -m pip install --quiet setuptools wheel ninja
+python -m pip install --quiet --upgrade pip "setuptools>=64" wheel ninja
 python -m pip install --quiet --no-build-isolation -e ".[test,triton]"
