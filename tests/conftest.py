@@ -213,3 +213,38 @@ def backend(request):
     if request.param in SLOW_BACKENDS and request.node.get_closest_marker("large_shape"):
         pytest.skip(f"{request.param}: shape too large for the interpreter")
     return request.param
+
+
+def check_indexing_beyond_2_to_31(backend, layout, device):
+    """Stage 2 on bfloat16 logits of 2^31 + 2^20 elements, (1, C, S) or (S, C): 64-bit indexing.
+
+    All rows but the last few are ignored, so the expected values are the reference on those few rows,
+    which lie beyond element 2^31."""
+    classes = 8
+    rows = (2**31 + 2**20) // classes
+    tail = 5
+    torch.manual_seed(0)
+    tail_logits = (torch.randn(tail, classes, device=device) * 3).bfloat16()
+    tail_target = torch.randint(0, classes, (tail,), device=device)
+    if layout == "pixels":
+        logits = torch.zeros(1, classes, rows, dtype=torch.bfloat16, device=device)
+        logits[0, :, -tail:] = tail_logits.t()
+        target = torch.full((1, rows), -100, dtype=torch.int64, device=device)
+        target[0, -tail:] = tail_target
+    else:
+        logits = torch.zeros(rows, classes, dtype=torch.bfloat16, device=device)
+        logits[-tail:] = tail_logits
+        target = torch.full((rows,), -100, dtype=torch.int64, device=device)
+        target[-tail:] = tail_target
+    alpha = (0.3 * torch.randn(classes, device=device)).requires_grad_()
+    beta = torch.randn(classes, device=device).requires_grad_()
+    loss = disalign_ops.disalign_cross_entropy(logits, target, alpha, beta, reduction="sum", backend=backend)
+    loss.backward()
+    del logits, target
+    ref_alpha = alpha.detach().clone().requires_grad_()
+    ref_beta = beta.detach().clone().requires_grad_()
+    expected = disalign_ops.reference.cross_entropy(tail_logits, tail_target, ref_alpha, ref_beta, reduction="sum")
+    expected.backward()
+    torch.testing.assert_close(loss, expected, **TOLERANCES[torch.float32])
+    torch.testing.assert_close(alpha.grad, ref_alpha.grad, **TOLERANCES[torch.float32])
+    torch.testing.assert_close(beta.grad, ref_beta.grad, **TOLERANCES[torch.float32])

@@ -18,6 +18,7 @@ from conftest import (
     LossInputs,
     assert_matches,
     backend_loss,
+    check_indexing_beyond_2_to_31,
     differentiable_view,
     loss_and_grads,
     make_inputs,
@@ -290,35 +291,7 @@ def _free_gpu_bytes():
 
 @pytest.mark.parametrize("layout", ["classes", "pixels"])
 def test_more_than_2_to_31_elements(layout):
-    """Stage 2 on bfloat16 logits of 2^31 + 2^20 elements, (S, C) or (1, C, S): 64-bit indexing. All rows
-    but a few at the end are ignored, so the expected values are the reference on those rows."""
-    classes = 8
-    rows = (2**31 + 2**20) // classes
-    if _free_gpu_bytes() < 3 * rows * classes * 2:
+    """Stage 2 on 2^31 + 2^20 bfloat16 elements: 64-bit indexing (see conftest)."""
+    if _free_gpu_bytes() < 3 * (2**31 + 2**20) * 2:
         pytest.skip("needs ~13 GiB of free GPU memory")
-    tail = 5
-    torch.manual_seed(0)
-    tail_logits = (torch.randn(tail, classes, device="cuda") * 3).bfloat16()
-    tail_target = torch.randint(0, classes, (tail,), device="cuda")
-    if layout == "pixels":
-        logits = torch.zeros(1, classes, rows, dtype=torch.bfloat16, device="cuda")
-        logits[0, :, -tail:] = tail_logits.t()
-        target = torch.full((1, rows), -100, dtype=torch.int64, device="cuda")
-        target[0, -tail:] = tail_target
-    else:
-        logits = torch.zeros(rows, classes, dtype=torch.bfloat16, device="cuda")
-        logits[-tail:] = tail_logits
-        target = torch.full((rows,), -100, dtype=torch.int64, device="cuda")
-        target[-tail:] = tail_target
-    alpha = (0.3 * torch.randn(classes, device="cuda")).requires_grad_()
-    beta = torch.randn(classes, device="cuda").requires_grad_()
-    loss = disalign_ops.disalign_cross_entropy(logits, target, alpha, beta, reduction="sum", backend="native")
-    loss.backward()
-    del logits, target
-    ref_alpha = alpha.detach().clone().requires_grad_()
-    ref_beta = beta.detach().clone().requires_grad_()
-    expected = disalign_ops.reference.cross_entropy(tail_logits, tail_target, ref_alpha, ref_beta, reduction="sum")
-    expected.backward()
-    torch.testing.assert_close(loss, expected, **TOLERANCES[torch.float32])
-    torch.testing.assert_close(alpha.grad, ref_alpha.grad, **TOLERANCES[torch.float32])
-    torch.testing.assert_close(beta.grad, ref_beta.grad, **TOLERANCES[torch.float32])
+    check_indexing_beyond_2_to_31("native", layout, "cuda")
