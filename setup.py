@@ -61,7 +61,7 @@ class BuildPerIsaExtension(BuildExtension):
 
 
 def extension():
-    cxx_flags = ["-O3", "-fopenmp", "-std=c++17", "-DAT_PARALLEL_OPENMP=1"]
+    cxx_flags = ["-O3", "-fopenmp", "-DAT_PARALLEL_OPENMP=1"]  # no -std: torch picks the standard its headers need
     # Compiled once in every build: the schemas (csrc/disalign.cpp), the binding code shared by the
     # CPU and CUDA registrations (csrc/common) and the CPU registration (csrc/cpu/dispatch.cpp).
     sources = [s for s in glob.glob("csrc/**/*.cpp", recursive=True) if s != PER_ISA_KERNEL]
@@ -77,7 +77,7 @@ def extension():
         sources += glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu")
         # No --use_fast_math: the kernels pick their fast paths (exp2f, reciprocals) where they are
         # accurate enough; fast-math would also flush denormals and approximate every division.
-        nvcc_flags = ["-O3", "-std=c++17", "-lineinfo"]
+        nvcc_flags = ["-O3", "-lineinfo"]
         nvcc_flags += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ("80", "90")]
         return CUDAExtension(
             sources=sources,
