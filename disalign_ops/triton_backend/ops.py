@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 import triton
 from torch import Tensor
-from torch.fx.experimental.symbolic_shapes import optimization_hint
+from .._compat import size_hint
 
 from .._registration import OpFamily, register_autograd, register_fake_kernels
 from .._validation import accumulation_dtype, check_calibrate_args, check_cross_entropy_args, check_target_values
@@ -107,7 +107,7 @@ def _hint(size) -> int:
     """A size as a plain int for tuning choices. Under torch.compile with dynamic shapes this reads
     the symbolic size's example value without adding a guard: tile sizes and program caps only
     change speed, never results, so they need not be re-derived for every size."""
-    return optimization_hint(size)
+    return size_hint(size)
 
 
 def _tile_config(layout: _RowLayout, num_classes: int, element_size: int, acc_size: int) -> _TileConfig:
