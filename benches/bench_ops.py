@@ -202,8 +202,11 @@ def make_step(backend: str, problem: Problem):
         loss_fn = torch.compile(reference.cross_entropy, fullgraph=True, dynamic=False)
     else:
 
-        def loss_fn(*args):
-            return disalign_ops.disalign_cross_entropy(*args, backend=backend)
+        def loss_fn(logits, target, alpha, beta, confidence, weight, ignore_index, reduction):
+            return disalign_ops.disalign_cross_entropy(
+                logits, target, alpha, beta, confidence=confidence, weight=weight, ignore_index=ignore_index,
+                reduction=reduction, backend=backend,
+            )
 
     args = problem.args()
 

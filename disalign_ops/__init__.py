@@ -9,6 +9,7 @@ import torch  # noqa: F401  (libc10/libtorch must be loaded before the extension
 
 from . import _C  # noqa: F401  (registers the torch.ops.disalign schemas and native kernels)
 from ._registration import register_autograd, register_fake_kernels
+from ._validation import InputTypeError
 from .api import calibrate, disalign_cross_entropy, op_family
 from .backends import available_backends
 from .reweight import generalized_reweight
@@ -18,5 +19,7 @@ register_autograd(op_family("native"))
 
 from . import nn  # noqa: E402  (the heads use the functional API above)
 
-__all__ = ["disalign_cross_entropy", "calibrate", "generalized_reweight", "available_backends", "nn"]
+__all__ = [
+    "disalign_cross_entropy", "calibrate", "generalized_reweight", "available_backends", "InputTypeError", "nn",
+]
 __version__ = "0.1.0"

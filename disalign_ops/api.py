@@ -10,6 +10,16 @@ from ._validation import check_calibrate_args, check_cross_entropy_args, check_t
 from .backends import resolve_backend
 
 
+def _reject_positional(function: str, positional: tuple[str, ...], extra: tuple, keywords: str) -> None:
+    """Arguments after ``beta`` are keyword-only. A plain ``*`` would do, but its TypeError does not say
+    which keyword was meant, and ``F.cross_entropy`` users pass class weights positionally by habit."""
+    if extra:
+        raise TypeError(
+            f"{function}() takes {len(positional)} positional arguments ({', '.join(positional)}) but "
+            f"{len(positional) + len(extra)} were given; arguments after beta are keyword-only: pass {keywords}"
+        )
+
+
 def op_family(backend: str) -> OpFamily:
     """The four operators of an op-based backend ("native" or "triton")."""
     namespace = {"native": torch.ops.disalign, "triton": torch.ops.disalign_triton}[backend]
@@ -23,6 +33,7 @@ def disalign_cross_entropy(
     target: torch.Tensor,
     alpha: torch.Tensor,
     beta: torch.Tensor,
+    *positional: object,
     confidence: torch.Tensor | None = None,
     weight: torch.Tensor | None = None,
     ignore_index: int = -100,
@@ -35,7 +46,20 @@ def disalign_cross_entropy(
     materialising the calibrated logits. ``logits`` is (N, C) or (N, C, d1, ...); ``target`` and
     ``confidence`` are (N,) or (N, d1, ...); ``alpha``, ``beta``, ``weight`` are (C,). The loss is
     float32 (float64 for float64 logits); gradients come back in each input's dtype.
+
+    Args:
+        logits: (N, C) or (N, C, d1, ...), float16/bfloat16/float32/float64, any strides.
+        target: (N,) or (N, d1, ...), int64 or int32; values in [0, C) or ``ignore_index``.
+        alpha, beta: (C,) magnitude and margin of eq. 6 (``alpha = a' - 1`` for the eq. 5 form).
+        confidence: keyword-only; per-row s in [0, 1], the shape of ``target``; None means s = 1.
+        weight: keyword-only; (C,) class weights (not differentiable, as in ``F.cross_entropy``).
+        ignore_index, reduction: keyword-only; as in ``F.cross_entropy``.
+        backend: keyword-only; None (automatic, ``DISALIGN_BACKEND`` overrides), "eager", "native", "triton".
+
+    Returns:
+        The loss: a scalar for "mean"/"sum", the shape of ``target`` for "none".
     """
+    _reject_positional("disalign_cross_entropy", ("logits", "target", "alpha", "beta"), positional, "confidence= or weight=")
     num_classes = check_cross_entropy_args(logits, target, alpha, beta, confidence, weight, ignore_index, reduction)
     name = resolve_backend(backend, logits.device)
     if name == "eager":
@@ -51,10 +75,21 @@ def calibrate(
     logits: torch.Tensor,
     alpha: torch.Tensor,
     beta: torch.Tensor,
+    *positional: object,
     confidence: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """Calibrated logits ``(1 + s*alpha)*z + s*beta`` (paper eq. 6) in the logits' dtype, with autograd."""
+    """Calibrated logits ``(1 + s*alpha)*z + s*beta`` (paper eq. 6) in the logits' dtype, with autograd.
+
+    Args:
+        logits, alpha, beta: as in :func:`disalign_cross_entropy`.
+        confidence: keyword-only; per-row s, the shape of logits without the class dim, or None (s = 1).
+        backend: keyword-only; as in :func:`disalign_cross_entropy`.
+
+    Returns:
+        zhat, the shape, dtype and device of ``logits``.
+    """
+    _reject_positional("calibrate", ("logits", "alpha", "beta"), positional, "confidence=")
     check_calibrate_args(logits, alpha, beta, confidence)
     name = resolve_backend(backend, logits.device)
     if name == "eager":

@@ -79,7 +79,7 @@ class _DisAlignHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         inputs = self.calibration_inputs(x)
-        return calibrate(inputs.logits, inputs.alpha, inputs.beta, inputs.confidence, backend=self.backend)
+        return calibrate(inputs.logits, inputs.alpha, inputs.beta, confidence=inputs.confidence, backend=self.backend)
 
 
 class DisAlignLinear(_DisAlignHead):
@@ -173,7 +173,7 @@ class DisAlignLoss(nn.Module):
             target,
             inputs.alpha,
             inputs.beta,
-            inputs.confidence,
+            confidence=inputs.confidence,
             weight=self.weight,
             ignore_index=self.ignore_index,
             reduction=self.reduction,

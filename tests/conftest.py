@@ -169,7 +169,8 @@ def loss_and_grads(fn, inputs: LossInputs, reduction: str, wrt=GRAD_INPUTS, grad
 def backend_loss(backend: str):
     def fn(logits, target, alpha, beta, confidence, weight, ignore_index, reduction):
         return disalign_ops.disalign_cross_entropy(
-            logits, target, alpha, beta, confidence, weight, ignore_index=ignore_index, reduction=reduction,
+            logits, target, alpha, beta, confidence=confidence, weight=weight, ignore_index=ignore_index,
+            reduction=reduction,
             backend=backend,
         )
 

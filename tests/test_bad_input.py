@@ -73,7 +73,7 @@ def test_calibrate_bad_input(backend, case):
     _, changes, error, fragments = case
     args = _good(**changes)
     _assert_raises(
-        lambda: disalign_ops.calibrate(args["logits"], args["alpha"], args["beta"], args["confidence"], backend=backend),
+        lambda: disalign_ops.calibrate(args["logits"], args["alpha"], args["beta"], confidence=args["confidence"], backend=backend),
         error,
         fragments,
     )
@@ -130,3 +130,25 @@ def test_direct_op_calls_check_upstream_gradient_shapes(backend):
     )
     for bad in (torch.zeros(C + 1), torch.zeros(C, 1)):
         _assert_raises(lambda: ops.calibrate(logits, bad, beta, confidence), ValueError, ["alpha"])
+
+
+def test_arguments_after_beta_are_keyword_only():
+    """F.cross_entropy users pass class weights positionally; it must never be taken as the confidence,
+    even when N == C makes the shapes fit."""
+    logits, target = torch.randn(4, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 3])
+    alpha = beta = torch.zeros(4, dtype=torch.float64)
+    weight = torch.rand(4, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"keyword-only: pass confidence= or weight="):
+        disalign_ops.disalign_cross_entropy(logits, target, alpha, beta, weight)
+    with pytest.raises(TypeError, match=r"keyword-only: pass confidence="):
+        disalign_ops.calibrate(logits, alpha, beta, weight)
+    loss = disalign_ops.disalign_cross_entropy(logits, target, alpha, beta, weight=weight, backend="eager")
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, target, weight=weight))
+
+
+def test_error_classes_are_exported():
+    assert issubclass(disalign_ops.InputTypeError, TypeError) and issubclass(disalign_ops.InputTypeError, ValueError)
+    with pytest.raises(disalign_ops.InputTypeError, match="target"):
+        disalign_ops.disalign_cross_entropy(
+            torch.randn(2, 3), torch.zeros(2), torch.zeros(3), torch.zeros(3), backend="eager"
+        )

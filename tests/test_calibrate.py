@@ -35,7 +35,7 @@ def _compare(backend, inputs, wrt=CALIBRATE_INPUTS, grad_of_output=None):
     expected, expected_grads = _calibrate_and_grads(disalign_ops.reference.calibrate, inputs, wrt, grad_of_output)
 
     def backend_calibrate(*args):
-        return disalign_ops.calibrate(*args, backend=backend)
+        return disalign_ops.calibrate(*args[:3], confidence=args[3], backend=backend)
 
     actual, grads = _calibrate_and_grads(backend_calibrate, inputs, wrt, grad_of_output)
     tol = TOLERANCES[inputs.logits.dtype]
@@ -80,7 +80,7 @@ def test_nan_and_huge_values(backend):
     inputs = make_inputs((4, 6), dtype=torch.float32)
     logits = inputs.logits * 1e4
     logits[1, 3] = float("nan")
-    out = disalign_ops.calibrate(logits, inputs.alpha, inputs.beta, inputs.confidence, backend=backend)
+    out = disalign_ops.calibrate(logits, inputs.alpha, inputs.beta, confidence=inputs.confidence, backend=backend)
     expected = disalign_ops.reference.calibrate(logits, inputs.alpha, inputs.beta, inputs.confidence)
     torch.testing.assert_close(out, expected, equal_nan=True, **TOLERANCES[torch.float32])
     assert torch.isnan(out[1, 3]) and torch.isfinite(out[0]).all()
@@ -95,6 +95,6 @@ def test_gradcheck(backend, shape, with_confidence):
         tensors.append(inputs.confidence.detach().clone().requires_grad_())
 
     def calibrated(logits, alpha, beta, confidence=None):
-        return disalign_ops.calibrate(logits, alpha, beta, confidence, backend=backend)
+        return disalign_ops.calibrate(logits, alpha, beta, confidence=confidence, backend=backend)
 
     assert torch.autograd.gradcheck(calibrated, tensors)

@@ -41,7 +41,7 @@ for shape, dtype, layout, reduction in cases:
     actual = loss_and_grads(backend_loss("native"), inputs, reduction, grad_output=grad_output)
     expected = loss_and_grads(reference_loss, inputs, reduction, grad_output=grad_output)
     assert_matches(actual, expected, dtype)
-    calibrated = disalign_ops.calibrate(inputs.logits, inputs.alpha, inputs.beta, inputs.confidence, backend="native")
+    calibrated = disalign_ops.calibrate(inputs.logits, inputs.alpha, inputs.beta, confidence=inputs.confidence, backend="native")
     reference = disalign_ops.reference.calibrate(inputs.logits, inputs.alpha, inputs.beta, inputs.confidence)
     torch.testing.assert_close(calibrated, reference)
 print(json.dumps({"picked": torch.ops.disalign.cpu_capability(), "aten": torch.backends.cpu.get_cpu_capability()}))

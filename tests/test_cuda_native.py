@@ -258,7 +258,7 @@ def test_calibrate_and_its_gradients_match_reference(layout, shape, dtype, grad_
 
     expected, expected_grads = _calibrate_and_grads(disalign_ops.reference.calibrate, inputs, grad_output)
     actual, grads = _calibrate_and_grads(
-        lambda *args: disalign_ops.calibrate(*args, backend="native"), inputs, grad_output
+        lambda *args: disalign_ops.calibrate(*args[:3], confidence=args[3], backend="native"), inputs, grad_output
     )
     tol = TOLERANCES[dtype]
     assert actual.dtype == dtype and actual.device.type == "cuda"

@@ -153,7 +153,7 @@ def test_calibrate_at_tile_edges(device, layout):
     for backend in ("eager", "triton"):
         leaves = [t.detach().clone().requires_grad_() for t in (inputs.logits, inputs.alpha, inputs.beta,
                                                                 inputs.confidence)]
-        out = da.calibrate(*leaves, backend=backend)
+        out = da.calibrate(*leaves[:3], confidence=leaves[3], backend=backend)
         upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=out.dtype).to(device)
         results.append((out, torch.autograd.grad((out * upstream).sum(), leaves)))
     for got, want in zip([results[1][0], *results[1][1]], [results[0][0], *results[0][1]]):
