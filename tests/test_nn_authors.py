@@ -8,7 +8,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import OP_BACKENDS
-from disalign_ops.nn import CalibrationInputs, ClassifierHead, CosineLinear, DisAlignConv2d, DisAlignLinear, DisAlignLoss, DisAlignROIHead
+from disalign_ops.nn import (
+    CalibrationInputs,
+    ClassifierHead,
+    CosineLinear,
+    DisAlignConv2d,
+    DisAlignLinear,
+    DisAlignLoss,
+    DisAlignROIHead,
+)
 
 BACKENDS = ["eager", *OP_BACKENDS]
 TOL = dict(rtol=1e-10, atol=1e-12)

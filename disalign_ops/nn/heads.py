@@ -106,7 +106,10 @@ class _DisAlignHead(nn.Module):
         return calibrate(inputs.logits, inputs.alpha, inputs.beta, confidence=inputs.confidence, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return f"init={self.init!r}, confidence_input={self.confidence_input!r}, magnitude_offset={self.magnitude_offset}"
+        return (
+            f"init={self.init!r}, confidence_input={self.confidence_input!r}, "
+            f"magnitude_offset={self.magnitude_offset}"
+        )
 
 
 def _linear_features(classifier: nn.Module, what: str) -> tuple[int, int]:
@@ -148,10 +151,8 @@ class DisAlignLinear(_DisAlignHead):
     @classmethod
     def paper_recipe(cls, classifier: nn.Module, input_aware: bool = True, backend: str | None = None):
         """The authors' classification head: their init; a cosine classifier's confidence reads x/|x|."""
-        normalized = isinstance(classifier, CosineLinear)
-        return cls.from_linear(
-            classifier, input_aware, backend, init="authors", confidence_input="normalized" if normalized else "features"
-        )
+        confidence_input = "normalized" if isinstance(classifier, CosineLinear) else "features"
+        return cls.from_linear(classifier, input_aware, backend, init="authors", confidence_input=confidence_input)
 
 
 class DisAlignConv2d(_DisAlignHead):

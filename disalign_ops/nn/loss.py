@@ -74,4 +74,7 @@ class DisAlignLoss(nn.Module):
         return loss / target.numel() if by_elements else loss
 
     def extra_repr(self) -> str:
-        return f"rho={self.rho}, ignore_index={self.ignore_index}, reduction={self.reduction!r}, normalize={self.normalize!r}"
+        return (
+            f"rho={self.rho}, ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+            f"normalize={self.normalize!r}"
+        )
