@@ -548,7 +548,7 @@ def main(argv=None) -> int:
     copy_gbps_end = copy_bandwidth_gbps(timer, copy_buffer)
     copy_gbps = max(copy_gbps_start, copy_gbps_end)
     apply_copy_bandwidth(rows, copy_gbps)
-    checks = check_targets(rows, device.type)
+    checks = [] if args.quick else check_targets(rows, device.type)  # the SPEC targets are for the real shapes
 
     title = (f"# {info['device_name']} | torch {info['torch']} | {info['threads']} threads | "
              f"CPU capability {info['cpu_capability']} | copy bandwidth {copy_gbps:.1f} GB/s | "

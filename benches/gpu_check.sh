@@ -23,7 +23,7 @@
 # The summary is printed last.
 #
 # Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S, GPU_CHECK_STEPS (comma list, e.g.
-# bench,ncu for a rerun), GPU_CHECK_BENCH_ARGS (replaces the benchmark's default selection, e.g.
+# bench,ncu for a rerun), GPU_CHECK_STEP_BUDGETS (e.g. "build=900 bench=240"), GPU_CHECK_BENCH_ARGS (replaces the benchmark's default selection, e.g.
 # "--shapes seg-ade --dtype float32"), MAX_JOBS.
 set -uo pipefail
 
@@ -35,6 +35,7 @@ export PYTHONDONTWRITEBYTECODE=1
 
 # Per-step budgets in seconds (each is also cut to what is left of the deadline).
 declare -A BUDGET=([env]=30 [build]=180 [tests]=110 [bench]=180 [memcheck]=45 [ncu]=45 [racecheck]=45 [multigpu]=30)
+for kv in ${GPU_CHECK_STEP_BUDGETS:-}; do BUDGET[${kv%%=*}]=${kv#*=}; done  # e.g. "build=900 bench=240"
 ALL_STEPS=(env build tests bench memcheck ncu racecheck multigpu)
 GPU_STEPS=" build tests bench memcheck ncu racecheck multigpu "
 BENCH_ARGS_DEFAULT="--shapes seg-ade,cls-inat,det-lvis,cls-imagenet --modes stage2,full --dtype bfloat16,float32 \
@@ -42,6 +43,7 @@ BENCH_ARGS_DEFAULT="--shapes seg-ade,cls-inat,det-lvis,cls-imagenet --modes stag
 NCU_METRICS="gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,smsp__inst_executed.sum,\
 smsp__inst_executed_pipe_xu.sum,launch__grid_size,launch__block_size,launch__registers_per_thread,\
 dram__throughput.avg.pct_of_peak_sustained_elapsed"
+NCU_METRICS_BASIC="gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,smsp__inst_executed.sum"
 
 find_tool() {  # a CUDA tool on PATH, else in the usual install places
     command -v "$1" 2>/dev/null && return
@@ -115,14 +117,23 @@ sanitize() {  # $1: memcheck | racecheck
 step_memcheck() { sanitize memcheck; }
 step_racecheck() { sanitize racecheck; }
 
+run_ncu() {  # $1: ncu, $2: metrics
+    "$1" --clock-control none --profile-from-start off --target-processes all --csv --page raw \
+        --metrics "$2" --log-file "$RESULTS_DIR/gpu_check-ncu.csv" \
+        "$PYTHON" benches/gpu_check.py ncu-case --shape seg-ade --dtype bfloat16
+}
+
 step_ncu() {
     cd "$ROOT" || return 1
-    local tool
+    local tool rc
     tool=$(find_tool ncu) || { echo "unavailable: no ncu"; return 3; }
-    "$tool" --clock-control none --profile-from-start off --target-processes all --csv --page raw \
-        --metrics "$NCU_METRICS" --log-file "$RESULTS_DIR/gpu_check-ncu.csv" \
-        "$PYTHON" benches/gpu_check.py ncu-case --shape seg-ade --dtype bfloat16
-    local rc=$?
+    run_ncu "$tool" "$NCU_METRICS"
+    rc=$?
+    if grep -qiE "metric.*(not found|invalid|unknown)|failed to find metric" "$RESULTS_DIR/gpu_check-ncu.csv" 2>/dev/null; then
+        echo "retrying with the basic metrics only"
+        run_ncu "$tool" "$NCU_METRICS_BASIC"
+        rc=$?
+    fi
     if grep -qiE "ERR_NVGPUCTRPERM|LibraryNotLoaded|not supported|Failed to initialize" "$RESULTS_DIR/gpu_check-ncu.csv" "$WORK/ncu.log" 2>/dev/null; then
         echo "unavailable: ncu cannot read the counters here"
         return 3
@@ -143,26 +154,6 @@ if [[ ${1:-} == --step ]]; then
 fi
 
 # ------------------------------------------------------------------------------------------ runner
-
-RESULTS_DIR=${1:-$ROOT/benches/results}
-mkdir -p "$RESULTS_DIR" && RESULTS_DIR=$(cd "$RESULTS_DIR" && pwd)
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
-export ROOT PYTHON RESULTS_DIR WORK
-export PYTHONPATH="$ROOT:$ROOT/python:$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
-START=$(date +%s)
-DEADLINE=$((START + ${GPU_CHECK_BUDGET_S:-450}))
-LOG="$RESULTS_DIR/gpu_check.log"
-STEPS_TSV="$WORK/steps.tsv"
-: > "$LOG"
-: > "$STEPS_TSV"
-rm -f "$RESULTS_DIR/gpu_check-ncu.csv"
-
-NGPU=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)' 2>/dev/null || echo 0)
-[[ $NGPU =~ ^[0-9]+$ ]] || NGPU=0
-export NGPU
-echo "gpu_check: $NGPU CUDA device(s), budget ${GPU_CHECK_BUDGET_S:-450} s, results in $RESULTS_DIR, work in $WORK" | tee -a "$LOG"
-
-IFS=, read -r -a SELECTED <<< "${GPU_CHECK_STEPS:-$(IFS=,; echo "${ALL_STEPS[*]}")}"
 
 run_step() {
     local name=$1 budget=${BUDGET[$1]:-60} now left limit status rc=0 note=""
@@ -190,15 +181,42 @@ run_step() {
     echo "=== [$name] $status ${note:+($note) }after ${took} s" | tee -a "$LOG"
 }
 
-for step in "${SELECTED[@]}"; do
-    if [[ -z ${BUDGET[$step]:-} ]]; then echo "unknown step $step (known: ${ALL_STEPS[*]})" | tee -a "$LOG"; continue; fi
-    run_step "$step"
-done
+# The whole runner is one function, parsed before it runs: editing this file during a run cannot break it.
+main() {
+    RESULTS_DIR=${1:-$ROOT/benches/results}
+    mkdir -p "$RESULTS_DIR" && RESULTS_DIR=$(cd "$RESULTS_DIR" && pwd)
+    WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
+    export ROOT PYTHON RESULTS_DIR WORK
+    export PYTHONPATH="$ROOT:$ROOT/python:$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
+    START=$(date +%s)
+    DEADLINE=$((START + ${GPU_CHECK_BUDGET_S:-450}))
+    LOG="$RESULTS_DIR/gpu_check.log"
+    STEPS_TSV="$WORK/steps.tsv"
+    : > "$LOG"
+    : > "$STEPS_TSV"
+    rm -f "$RESULTS_DIR/gpu_check-ncu.csv"
 
-[[ -s $WORK/env.json ]] || "$PYTHON" "$ROOT/benches/gpu_check.py" env --out "$WORK/env.json" > /dev/null 2>&1
-"$PYTHON" "$ROOT/benches/gpu_check.py" summary --steps "$STEPS_TSV" --env "$WORK/env.json" --work "$WORK" \
-    --results "$RESULTS_DIR" --ncu "$RESULTS_DIR/gpu_check-ncu.csv" 2>&1 | tee -a "$LOG"
-NOT_OK=$(awk -F'\t' '$2 != "ok" && $2 != "skipped" {print $1}' "$STEPS_TSV" | tr '\n' ' ')
-if (( NGPU == 0 )); then VERDICT="no CUDA device: GPU steps skipped"; else VERDICT="steps not ok: ${NOT_OK:-none}"; fi
-echo "gpu_check: done in $(( $(date +%s) - START )) s; $VERDICT; $(ls "$RESULTS_DIR" | wc -l) files in $RESULTS_DIR" | tee -a "$LOG"
-[[ -z $NOT_OK ]]
+    NGPU=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)' 2>/dev/null || echo 0)
+    [[ $NGPU =~ ^[0-9]+$ ]] || NGPU=0
+    export NGPU
+    echo "gpu_check: $NGPU CUDA device(s), budget ${GPU_CHECK_BUDGET_S:-450} s, results in $RESULTS_DIR, work in $WORK" | tee -a "$LOG"
+
+    IFS=, read -r -a SELECTED <<< "${GPU_CHECK_STEPS:-$(IFS=,; echo "${ALL_STEPS[*]}")}"
+
+
+    for step in "${SELECTED[@]}"; do
+        if [[ -z ${BUDGET[$step]:-} ]]; then echo "unknown step $step (known: ${ALL_STEPS[*]})" | tee -a "$LOG"; continue; fi
+        run_step "$step"
+    done
+
+    [[ -s $WORK/env.json ]] || "$PYTHON" "$ROOT/benches/gpu_check.py" env --out "$WORK/env.json" > /dev/null 2>&1
+    "$PYTHON" "$ROOT/benches/gpu_check.py" summary --steps "$STEPS_TSV" --env "$WORK/env.json" --work "$WORK" \
+        --results "$RESULTS_DIR" --ncu "$RESULTS_DIR/gpu_check-ncu.csv" 2>&1 | tee -a "$LOG"
+    NOT_OK=$(awk -F'\t' '$2 != "ok" && $2 != "skipped" {print $1}' "$STEPS_TSV" | tr '\n' ' ')
+    if (( NGPU == 0 )); then VERDICT="no CUDA device: GPU steps skipped"; else VERDICT="steps not ok: ${NOT_OK:-none}"; fi
+    echo "gpu_check: done in $(( $(date +%s) - START )) s; $VERDICT; $(ls "$RESULTS_DIR" | wc -l) files in $RESULTS_DIR" | tee -a "$LOG"
+    [[ -z $NOT_OK ]]
+}
+
+main "$@"
+exit $?

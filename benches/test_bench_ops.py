@@ -101,7 +101,9 @@ def test_cuda_targets_follow_the_spec():
         ("triton", "minimum", "x eager >= 10"): True,
         ("triton", "minimum", "x compile >= 2"): True,
     }
-    assert bench_ops.check_targets(rows, "cpu") == []  # the CPU targets name the native backend on other rows
+    cpu = {(c["backend"], c["target"]): c["met"] for c in bench_ops.check_targets(rows, "cpu")}
+    assert cpu == {("native", "x eager >= 5"): True, ("native", "x compile >= 2"): True,
+                   ("native", "% of logits < 10"): True}  # the CPU targets: native only, seg-ade and det-lvis
 
 
 NCU_CSV = '''==PROF== Connected to process 123
