@@ -87,16 +87,20 @@ def cmd_env(args) -> int:
 # element offset, classes outermost (transposed), NCHW (odd C, odd H*W) and channels-last.
 def _case_logits(layout: str, torch):
     c = 151
+
+    def randn(*shape):  # bfloat16 from the start: arithmetic on a view would densify it
+        return (3 * torch.randn(*shape)).bfloat16()
+
     if layout == "nc":
-        return torch.randn(37, c)
+        return randn(37, c)
     if layout == "nc_misaligned":
-        return torch.randn(37, c + 2)[:, 1 : c + 1]
+        return randn(37, c + 2)[:, 1 : c + 1]
     if layout == "nc_transposed":
-        return torch.randn(c, 37).t()
+        return randn(c, 37).t()
     if layout == "nchw":
-        return torch.randn(2, c, 5, 7)
+        return randn(2, c, 5, 7)
     if layout == "nchw_channels_last":
-        return torch.randn(2, 5, 7, c).permute(0, 3, 1, 2)
+        return randn(2, 5, 7, c).permute(0, 3, 1, 2)
     raise ValueError(f"unknown layout {layout!r}")
 
 
@@ -133,7 +137,7 @@ def cmd_cases(args) -> int:
 
     import disalign_ops
 
-    device = torch.device("cuda")
+    device = torch.device(args.device)  # "cpu" only to test this driver on a machine without a GPU
     backends = [b for b in GPU_BACKENDS if b in disalign_ops.available_backends(device)]
     if not backends:
         print(f"no GPU backend available: {disalign_ops.available_backends(device)}")
@@ -141,7 +145,7 @@ def cmd_cases(args) -> int:
     failures = 0
     for layout in args.layouts:
         torch.manual_seed(0)
-        logits = (3 * _case_logits(layout, torch)).bfloat16()
+        logits = _case_logits(layout, torch)
         storage = logits.detach().as_strided((logits.untyped_storage().nbytes() // 2,), (1,), 0).to(device)
         logits = storage.as_strided(logits.shape, logits.stride(), logits.storage_offset())
         c, rows = logits.shape[1], (logits.shape[0],) + tuple(logits.shape[2:])
@@ -153,7 +157,8 @@ def cmd_cases(args) -> int:
             expected = _run_case("reference", logits, target, alpha, beta, confidence, weight, full, torch)
             for backend in backends:
                 got = _run_case(backend, logits, target, alpha, beta, confidence, weight, full, torch)
-                torch.cuda.synchronize()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
                 names = ["loss", "dalpha", "dbeta", "dconfidence", "dlogits"]
                 bad = []
                 for name, g, e in zip(names, got, expected):
@@ -164,7 +169,8 @@ def cmd_cases(args) -> int:
                 failures += bool(bad)
                 mode = "full" if full else "stage2"
                 status = "ok" if not bad else "MISMATCH " + "; ".join(bad)
-                print(f"case {layout} {tuple(logits.shape)} strides {logits.stride()} bf16 {mode} {backend}: {status}",
+                print(f"case {layout} {tuple(logits.shape)} strides {logits.stride()} offset {logits.storage_offset()} "
+                      f"bf16 {mode} {backend}: {status}",
                       flush=True)
     print(f"cases: {failures} mismatching")
     return 1 if failures else 0
@@ -215,23 +221,28 @@ def cmd_ncu_case(args) -> int:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import bench_ops
 
-    device = torch.device("cuda")
-    problem = bench_ops.make_problem(args.shape, "stage2", device, bench_ops.DTYPES[args.dtype])
+    device = torch.device(args.device)  # "cpu" (with --quick) only to test this driver without a GPU
+    on_cuda = device.type == "cuda"
+    problem = bench_ops.make_problem(args.shape, "stage2", device, bench_ops.DTYPES[args.dtype], quick=args.quick)
     backends = [b for b in GPU_BACKENDS if b in bench_ops.runnable_backends(device)]
     steps = {b: bench_ops.make_step(b, problem) for b in backends}
     for _ in range(2):  # compiles and loads every kernel before profiling starts
         for step in steps.values():
             problem.reset_grads()
             step()
-    torch.cuda.synchronize()
-    torch.cuda.profiler.start()
+    bench_ops.synchronize(device)
+    if on_cuda:
+        torch.cuda.profiler.start()
     for backend, step in steps.items():
         problem.reset_grads()
-        torch.cuda.nvtx.range_push(backend)
+        if on_cuda:
+            torch.cuda.nvtx.range_push(backend)
         step()
-        torch.cuda.synchronize()
-        torch.cuda.nvtx.range_pop()
-    torch.cuda.profiler.stop()
+        bench_ops.synchronize(device)
+        if on_cuda:
+            torch.cuda.nvtx.range_pop()
+    if on_cuda:
+        torch.cuda.profiler.stop()
     print(f"ncu-case: {args.shape} {tuple(problem.logits.shape)} {args.dtype} stage2, backends {backends}, "
           f"logits {problem.logits_bytes} bytes, {problem.logits.numel()} elements")
     return 0
@@ -388,12 +399,15 @@ def main(argv=None) -> int:
     p.set_defaults(fn=cmd_env)
     p = sub.add_parser("cases")
     p.add_argument("--layouts", type=lambda s: s.split(","), default=list(CASE_LAYOUTS))
+    p.add_argument("--device", default="cuda")
     p.set_defaults(fn=cmd_cases)
     p = sub.add_parser("multi-device")
     p.set_defaults(fn=cmd_multi_device)
     p = sub.add_parser("ncu-case")
     p.add_argument("--shape", default="seg-ade")
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--quick", action="store_true")
     p.set_defaults(fn=cmd_ncu_case)
     p = sub.add_parser("summary")
     for name in ("--steps", "--env", "--work", "--results", "--ncu"):

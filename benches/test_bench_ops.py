@@ -142,6 +142,15 @@ def test_ncu_csv_and_summary(tmp_path):
     assert summary["bench_json"] == "nvidia-h200.json" and len(summary["ncu"]) == 2
 
 
+def test_sanitizer_cases_keep_their_layouts_and_match_the_reference(capsys):
+    """The program compute-sanitizer runs, here on the CPU with the native backend."""
+    assert gpu_check.main(["cases", "--device", "cpu", "--layouts", "nc_misaligned,nchw_channels_last"]) == 0
+    out = capsys.readouterr().out
+    assert "strides (153, 1) offset 1 bf16 stage2 native: ok" in out  # the odd offset survives the move
+    assert "strides (5285, 1, 1057, 151) offset 0 bf16 full native: ok" in out
+    assert out.count("native: ok") == 4 and "MISMATCH" not in out and "cases: 0 mismatching" in out
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the runner on a machine without CUDA")
 def test_gpu_check_without_cuda_skips_the_gpu_steps(tmp_path):
     env = dict(os.environ, PYTHON=sys.executable, GPU_CHECK_STEPS="env,tests,bench,ncu,multigpu", TMPDIR=str(tmp_path))
