@@ -165,6 +165,22 @@ def test_gpu_check_without_cuda_skips_the_gpu_steps(tmp_path):
     assert len(os.listdir(tmp_path / "results")) <= 8  # what the device tool brings back
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the bench step would run the whole benchmark")
+def test_gpu_check_records_a_timed_out_step_and_goes_on(tmp_path):
+    # build runs without a GPU when named; its 2 s budget kills it; the steps after it still run
+    env = dict(os.environ, PYTHON=sys.executable, GPU_CHECK_STEPS="env,build,bench,nosuch", TMPDIR=str(tmp_path),
+               GPU_CHECK_STEP_BUDGETS="build=2")
+    out = subprocess.run(["bash", os.path.join(HERE, "gpu_check.sh"), str(tmp_path / "results")], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "unknown step nosuch" in out.stdout
+    summary = json.loads((tmp_path / "results" / "gpu_check-summary.json").read_text())
+    steps = {s["name"]: s for s in summary["steps"]}
+    assert steps["build"]["status"] == "timeout" and steps["build"]["seconds"] <= 10
+    assert steps["bench"]["status"] == "skipped" and steps["bench"]["note"] == "no CUDA device"
+    assert "build" in (tmp_path / "results" / "gpu_check-summary.md").read_text().split("steps not ok:")[1]
+
+
 def test_liger_wheel_installs_offline_and_imports(tmp_path):
     wheels = glob.glob(os.path.join(HERE, "wheels", "liger_kernel-*.whl"))
     assert len(wheels) == 1, wheels
