@@ -87,7 +87,7 @@ step_tests() {
     "$PYTHON" -c 'import xdist' 2>/dev/null && extra+=(-n 8)
     "$PYTHON" -c 'import pytest_timeout' 2>/dev/null && extra+=(--timeout 90)
     DISALIGN_BIG_TESTS=1 "$PYTHON" -m pytest tests -k "cuda or test_triton_backend" -q -rfE -p no:cacheprovider \
-        --maxfail 50 "${extra[@]}"
+        --maxfail 50 ${extra[@]+"${extra[@]}"}
 }
 
 step_bench() {
