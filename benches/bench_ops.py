@@ -9,14 +9,8 @@ Backends, each timed on the same inputs for one forward and one backward pass (r
            and is never part of the timing.
   native   disalign_ops.disalign_cross_entropy(..., backend="native") (C++/CUDA extension).
   triton   disalign_ops.disalign_cross_entropy(..., backend="triton").
-  liger    (CUDA, when liger_kernel imports) Liger-Kernel's fused cross entropy
-           (LigerCrossEntropyLoss) on the same logits as (N, C) rows with the same class weights
-           and ignore_index: the DisAlign loss at alpha = beta = 0 without the confidence, a peer
-           anchor for what one fused softmax-cross-entropy kernel costs, not the same computation.
-           Segmentation logits are permuted to (B*H*W, C) once, outside the timing (a copy the
-           DisAlign ops do not need). Liger computes the gradient inside the forward and writes it
-           over its input, so in full mode it gets its own copy of the logits, restored before
-           every call outside the timing; in stage 2 its input needs no gradient and it only reads.
+  liger    (CUDA, when liger_kernel imports) Liger-Kernel's fused cross entropy on the same logits
+           as (N, C) rows, alpha = beta = 0, no confidence: a peer anchor (benches/liger_peer.py).
 
 Modes: "stage2" freezes the logits (alpha, beta and the confidence, a leaf tensor in (0, 1) shaped
 like the target, need gradients); "full" asks for the logits' gradient too.
@@ -81,10 +75,10 @@ from dataclasses import dataclass
 
 import torch
 import torch._inductor.config
-import torch.nn.functional as F
 
 import disalign_ops
 from disalign_ops import reference
+import liger_peer
 from utils import (  # noqa: F401  (synchronize and MIB are used by test_bench_ops.py through this module)
     MIB,
     Timer,
@@ -215,22 +209,11 @@ def make_problem(name: str, mode: str, device: torch.device, dtype: torch.dtype,
     )
 
 
-def liger_available(device: torch.device) -> bool:
-    """Liger-Kernel runs its Triton kernels on CUDA only (benches/wheels brings the wheel along)."""
-    if device.type != "cuda":
-        return False
-    try:
-        import liger_kernel.transformers  # noqa: F401
-    except Exception:  # ImportError, or a Triton/torch it does not support
-        return False
-    return True
-
-
 def runnable_backends(device: torch.device) -> list[str]:
     """Benchmark backends that can run on the device: eager, compile, the library's others, liger."""
     library = disalign_ops.available_backends(device)
     names = ["eager", "compile"] + [b for b in ("native", "triton") if b in library]
-    return names + (["liger"] if liger_available(device) else [])
+    return names + (["liger"] if liger_peer.available(device) else [])
 
 
 def make_step(backend: str, problem: Problem):
@@ -238,7 +221,7 @@ def make_step(backend: str, problem: Problem):
 
     A step may carry `step.setup`, to run before each call outside the timing."""
     if backend == "liger":
-        return _liger_step(problem)
+        return liger_peer.make_step(problem)
     if backend == "eager":
         loss_fn = reference.cross_entropy
     elif backend == "compile":
@@ -259,37 +242,6 @@ def make_step(backend: str, problem: Problem):
         loss.backward()
         return loss.detach()
 
-    return step
-
-
-def _liger_step(problem: Problem):
-    """Liger-Kernel's fused cross entropy on the problem's logits as (N, C) rows (see the module doc)."""
-    from liger_kernel.transformers import LigerCrossEntropyLoss
-
-    logits, target = problem.logits.detach(), problem.target
-    if logits.dim() > 2:  # (B, C, H, W) -> (B*H*W, C): Liger needs class-contiguous rows; a copy
-        logits, target = logits.movedim(1, -1).reshape(-1, logits.shape[1]), target.reshape(-1)
-    full = problem.mode == "full"
-    expected = F.cross_entropy(logits.float(), target, weight=problem.weight, ignore_index=problem.ignore_index)
-    pristine = logits
-    rows = logits.clone().requires_grad_() if full else logits
-    loss_fn = LigerCrossEntropyLoss(weight=problem.weight, ignore_index=problem.ignore_index, reduction="mean")
-
-    def step():
-        loss = loss_fn(rows, target)
-        if full:
-            loss.backward()
-        return loss.detach()
-
-    def setup():
-        rows.grad = None
-        with torch.no_grad():
-            rows.copy_(pristine)  # the last call overwrote its input with the gradient
-
-    step.setup = setup if full else None
-    step.expected_loss = expected
-    step.note = "Liger-Kernel cross entropy, alpha = beta = 0, no confidence" + (
-        "; NCHW permuted to (B*H*W, C) by a copy outside the timing" if problem.logits.dim() > 2 else "")
     return step
 
 

@@ -76,6 +76,63 @@ def _row(backend, shape, mode, **values):
     return row
 
 
+class _FakeLigerFunction(torch.autograd.Function):
+    """What Liger's cross entropy does to its input: the gradient is computed in the forward and
+    written over the input, which backward then returns (scaled by the upstream gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, target, weight, ignore_index):
+        with torch.enable_grad():
+            leaf = x.detach().float().requires_grad_()
+            loss = torch.nn.functional.cross_entropy(leaf, target, weight=weight, ignore_index=ignore_index)
+            grad, = torch.autograd.grad(loss, leaf)
+        if x.requires_grad:
+            x.copy_(grad)
+        ctx.save_for_backward(x)
+        return loss.detach()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, = ctx.saved_tensors
+        return x * grad_output, None, None, None
+
+
+class _FakeLigerCrossEntropyLoss(torch.nn.Module):
+    def __init__(self, weight=None, ignore_index=-100, reduction="mean"):
+        super().__init__()
+        self.weight, self.ignore_index = weight, ignore_index
+
+    def forward(self, x, target):
+        assert x.dim() == 2 and x.stride(-1) == 1, "Liger takes class-contiguous (N, C) rows"
+        return _FakeLigerFunction.apply(x, target, self.weight, self.ignore_index)
+
+
+@pytest.mark.parametrize("shape", ["seg-ade", "det-lvis"])
+def test_liger_step_restores_its_input_and_checks_its_loss(shape, monkeypatch):
+    """liger_peer's handling of Liger's in-place gradient, with a stand-in that behaves the same way."""
+    import types
+
+    fake = types.ModuleType("liger_kernel.transformers")
+    fake.LigerCrossEntropyLoss = _FakeLigerCrossEntropyLoss
+    monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", fake)
+    problem = bench_ops.make_problem(shape, "full", torch.device("cpu"), torch.float32, quick=True)
+    original = problem.logits.detach().clone()
+    step = bench_ops.make_step("liger", problem)
+    losses = []
+    for _ in range(3):
+        step.setup()
+        losses.append(step())
+    assert torch.equal(problem.logits.detach(), original)  # the benchmark's logits are never written
+    torch.testing.assert_close(losses[0], step.expected_loss.to(losses[0].dtype))
+    assert losses[0] == losses[1] == losses[2]  # each call sees the logits again, not the last gradient
+    assert ("permuted" in step.note) == (shape == "seg-ade")
+    stage2 = bench_ops.make_step("liger", bench_ops.make_problem(shape, "stage2", torch.device("cpu"), torch.float32,
+                                                                 quick=True))
+    assert stage2.setup is None
+    torch.testing.assert_close(stage2(), stage2.expected_loss)
+
+
 def test_cuda_targets_follow_the_spec():
     rows = [
         _row("native", "seg-ade", "stage2", fraction_of_copy_bandwidth=0.85, bound_ratio=1 / 0.85, x_eager=20.0,
