@@ -9,6 +9,8 @@ Backends, each timed on the same inputs for one forward and one backward pass (r
            and is never part of the timing.
   native   disalign_ops.disalign_cross_entropy(..., backend="native") (C++/CUDA extension).
   triton   disalign_ops.disalign_cross_entropy(..., backend="triton").
+  liger    (CUDA, when liger_kernel imports) Liger-Kernel's fused cross entropy on the same logits
+           as (N, C) rows, alpha = beta = 0, no confidence: a peer anchor (benches/liger_peer.py).
 
 Modes: "stage2" freezes the logits (alpha, beta and the confidence, a leaf tensor in (0, 1) shaped
 like the target, need gradients); "full" asks for the logits' gradient too.
@@ -18,22 +20,22 @@ of an exponentially decaying count profile (paper rho per task), targets drawn f
 profile, ~5% ignored pixels (ignore_index 255) for segmentation, 75% background ROIs for detection
 (background = last class, weight 1, alpha = beta = 0 there). Segmentation logits are NCHW contiguous.
 
-Measurements:
+Measurements (benches/utils.py holds the timer and the memory probes):
 
   ms        median over --repeat timed calls after --warmup untimed ones. The backends of a case
             run round-robin, one call each per round, so other load on a shared machine falls on
             all of them alike. Gradients are set to None before every call (so none accumulates)
-            and the caches are flushed by reading a buffer of --copy-mib MiB (a read leaves no
+            and the caches are flushed by reading a buffer of --flush-mib MiB (a read leaves no
             dirty lines to write back during the timed call). CUDA: CUDA events around the call.
             CPU: time.perf_counter around the call.
   GB/s      the bytes a fused kernel must move, divided by ms: the logits read once, plus
             grad_logits written once in "full" mode.
-  x bound   ms divided by the read-once bound: those same bytes / the copy bandwidth, which is
-            measured in the same run as dst.copy_(src) of a --copy-mib MiB tensor, counting the
-            bytes read plus written (the better of a copy at the start and one at the end of the
-            run). 1.0 is the bound; the H100 target is <= 1.25.
-  x eager / x compile   speed-up: eager (compile) ms divided by this backend's ms.
-  peak extra MiB        the most memory allocated during one forward+backward beyond what was live
+  fraction_of_copy_bandwidth   those GB/s over the bandwidth of dst.copy_(src) of a --copy-mib MiB
+            tensor measured in the same run, counting the bytes read plus written (the better of a
+            copy at the start and one at the end of the run). 1.0 is the read-once bound;
+            bound_ratio ("x bound") is its inverse.
+  x_eager / x_compile   speed-up: eager (compile) ms divided by this backend's ms.
+  peak_extra_bytes      the most memory allocated during one forward+backward beyond what was live
             before it (inputs allocated, gradients set to None); gradients, the loss and every
             temporary count. CUDA: torch.cuda.max_memory_allocated() after reset_peak_memory_stats(),
             minus memory_allocated() before the call. CPU (where PyTorch keeps no peak statistic):
@@ -44,29 +46,29 @@ Measurements:
             buffers, outputs of the extension's ops, gradients) goes through that allocator;
             scratch a C++ kernel takes with malloc/new instead of a tensor would not be seen.
   % logits  peak extra memory as a percentage of the logits' size.
+  loss_rel_err          |loss - loss of eager| / |loss of eager| on the first call (liger: against
+            F.cross_entropy in float32 on its rows): a cheap check that a timed backend computes
+            the right thing.
 
 Usage:
   python benches/bench_ops.py                                   # all shapes, both modes, CPU
-  python benches/bench_ops.py --device cuda --backends eager,compile,native,triton
+  python benches/bench_ops.py --device cuda --dtype bfloat16,float32
   python benches/bench_ops.py --shapes seg-ade,det-lvis --modes stage2 --repeat 5
+  python benches/bench_ops.py --quick --repeat 1 --warmup 0     # tiny shapes: a smoke test
 
-Writes a Markdown table to stdout and JSON to --json (default benches/results/<device-slug>.json,
-with -<dtype> before .json for half dtypes).
+Writes Markdown tables to stdout and to <json stem>.md, and JSON to --json (default
+benches/results/<device-slug>.json, with -<dtype> before .json for one half dtype). The JSON is
+rewritten after every case, so a run stopped early keeps the cases it finished ("complete": false).
+One JSON row per shape x mode x dtype x backend, with at least the keys of ROW_KEYS.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import operator
 import os
-import platform
-import re
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -76,12 +78,25 @@ import torch._inductor.config
 
 import disalign_ops
 from disalign_ops import reference
+import liger_peer
+from utils import (  # noqa: F401  (synchronize and MIB are used by test_bench_ops.py through this module)
+    MIB,
+    Timer,
+    copy_bandwidth_gbps,
+    device_info,
+    peak_extra_bytes,
+    slug,
+    synchronize,
+    write_json,
+)
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-BACKENDS = ("eager", "compile", "native", "triton")
+BACKENDS = ("eager", "compile", "native", "triton", "liger")
 MODES = ("stage2", "full")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-MIB = 2**20
+# The keys every JSON row carries (None where a value does not apply or was not measured).
+ROW_KEYS = ("device", "shape", "mode", "dtype", "backend", "ms", "fraction_of_copy_bandwidth", "x_eager",
+            "x_compile", "peak_extra_bytes")
 
 
 @dataclass(frozen=True)
@@ -91,16 +106,18 @@ class ShapeSpec:
     task: str  # "cls", "seg" or "det"
     cuda_dims: tuple  # logits shape on CUDA: (N, C) or (B, C, H, W)
     cpu_dims: tuple  # logits shape on CPU
+    quick_dims: tuple  # --quick: a tiny shape with the same class count, layout and task (smoke tests)
     rho: float  # generalized re-weight exponent the paper uses for the task
     max_count: int  # samples (pixels, instances) of the most frequent class
     imbalance: float  # most frequent / least frequent class count
 
 
 SHAPES = {
-    "cls-imagenet": ShapeSpec("cls", (4096, 1000), (4096, 1000), rho=1.2, max_count=1280, imbalance=256),
-    "cls-inat": ShapeSpec("cls", (4096, 8142), (1024, 8142), rho=1.2, max_count=1000, imbalance=500),
-    "seg-ade": ShapeSpec("seg", (8, 150, 512, 512), (4, 150, 128, 128), rho=0.3, max_count=10**8, imbalance=1000),
-    "det-lvis": ShapeSpec("det", (8192, 1231), (8192, 1231), rho=0.8, max_count=50000, imbalance=50000),
+    "cls-imagenet": ShapeSpec("cls", (4096, 1000), (4096, 1000), (64, 1000), rho=1.2, max_count=1280, imbalance=256),
+    "cls-inat": ShapeSpec("cls", (4096, 8142), (1024, 8142), (16, 8142), rho=1.2, max_count=1000, imbalance=500),
+    "seg-ade": ShapeSpec("seg", (8, 150, 512, 512), (4, 150, 128, 128), (1, 150, 16, 16), rho=0.3, max_count=10**8,
+                         imbalance=1000),
+    "det-lvis": ShapeSpec("det", (8192, 1231), (8192, 1231), (64, 1231), rho=0.8, max_count=50000, imbalance=50000),
 }
 SEG_IGNORE_INDEX = 255
 SEG_IGNORED_FRACTION = 0.05
@@ -136,6 +153,10 @@ class Problem:
             t.grad = None
 
     @property
+    def dtype(self) -> str:
+        return str(self.logits.dtype).removeprefix("torch.")
+
+    @property
     def logits_bytes(self) -> int:
         return self.logits.numel() * self.logits.element_size()
 
@@ -145,9 +166,10 @@ class Problem:
         return self.logits_bytes * (2 if self.mode == "full" else 1)
 
 
-def make_problem(name: str, mode: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Problem:
+def make_problem(name: str, mode: str, device: torch.device, dtype: torch.dtype, seed: int = 0,
+                 quick: bool = False) -> Problem:
     spec = SHAPES[name]
-    dims = spec.cuda_dims if device.type == "cuda" else spec.cpu_dims
+    dims = spec.quick_dims if quick else spec.cuda_dims if device.type == "cuda" else spec.cpu_dims
     num_classes = dims[1]
     row_shape = (dims[0],) + tuple(dims[2:])
     num_rows = math.prod(row_shape)
@@ -188,13 +210,18 @@ def make_problem(name: str, mode: str, device: torch.device, dtype: torch.dtype,
 
 
 def runnable_backends(device: torch.device) -> list[str]:
-    """Benchmark backends that can run on the device: eager, compile, and the library's others."""
+    """Benchmark backends that can run on the device: eager, compile, the library's others, liger."""
     library = disalign_ops.available_backends(device)
-    return ["eager", "compile"] + [b for b in ("native", "triton") if b in library]
+    names = ["eager", "compile"] + [b for b in ("native", "triton") if b in library]
+    return names + (["liger"] if liger_peer.available(device) else [])
 
 
 def make_step(backend: str, problem: Problem):
-    """A zero-argument function running forward + backward of `problem` on `backend`."""
+    """A zero-argument function running forward + backward of `problem` on `backend`; returns the loss.
+
+    A step may carry `step.setup`, to run before each call outside the timing."""
+    if backend == "liger":
+        return liger_peer.make_step(problem)
     if backend == "eager":
         loss_fn = reference.cross_entropy
     elif backend == "compile":
@@ -211,126 +238,52 @@ def make_step(backend: str, problem: Problem):
     args = problem.args()
 
     def step():
-        loss_fn(*args).backward()
+        loss = loss_fn(*args)
+        loss.backward()
+        return loss.detach()
 
     return step
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _relative_error(loss: torch.Tensor, expected: torch.Tensor) -> float:
+    loss, expected = loss.double(), expected.double()
+    return float((loss - expected).abs() / expected.abs().clamp_min(1e-30))
 
 
-class Timer:
-    """Median times of steps with cold caches, using CUDA events on CUDA and perf_counter on CPU.
-
-    The steps run round-robin (one call of each per round), so load from other processes on a
-    shared machine falls on every backend alike instead of on whichever ran at that moment.
-    """
-
-    def __init__(self, device: torch.device, flush_buffer: torch.Tensor, warmup: int, repeat: int):
-        self.device, self.flush_buffer, self.warmup, self.repeat = device, flush_buffer, warmup, repeat
-
-    def _timed_call_ms(self, step, flush: bool) -> float:
-        if flush:
-            self.flush_buffer.sum()  # evicts the inputs from the caches without leaving dirty lines
-        if self.device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end)
-        start = time.perf_counter()
-        step()
-        return (time.perf_counter() - start) * 1e3
-
-    def median_ms(self, steps: dict, before_each=lambda: None, flush: bool = True) -> dict:
-        """{name: median ms} of each step in `steps` ({name: zero-argument function})."""
-        for _ in range(self.warmup):
-            for step in steps.values():
-                before_each()
-                step()
-        synchronize(self.device)
-        times = {name: [] for name in steps}
-        for _ in range(self.repeat):
-            for name, step in steps.items():
-                before_each()
-                times[name].append(self._timed_call_ms(step, flush))
-        return {name: statistics.median(t) for name, t in times.items()}
-
-
-def copy_bandwidth_gbps(timer: Timer) -> float:
-    """Bandwidth of a large dst.copy_(src) on the device, counting bytes read plus written."""
-    src = timer.flush_buffer
-    dst = torch.empty_like(src)
-    # No flush: the copy itself outgrows the caches.
-    ms = timer.median_ms({"copy": lambda: dst.copy_(src)}, flush=False)["copy"]
-    return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
-
-
-def peak_extra_bytes_cuda(step, device: torch.device) -> int:
-    synchronize(device)
-    before = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    step()
-    synchronize(device)
-    return torch.cuda.max_memory_allocated(device) - before
-
-
-def peak_extra_bytes_cpu(step) -> int:
-    """Peak of the CPU allocator's running total during the step, from the profiler's memory events."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "trace.json")
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            trace = json.load(f)
-    events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    totals = [
-        (e["args"]["Total Allocated"], e["args"]["Bytes"])
-        for e in events
-        if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0
-    ]
-    if not totals:
-        return 0
-    # Each event carries the running total after it, so total - bytes is the total before it. The
-    # smallest of those is the total before the step's first allocation, or lower if the step frees a
-    # block allocated under an earlier profiler session: the peak is then overstated, never understated.
-    before = min(total - nbytes for total, nbytes in totals)
-    return max(0, max(total for total, _ in totals) - before)
-
-
-def peak_extra_bytes(step, problem: Problem, device: torch.device) -> int:
-    problem.reset_grads()
-    if device.type == "cuda":
-        return peak_extra_bytes_cuda(step, device)
-    return peak_extra_bytes_cpu(step)
-
-
-def measure_case(problem: Problem, backends: list[str], timer: Timer, device: torch.device) -> list[dict]:
+def measure_case(problem: Problem, backends: list[str], timer: Timer, device: torch.device,
+                 device_name: str = "") -> list[dict]:
     """One row per backend: first-call time, median ms, peak extra memory (or the error it raised)."""
-    rows, steps = {}, {}
+    rows, steps, losses = {}, {}, {}
     for backend in backends:
-        rows[backend] = {"shape": problem.name, "dims": list(problem.logits.shape), "mode": problem.mode,
-                         "backend": backend}
+        rows[backend] = dict.fromkeys(ROW_KEYS)
+        rows[backend].update(device=device_name, shape=problem.name, dims=list(problem.logits.shape),
+                             mode=problem.mode, dtype=problem.dtype, backend=backend)
         try:
             step = make_step(backend, problem)
             problem.reset_grads()
+            if getattr(step, "setup", None):
+                step.setup()
             start = time.perf_counter()
-            step()  # compiles (compile, triton) or loads kernels; excluded from the timing
+            losses[backend] = step()  # compiles (compile, triton) or loads kernels; excluded from the timing
             synchronize(device)
         except Exception as exc:  # a backend that cannot run a case is reported, not fatal
             rows[backend]["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
-            print(f"{problem.name} {problem.mode} {backend}: {rows[backend]['error']}", file=sys.stderr)
+            print(f"{problem.name} {problem.mode} {problem.dtype} {backend}: {rows[backend]['error']}", file=sys.stderr)
             continue
         rows[backend]["first_call_s"] = time.perf_counter() - start
+        if getattr(step, "note", None):
+            rows[backend]["note"] = step.note
         steps[backend] = step
-    for backend, ms in timer.median_ms(steps, before_each=problem.reset_grads).items():
-        peak = peak_extra_bytes(steps[backend], problem, device)
+
+    def before_each(name):
+        problem.reset_grads()
+        setup = getattr(steps[name], "setup", None)
+        if setup:
+            setup()
+
+    for backend, ms in timer.median_ms(steps, before_each=before_each).items():
+        before_each(backend)
+        peak = peak_extra_bytes(steps[backend], device)
         rows[backend].update(
             ms=ms,
             gbps=problem.min_bytes_moved / (ms * 1e-3) / 1e9,
@@ -340,66 +293,32 @@ def measure_case(problem: Problem, backends: list[str], timer: Timer, device: to
             peak_extra_pct_of_logits=100 * peak / problem.logits_bytes,
             min_bytes_moved=problem.min_bytes_moved,
         )
-        print(f"{problem.name} {problem.mode} {backend}: {ms:.3f} ms", file=sys.stderr)
+        expected = getattr(steps[backend], "expected_loss", losses.get("eager"))
+        if expected is not None:
+            rows[backend]["loss_reference"] = "F.cross_entropy" if backend == "liger" else "eager"
+            rows[backend]["loss_rel_err"] = _relative_error(losses[backend], expected)
+        print(f"{problem.name} {problem.mode} {problem.dtype} {backend}: {ms:.3f} ms", file=sys.stderr)
     for row in rows.values():
         for ref in ("eager", "compile"):
-            measured = "ms" in row and ref in steps
-            row[f"speedup_vs_{ref}"] = rows[ref]["ms"] / row["ms"] if measured else None
+            measured = row["ms"] is not None and ref in steps
+            row[f"x_{ref}"] = rows[ref]["ms"] / row["ms"] if measured else None
     return list(rows.values())
 
 
-def device_info(device: torch.device) -> dict:
-    info = {
-        "device_type": device.type,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpu_name": cpu_name(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "python": platform.python_version(),
-        "load_average_at_start": os.getloadavg()[0],  # other work on the machine skews CPU timings
-        "commit": git_commit(),
-    }
-    if device.type == "cuda":
-        info["gpu_name"] = torch.cuda.get_device_name(device)
-        info["cuda"] = torch.version.cuda
-    info["device_name"] = info.get("gpu_name", info["cpu_name"])
-    return info
-
-
-def git_commit() -> str | None:
-    """The checkout's HEAD, with "+dirty" when tracked files differ from it; None outside git."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True)
-    except OSError:
-        return None
-    if head.returncode != 0:
-        return None
-    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def slug(name: str) -> str:
-    name = re.sub(r"\((r|tm)\)", "", name.lower())
-    return re.sub(r"[^a-z0-9]+", "-", name).strip("-")
+def apply_copy_bandwidth(rows: list[dict], copy_gbps: float) -> None:
+    """Fills in each measured row's read-once bound against the copy bandwidth."""
+    for row in rows:
+        if row["ms"] is not None:
+            row["bound_ms"] = row["min_bytes_moved"] / (copy_gbps * 1e9) * 1e3
+            row["bound_ratio"] = row["ms"] / row["bound_ms"]
+            row["fraction_of_copy_bandwidth"] = row["bound_ms"] / row["ms"]
 
 
 def format_table(rows: list[dict]) -> str:
     header = (
-        "| shape | mode | backend | ms | GB/s | x bound | x eager | x compile | peak extra MiB | % of logits |\n"
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| shape | mode | dtype | backend | ms | GB/s | fraction of copy bw | x eager | x compile | peak extra MiB "
+        "| % of logits |\n"
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     )
 
     def fmt(value, spec):
@@ -407,46 +326,55 @@ def format_table(rows: list[dict]) -> str:
 
     lines = [header]
     for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['shape']} | {r['mode']} | {r['backend']} | error: {r['error']} | | | | | | |")
+        head = f"| {r['shape']} | {r['mode']} | {r['dtype']} | {r['backend']} |"
+        if r.get("error"):
+            lines.append(f"{head} error: {r['error']} | | | | | | |")
             continue
         lines.append(
-            f"| {r['shape']} | {r['mode']} | {r['backend']} | {r['ms']:.3f} | {r['gbps']:.1f} | "
-            f"{r['bound_ratio']:.2f} | {fmt(r['speedup_vs_eager'], '.1f')} | {fmt(r['speedup_vs_compile'], '.1f')} | "
-            f"{r['peak_extra_mib']:.2f} | {r['peak_extra_pct_of_logits']:.1f} |"
+            f"{head} {r['ms']:.3f} | {r['gbps']:.1f} | {fmt(r['fraction_of_copy_bandwidth'], '.2f')} | "
+            f"{fmt(r['x_eager'], '.1f')} | {fmt(r['x_compile'], '.1f')} | {r['peak_extra_mib']:.2f} | "
+            f"{r['peak_extra_pct_of_logits']:.1f} |"
         )
     return "\n".join(lines)
 
 
 def format_first_calls(rows: list[dict]) -> str:
-    lines = ["| shape | mode | backend | first call s (compile / JIT, not in ms above) |", "| --- | --- | --- | ---: |"]
+    lines = ["| shape | mode | dtype | backend | first call s (compile / JIT, not in ms above) |",
+             "| --- | --- | --- | --- | ---: |"]
     lines += [
-        f"| {r['shape']} | {r['mode']} | {r['backend']} | {r['first_call_s']:.2f} |"
+        f"| {r['shape']} | {r['mode']} | {r['dtype']} | {r['backend']} | {r['first_call_s']:.2f} |"
         for r in rows
-        if r["backend"] in ("compile", "triton") and "error" not in r
+        if r["backend"] in ("compile", "triton", "liger") and not r.get("error")
     ]
     return "\n".join(lines)
 
 
-# SPEC section 5 targets: (device type, backends, shapes, modes, row field, comparison, limit).
-# Speed-ups are checked in both modes, the bandwidth bound and stage-2 memory in stage 2 only.
+# SPEC section 5: (device type, level, backends, shapes, modes, row field, comparison, limit). "target" is
+# the raised target of 2026-12, "minimum" the older floor the SPEC still states. Speed-ups are checked in
+# both modes, the bandwidth and stage-2 memory in stage 2 only; every dtype measured is checked.
+GPU = ("native", "triton")
 SPEC_TARGETS = [
-    ("cpu", ("native",), ("seg-ade", "det-lvis"), MODES, "speedup_vs_eager", ">=", 5.0),
-    ("cpu", ("native",), ("seg-ade", "det-lvis"), MODES, "speedup_vs_compile", ">=", 2.0),
-    ("cpu", ("native",), tuple(SHAPES), ("stage2",), "peak_extra_pct_of_logits", "<", 10.0),
-    ("cuda", ("native", "triton"), ("seg-ade", "cls-inat"), ("stage2",), "bound_ratio", "<=", 1.25),
-    ("cuda", ("native", "triton"), tuple(SHAPES), MODES, "speedup_vs_eager", ">=", 10.0),
-    ("cuda", ("native", "triton"), tuple(SHAPES), MODES, "speedup_vs_compile", ">=", 2.0),
-    ("cuda", ("native", "triton"), tuple(SHAPES), ("stage2",), "peak_extra_pct_of_logits", "<", 5.0),
-    ("cuda", ("native", "triton"), tuple(SHAPES), ("full",), "peak_extra_pct_of_logits", "<", 110.0),
+    ("cpu", "target", ("native",), ("seg-ade", "det-lvis"), MODES, "x_eager", ">=", 5.0),
+    ("cpu", "target", ("native",), ("seg-ade", "det-lvis"), MODES, "x_compile", ">=", 2.0),
+    ("cpu", "target", ("native",), tuple(SHAPES), ("stage2",), "peak_extra_pct_of_logits", "<", 10.0),
+    ("cuda", "target", GPU, ("seg-ade", "cls-inat"), ("stage2",), "fraction_of_copy_bandwidth", ">=", 0.8),
+    ("cuda", "target", GPU, tuple(SHAPES), MODES, "x_eager", ">=", 15.0),
+    ("cuda", "target", GPU, tuple(SHAPES), MODES, "x_compile", ">=", 3.0),
+    ("cuda", "target", GPU, tuple(SHAPES), ("stage2",), "peak_extra_pct_of_logits", "<", 1.0),
+    ("cuda", "target", GPU, tuple(SHAPES), ("full",), "peak_extra_pct_of_logits", "<", 110.0),
+    ("cuda", "minimum", GPU, ("seg-ade", "cls-inat"), ("stage2",), "bound_ratio", "<=", 1.25),
+    ("cuda", "minimum", GPU, tuple(SHAPES), MODES, "x_eager", ">=", 10.0),
+    ("cuda", "minimum", GPU, tuple(SHAPES), MODES, "x_compile", ">=", 2.0),
+    ("cuda", "minimum", GPU, tuple(SHAPES), ("stage2",), "peak_extra_pct_of_logits", "<", 5.0),
 ]
 
 
 COMPARISONS = {">=": operator.ge, "<=": operator.le, "<": operator.lt}
 FIELD_LABELS = {
-    "speedup_vs_eager": "x eager",
-    "speedup_vs_compile": "x compile",
+    "x_eager": "x eager",
+    "x_compile": "x compile",
     "bound_ratio": "x bound",
+    "fraction_of_copy_bandwidth": "fraction of copy bw",
     "peak_extra_pct_of_logits": "% of logits",
 }
 
@@ -454,23 +382,24 @@ FIELD_LABELS = {
 def check_targets(rows: list[dict], device_type: str) -> list[dict]:
     """Each SPEC target that applies to a measured row, with the measured value and whether it is met."""
     checks = []
-    for target_device, backends, shapes, modes, field, comparison, limit in SPEC_TARGETS:
+    for target_device, level, backends, shapes, modes, field, comparison, limit in SPEC_TARGETS:
         for r in rows:
             applies = target_device == device_type and r["backend"] in backends and r["shape"] in shapes
             if not applies or r["mode"] not in modes or r.get(field) is None:
                 continue
             met = COMPARISONS[comparison](r[field], limit)
             target = f"{FIELD_LABELS[field]} {comparison} {limit:g}"
-            checks.append(dict(shape=r["shape"], mode=r["mode"], backend=r["backend"], target=target, value=r[field],
-                               met=met))
+            checks.append(dict(shape=r["shape"], mode=r["mode"], dtype=r["dtype"], backend=r["backend"],
+                               level=level, target=target, value=r[field], met=met))
     return checks
 
 
 def format_checks(checks: list[dict]) -> str:
-    lines = ["| shape | mode | backend | SPEC target | measured | met |", "| --- | --- | --- | --- | ---: | --- |"]
+    lines = ["| shape | mode | dtype | backend | level | SPEC target | measured | met |",
+             "| --- | --- | --- | --- | --- | --- | ---: | --- |"]
     lines += [
-        f"| {c['shape']} | {c['mode']} | {c['backend']} | {c['target']} | {c['value']:.2f} | "
-        f"{'yes' if c['met'] else 'NO'} |"
+        f"| {c['shape']} | {c['mode']} | {c['dtype']} | {c['backend']} | {c['level']} | {c['target']} | "
+        f"{c['value']:.2f} | {'yes' if c['met'] else 'NO'} |"
         for c in checks
     ]
     return "\n".join(lines)
@@ -489,14 +418,19 @@ def csv_list(allowed):
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", type=csv_list(tuple(SHAPES)), default=list(SHAPES), help="comma-separated")
+    parser.add_argument("--shapes", type=csv_list(tuple(SHAPES)), default=list(SHAPES),
+                        help="comma-separated, run in this order")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--backends", type=csv_list(BACKENDS), default=None, help="default: all that can run")
     parser.add_argument("--modes", type=csv_list(MODES), default=list(MODES))
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
+    parser.add_argument("--dtype", type=csv_list(tuple(DTYPES)), default=["float32"],
+                        help="comma-separated logits dtypes, run in this order (outermost loop)")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes with the real class counts (smoke test)")
     parser.add_argument("--repeat", type=int, default=None, help="timed calls per case (default 10 CPU, 50 CUDA)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls per case (default 2 CPU, 10 CUDA)")
-    parser.add_argument("--copy-mib", type=int, default=None, help="copy/flush buffer (default 512 CPU, 1024 CUDA)")
+    parser.add_argument("--copy-mib", type=int, default=None, help="copy yardstick buffer (default 512 CPU, 2048 CUDA)")
+    parser.add_argument("--flush-mib", type=int, default=None,
+                        help="cache-flush buffer read before each timed call (default: --copy-mib on CPU, 256 CUDA)")
     parser.add_argument("--results-dir", default=RESULTS_DIR, help="where the default JSON path lies")
     parser.add_argument("--json", default=None, help="output path (default <results-dir>/<device-slug>.json)")
     args = parser.parse_args(argv)
@@ -504,13 +438,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     on_cuda = args.device.type == "cuda"
     args.repeat = args.repeat or (50 if on_cuda else 10)
     args.warmup = args.warmup if args.warmup is not None else (10 if on_cuda else 2)
-    args.copy_mib = args.copy_mib or (1024 if on_cuda else 512)
+    args.copy_mib = args.copy_mib or (2048 if on_cuda else 512)
+    args.flush_mib = args.flush_mib or (min(256, args.copy_mib) if on_cuda else args.copy_mib)
     return args
+
+
+def default_json_path(args, device_name: str) -> str:
+    single_half = len(args.dtype) == 1 and args.dtype[0] != "float32"
+    suffix = f"-{args.dtype[0]}" if single_half else ""
+    return os.path.join(args.results_dir, f"{slug(device_name)}{suffix}.json")
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device, dtype = args.device, DTYPES[args.dtype]
+    device = args.device
     # The compile backend's first call then measures a whole compile, not a hit in inductor's disk cache.
     torch._inductor.config.force_disable_caches = True
     warnings.filterwarnings("ignore", message="dynamo_pgo force disabled")  # repeated once per compile
@@ -521,56 +462,57 @@ def main(argv=None) -> int:
     if skipped:
         print(f"skipping backends not available on {device}: {skipped} (available: {runnable})", file=sys.stderr)
 
-    flush_buffer = torch.ones(args.copy_mib * MIB // 4, dtype=torch.float32, device=device)
+    copy_buffer = torch.ones(args.copy_mib * MIB // 4, dtype=torch.float32, device=device)
+    flush_buffer = copy_buffer if args.flush_mib == args.copy_mib else copy_buffer[: args.flush_mib * MIB // 4]
     timer = Timer(device, flush_buffer, args.warmup, args.repeat)
-    copy_gbps_start = copy_bandwidth_gbps(timer)
+    copy_gbps_start = copy_bandwidth_gbps(timer, copy_buffer)
+    print(f"copy bandwidth {copy_gbps_start:.1f} GB/s ({args.copy_mib} MiB, read + write)", file=sys.stderr)
 
-    rows = []
-    for name in args.shapes:
-        for mode in args.modes:
-            problem = make_problem(name, mode, device, dtype)
-            rows += measure_case(problem, backends, timer, device)
-            del problem
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-
-    # The bound uses the better of two copies (start and end of the run): load from other work only
-    # lowers a copy's bandwidth, and a bound that is too easy would flatter the fused kernels.
-    copy_gbps_end = copy_bandwidth_gbps(timer)
-    copy_gbps = max(copy_gbps_start, copy_gbps_end)
-    for row in rows:
-        if "ms" in row:
-            row["bound_ms"] = row["min_bytes_moved"] / (copy_gbps * 1e9) * 1e3
-            row["bound_ratio"] = row["ms"] / row["bound_ms"]
-
-    print(f"# {info['device_name']} | torch {info['torch']} | {info['threads']} threads | "
-          f"CPU capability {info['cpu_capability']} | copy bandwidth {copy_gbps:.1f} GB/s | {args.dtype}")
-    print(format_table(rows))
-    print()
-    print(format_first_calls(rows))
-    checks = check_targets(rows, device.type)
-    print()
-    print(format_checks(checks))
-
-    path = args.json
-    if path is None:
-        suffix = "" if args.dtype == "float32" else f"-{args.dtype}"
-        path = os.path.join(args.results_dir, f"{slug(info['device_name'])}{suffix}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    path = args.json or default_json_path(args, info["device_name"])
     report = {
         "device": info,
-        "dtype": args.dtype,
+        "dtypes": args.dtype,
+        "quick": args.quick,
         "repeat": args.repeat,
         "warmup": args.warmup,
         "copy_buffer_mib": args.copy_mib,
-        "copy_bandwidth_gbps": copy_gbps,
-        "copy_bandwidth_gbps_start_end": [copy_gbps_start, copy_gbps_end],
-        "rows": rows,
-        "spec_targets": checks,
+        "flush_buffer_mib": args.flush_mib,
+        "backends": backends,
+        "complete": False,
+        "rows": [],
     }
-    with open(path, "w") as f:
-        json.dump(report, f, indent=2)
-    print(f"\nwrote {path}", file=sys.stderr)
+    rows = report["rows"]
+    for dtype in args.dtype:
+        for name in args.shapes:
+            for mode in args.modes:
+                problem = make_problem(name, mode, device, DTYPES[dtype], quick=args.quick)
+                case_rows = measure_case(problem, backends, timer, device, info["device_name"])
+                del problem
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                apply_copy_bandwidth(case_rows, copy_gbps_start)  # provisional: the start copy only
+                rows += case_rows
+                report["copy_bandwidth_gbps"] = copy_gbps_start
+                write_json(path, report)  # a run stopped early keeps the cases it finished
+
+    # The bound uses the better of two copies (start and end of the run): load from other work only
+    # lowers a copy's bandwidth, and a bound that is too easy would flatter the fused kernels.
+    copy_gbps_end = copy_bandwidth_gbps(timer, copy_buffer)
+    copy_gbps = max(copy_gbps_start, copy_gbps_end)
+    apply_copy_bandwidth(rows, copy_gbps)
+    checks = [] if args.quick else check_targets(rows, device.type)  # the SPEC targets are for the real shapes
+
+    title = (f"# {info['device_name']} | torch {info['torch']} | {info['threads']} threads | "
+             f"CPU capability {info['cpu_capability']} | copy bandwidth {copy_gbps:.1f} GB/s | "
+             f"{', '.join(args.dtype)}")
+    tables = "\n\n".join([title, format_table(rows), format_first_calls(rows), format_checks(checks)])
+    print(tables)
+    report.update(copy_bandwidth_gbps=copy_gbps, copy_bandwidth_gbps_start_end=[copy_gbps_start, copy_gbps_end],
+                  spec_targets=checks, complete=True)
+    write_json(path, report)
+    with open(os.path.splitext(path)[0] + ".md", "w") as f:
+        f.write(tables + "\n")
+    print(f"\nwrote {path} and its .md", file=sys.stderr)
     return 0
 
 
