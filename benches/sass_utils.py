@@ -38,7 +38,7 @@ BUDGET_EXP2_PER_ELEMENT = 1.0
 _INSTR = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(?:(@!?U?P[T0-9]+)\s+)?([A-Z][A-Z0-9_.]*)\s*(.*?)\s*;")
 _LABEL = re.compile(r"^\s*(\.L_x_\d+):")
 _FUNC = re.compile(r"^\s*(?:Function\s*:\s*(\S+)|\.text\.(\S+):)\s*$")
-_LINE = re.compile(r'//## File "([^"]*)", line (\d+)')
+_LINE = re.compile(r'(?:File|inlined at) "([^"]*)", line (\d+)')
 _TARGET = re.compile(r"`\((\.L_x_\d+)\)|\b0x([0-9a-f]+)\b")
 _MARKER = re.compile(r"SASS_LOOP\(\s*([\w\-]+)\s*,\s*(\w+)\s*\)")
 
@@ -193,17 +193,21 @@ def parse_sass(text: str) -> dict[str, Function]:
     name = None
     lines: tuple[tuple[str, int], ...] = ()
     pending_labels: list[str] = []
+    fresh_lines = True  # the next //## line starts a new chain (an instruction came in between)
     for line in text.splitlines():
         m = _FUNC.match(line)
         if m:
             name = m.group(1) or m.group(2)
             raw[name] = ([], {})
-            lines, pending_labels = (), []
+            lines, pending_labels, fresh_lines = (), [], True
             continue
         if name is None:
             continue
         if "//##" in line:
-            lines = tuple((f, int(n)) for f, n in _LINE.findall(line))
+            # An inline chain spans consecutive comment lines, innermost frame first.
+            if fresh_lines:
+                lines, fresh_lines = (), False
+            lines += tuple((f, int(n)) for f, n in _LINE.findall(line))
             continue
         m = _LABEL.match(line)
         if m:
@@ -216,6 +220,7 @@ def parse_sass(text: str) -> dict[str, Function]:
                 labels[label] = len(instrs)
             pending_labels = []
             instrs.append(Instruction(int(m.group(1), 16), m.group(2), m.group(3), m.group(4), lines))
+            fresh_lines = True
     return {n: Function(n, instrs, find_loops(instrs, labels)) for n, (instrs, labels) in raw.items()}
 
 

@@ -104,15 +104,24 @@ __device__ __forceinline__ void store_n(scalar_t* p, const acc_t (&in)[N]) {
   }
 }
 
-// exp(x) for x <= 0 (arguments are zhat - row max): one MUFU.EX2 of the scaled difference. The
-// flush of results below 2^-126 to zero changes probabilities by < 1e-38.
-__device__ __forceinline__ float exp_nonpositive(float x) {
+// exp(x - m) for x <= m (m: the row max of zhat) from scaled_max(m) = m * log2(e): one FFMA and one
+// MUFU.EX2. The product x * log2(e) is exact inside the FMA; the rounding of m * log2(e) shifts the
+// exponent by at most |m| * 2^-24 (relative error of e below 1e-5 for |m| < 100). The flush of
+// results below 2^-126 to zero changes probabilities by < 1e-38.
+constexpr float kLog2e = 1.4426950408889634f;
+__device__ __forceinline__ float scaled_max(float m) {
+  return m * kLog2e;
+}
+__device__ __forceinline__ float exp_from_max(float x, float m_scaled) {
   float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.4426950408889634f));
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(fma(x, kLog2e, -m_scaled)));
   return y;
 }
-__device__ __forceinline__ double exp_nonpositive(double x) {
-  return exp(x);
+__device__ __forceinline__ double scaled_max(double m) {
+  return m;
+}
+__device__ __forceinline__ double exp_from_max(double x, double m) {
+  return exp(x - m);
 }
 
 // Correctly rounded reciprocal. Kernels multiply by it instead of dividing: IEEE division calls a

@@ -349,10 +349,10 @@ __global__ void __launch_bounds__(kBlock, kTileBlocksPerSM) tile_kernel(const Ti
         if (PIXELS) {
 #pragma unroll
           for (int i = 0; i < V; ++i) {
-            mrow[i] = i < n_pix ? row_max[p0 + i] : acc_t(0);
+            mrow[i] = i < n_pix ? scaled_max(row_max[p0 + i]) : acc_t(0);
           }
         } else if (row_active) {
-          mrow[0] = row_max[row];
+          mrow[0] = scaled_max(row_max[row]);
         }
       }
       const bool cache = !CALIBRATE && p.e_cached;
@@ -376,7 +376,7 @@ __global__ void __launch_bounds__(kBlock, kTileBlocksPerSM) tile_kernel(const Ti
 #pragma unroll
                 for (int i = 0; i < V; ++i) {
                   const acc_t u = affine_u(z[i], a, b);
-                  e[i] = exp_nonpositive(fma(px_s[i], u, z[i]) - mrow[i]);
+                  e[i] = exp_from_max(fma(px_s[i], u, z[i]), mrow[i]);
                   sum[i] += e[i];
                   dot[i] = fma(e[i], u, dot[i]);
                 }
@@ -397,7 +397,7 @@ __global__ void __launch_bounds__(kBlock, kTileBlocksPerSM) tile_kernel(const Ti
                 if (CALIBRATE) {
                   dot[i] = fma(to_acc<acc_t>(tile2[jl * LS + p0 + i]), u, dot[i]);
                 } else {
-                  const acc_t e = exp_nonpositive(fma(px_s[i], u, z) - mrow[i]);
+                  const acc_t e = exp_from_max(fma(px_s[i], u, z), mrow[i]);
                   sum[i] += e;
                   dot[i] = fma(e, u, dot[i]);
                   if (cache) {
@@ -430,7 +430,7 @@ __global__ void __launch_bounds__(kBlock, kTileBlocksPerSM) tile_kernel(const Ti
 #pragma unroll
               for (int i = 0; i < V; ++i) {
                 const acc_t u = affine_u(z[i], a[i], b[i]);
-                e[i] = exp_nonpositive(fma(s, u, z[i]) - mrow[0]);
+                e[i] = exp_from_max(fma(s, u, z[i]), mrow[0]);
                 sum[0] += e[i];
                 dot[0] = fma(e[i], u, dot[0]);
               }
@@ -445,7 +445,7 @@ __global__ void __launch_bounds__(kBlock, kTileBlocksPerSM) tile_kernel(const Ti
             if (CALIBRATE) {
               dot[0] = fma(to_acc<acc_t>(line2[jl]), u, dot[0]);
             } else {
-              const acc_t e = exp_nonpositive(fma(s, u, z) - mrow[0]);
+              const acc_t e = exp_from_max(fma(s, u, z), mrow[0]);
               sum[0] += e;
               dot[0] = fma(e, u, dot[0]);
               if (cache) {
@@ -523,177 +523,185 @@ __global__ void __launch_bounds__(kBlock, kTileBlocksPerSM) tile_kernel(const Ti
     // 3. The sweep: dzhat, grad_logits, alpha / beta gradients.
     if (want_sweep) {
       __syncthreads();
-      const bool cache = !CALIBRATE && p.e_cached;
-      for_each_chunk([&](int first_class, int classes) {
-        if (PIXELS) {
-          if (n_pix > 0) {
-            acc_t gwp[V], gw[V], mx[V];
-            int y[V];
+      // Cached or recomputed exponentials as a template choice, so each hot loop has one body.
+      auto sweep = [&](auto cached) {
+        constexpr bool cache = decltype(cached)::value && !CALIBRATE;
+        for_each_chunk([&](int first_class, int classes) {
+          if (PIXELS) {
+            if (n_pix > 0) {
+              acc_t gwp[V], gw[V], mx[V];
+              int y[V];
 #pragma unroll
-            for (int i = 0; i < V; ++i) {
-              const bool ok = !CALIBRATE && i < n_pix;
-              gwp[i] = ok ? row_gwp[p0 + i] : acc_t(0);
-              gw[i] = ok ? row_gw[p0 + i] : acc_t(0);
-              mx[i] = ok ? row_max[p0 + i] : acc_t(0);
-              y[i] = ok ? row_y[p0 + i] - first_class : -1;
-            }
-            // dzhat of the thread's pixels for class jl of the chunk (N of them from pixel p0 + i0).
-            auto sweep_class = [&](auto full, int jl, int i0) {
-              constexpr int N = decltype(full)::value ? V : 1;
-              const acc_t a = sa[jl];
-              const acc_t b = sb[jl];
-              const int at = jl * LS + p0 + i0;
-              acc_t z[N], dz[N];
-              load_n<N>(tile + at, z);
-              if (CALIBRATE) {
-                load_n<N>(tile2 + at, dz);
-              } else {
-                acc_t e[N];
-                if (cache) {
-                  load_n<N>(ebuf + jl * ES + p0 + i0, e);
+              for (int i = 0; i < V; ++i) {
+                const bool ok = !CALIBRATE && i < n_pix;
+                gwp[i] = ok ? row_gwp[p0 + i] : acc_t(0);
+                gw[i] = ok ? row_gw[p0 + i] : acc_t(0);
+                mx[i] = ok ? scaled_max(row_max[p0 + i]) : acc_t(0);
+                y[i] = ok ? row_y[p0 + i] - first_class : -1;
+              }
+              // dzhat of the thread's pixels for class jl of the chunk (N of them from pixel p0 + i0).
+              auto sweep_class = [&](auto full, int jl, int i0) {
+                constexpr int N = decltype(full)::value ? V : 1;
+                const acc_t a = sa[jl];
+                const acc_t b = sb[jl];
+                const int at = jl * LS + p0 + i0;
+                acc_t z[N], dz[N];
+                load_n<N>(tile + at, z);
+                if (CALIBRATE) {
+                  load_n<N>(tile2 + at, dz);
                 } else {
+                  acc_t e[N];
+                  if constexpr (cache) {
+                    load_n<N>(ebuf + jl * ES + p0 + i0, e);
+                  } else {
+#pragma unroll
+                    for (int i = 0; i < N; ++i) {
+                      e[i] = exp_from_max(calibrated(z[i], px_s[i0 + i], a, b), mx[i0 + i]);
+                    }
+                  }
 #pragma unroll
                   for (int i = 0; i < N; ++i) {
-                    e[i] = exp_nonpositive(calibrated(z[i], px_s[i0 + i], a, b) - mx[i0 + i]);
+                    dz[i] = e[i] * gwp[i0 + i];
+                    if (y[i0 + i] == jl) {
+                      dz[i] -= gw[i0 + i];
+                    }
                   }
                 }
+                acc_t da = 0;
+                acc_t db = 0;
+                acc_t g[N];
 #pragma unroll
                 for (int i = 0; i < N; ++i) {
-                  dz[i] = e[i] * gwp[i0 + i];
-                  if (y[i0 + i] == jl) {
-                    dz[i] -= gw[i0 + i];
+                  const acc_t s = px_s[i0 + i];
+                  const acc_t t = dz[i] * s;
+                  g[i] = dz[i] * fma(s, a, acc_t(1));
+                  da = fma(t, z[i], da);
+                  db += t;
+                }
+                if (GRAD) {
+                  store_n<N>(tile + at, g);
+                }
+                const int slot = pv * AS + first_class + jl;
+                if (want_alpha) {
+                  acc_alpha[slot] += da;
+                }
+                if (want_beta) {
+                  acc_beta[slot] += db;
+                }
+              };
+              if (n_pix == V) {
+                for (int jl = member; jl < classes; jl += G) {  // SASS_LOOP(sweep-pixels, V)
+                  sweep_class(Flag<true>{}, jl, 0);
+                }
+              } else {
+                for (int jl = member; jl < classes; jl += G) {
+#pragma unroll
+                  for (int i = 0; i < V; ++i) {
+                    if (i < n_pix) {
+                      sweep_class(Flag<false>{}, jl, i);
+                    }
                   }
                 }
               }
-              acc_t da = 0;
-              acc_t db = 0;
-              acc_t g[N];
+            }
+          } else {
+            // Column walk: item (slice q, class vector) walks rows q, q + slices, ... of the tile.
+            auto sweep_columns = [&](auto full, int q, int jl0) {
+              constexpr int N = decltype(full)::value ? V : 1;
+              acc_t a[N], b[N], da[N], db[N];
+              load_n<N>(sa + jl0, a);
+              load_n<N>(sb + jl0, b);
 #pragma unroll
               for (int i = 0; i < N; ++i) {
-                const acc_t s = px_s[i0 + i];
-                const acc_t t = dz[i] * s;
-                g[i] = dz[i] * fma(s, a, acc_t(1));
-                da = fma(t, z[i], da);
-                db += t;
+                da[i] = 0;
+                db[i] = 0;
               }
-              if (GRAD) {
-                store_n<N>(tile + at, g);
+              for (int r = q; r < valid; r += p.slices) {  // SASS_LOOP(sweep-classes, V)
+                const acc_t s = row_s[r];
+                const int at = r * LS + jl0;
+                acc_t z[N], dz[N];
+                load_n<N>(tile + at, z);
+                if (CALIBRATE) {
+                  load_n<N>(tile2 + at, dz);
+                } else {
+                  const acc_t gwp = row_gwp[r];
+                  const acc_t gw = row_gw[r];
+                  const int y = row_y[r] - first_class - jl0;
+                  acc_t e[N];
+                  if constexpr (cache) {
+                    load_n<N>(ebuf + r * ES + jl0, e);
+                  } else {
+                    const acc_t m = scaled_max(row_max[r]);
+#pragma unroll
+                    for (int i = 0; i < N; ++i) {
+                      e[i] = exp_from_max(calibrated(z[i], s, a[i], b[i]), m);
+                    }
+                  }
+#pragma unroll
+                  for (int i = 0; i < N; ++i) {
+                    dz[i] = e[i] * gwp;
+                    if (y == i) {
+                      dz[i] -= gw;
+                    }
+                  }
+                }
+                acc_t g[N];
+#pragma unroll
+                for (int i = 0; i < N; ++i) {
+                  const acc_t t = dz[i] * s;
+                  g[i] = dz[i] * fma(s, a[i], acc_t(1));
+                  da[i] = fma(t, z[i], da[i]);
+                  db[i] += t;
+                }
+                if (GRAD) {
+                  store_n<N>(tile + at, g);
+                }
               }
-              const int slot = pv * AS + first_class + jl;
+              acc_t* acc_a = acc_alpha + q * AS + first_class + jl0;
+              acc_t* acc_b = acc_beta + q * AS + first_class + jl0;
               if (want_alpha) {
-                acc_alpha[slot] += da;
+                acc_t cur[N];
+                load_n<N>(acc_a, cur);
+#pragma unroll
+                for (int i = 0; i < N; ++i) {
+                  cur[i] += da[i];
+                }
+                store_n<N>(acc_a, cur);
               }
               if (want_beta) {
-                acc_beta[slot] += db;
-              }
-            };
-            if (n_pix == V) {
-              for (int jl = member; jl < classes; jl += G) {  // SASS_LOOP(sweep-pixels, V)
-                sweep_class(Flag<true>{}, jl, 0);
-              }
-            } else {
-              for (int jl = member; jl < classes; jl += G) {
-#pragma unroll
-                for (int i = 0; i < V; ++i) {
-                  if (i < n_pix) {
-                    sweep_class(Flag<false>{}, jl, i);
-                  }
-                }
-              }
-            }
-          }
-        } else {
-          // Column walk: item (slice q, class vector) walks rows q, q + slices, ... of the tile.
-          auto sweep_columns = [&](auto full, int q, int jl0) {
-            constexpr int N = decltype(full)::value ? V : 1;
-            acc_t a[N], b[N], da[N], db[N];
-            load_n<N>(sa + jl0, a);
-            load_n<N>(sb + jl0, b);
-#pragma unroll
-            for (int i = 0; i < N; ++i) {
-              da[i] = 0;
-              db[i] = 0;
-            }
-            for (int r = q; r < valid; r += p.slices) {  // SASS_LOOP(sweep-classes, V)
-              const acc_t s = row_s[r];
-              const int at = r * LS + jl0;
-              acc_t z[N], dz[N];
-              load_n<N>(tile + at, z);
-              if (CALIBRATE) {
-                load_n<N>(tile2 + at, dz);
-              } else {
-                const acc_t gwp = row_gwp[r];
-                const acc_t gw = row_gw[r];
-                const int y = row_y[r] - first_class - jl0;
-                acc_t e[N];
-                if (cache) {
-                  load_n<N>(ebuf + r * ES + jl0, e);
-                } else {
-                  const acc_t m = row_max[r];
-#pragma unroll
-                  for (int i = 0; i < N; ++i) {
-                    e[i] = exp_nonpositive(calibrated(z[i], s, a[i], b[i]) - m);
-                  }
-                }
+                acc_t cur[N];
+                load_n<N>(acc_b, cur);
 #pragma unroll
                 for (int i = 0; i < N; ++i) {
-                  dz[i] = e[i] * gwp;
-                  if (y == i) {
-                    dz[i] -= gw;
-                  }
+                  cur[i] += db[i];
                 }
+                store_n<N>(acc_b, cur);
               }
-              acc_t g[N];
-#pragma unroll
-              for (int i = 0; i < N; ++i) {
-                const acc_t t = dz[i] * s;
-                g[i] = dz[i] * fma(s, a[i], acc_t(1));
-                da[i] = fma(t, z[i], da[i]);
-                db[i] += t;
-              }
-              if (GRAD) {
-                store_n<N>(tile + at, g);
-              }
+            };
+            const int nfull = classes / V;
+            for (int item = threadIdx.x; item < p.slices * nfull; item += kBlock) {
+              const int q = item / nfull;
+              sweep_columns(Flag<true>{}, q, (item - q * nfull) * V);
             }
-            acc_t* acc_a = acc_alpha + q * AS + first_class + jl0;
-            acc_t* acc_b = acc_beta + q * AS + first_class + jl0;
-            if (want_alpha) {
-              acc_t cur[N];
-              load_n<N>(acc_a, cur);
-#pragma unroll
-              for (int i = 0; i < N; ++i) {
-                cur[i] += da[i];
-              }
-              store_n<N>(acc_a, cur);
+            const int rem = classes - nfull * V;
+            for (int item = threadIdx.x; item < p.slices * rem; item += kBlock) {
+              const int q = item / rem;
+              sweep_columns(Flag<false>{}, q, nfull * V + item - q * rem);
             }
-            if (want_beta) {
-              acc_t cur[N];
-              load_n<N>(acc_b, cur);
-#pragma unroll
-              for (int i = 0; i < N; ++i) {
-                cur[i] += db[i];
-              }
-              store_n<N>(acc_b, cur);
-            }
-          };
-          const int nfull = classes / V;
-          for (int item = threadIdx.x; item < p.slices * nfull; item += kBlock) {
-            const int q = item / nfull;
-            sweep_columns(Flag<true>{}, q, (item - q * nfull) * V);
           }
-          const int rem = classes - nfull * V;
-          for (int item = threadIdx.x; item < p.slices * rem; item += kBlock) {
-            const int q = item / rem;
-            sweep_columns(Flag<false>{}, q, nfull * V + item - q * rem);
+          if (GRAD) {
+            __syncthreads();
+            copy_tile<PIXELS, false>(
+                tile, LS, p.grad_logits, p.grad_strides, TileSpan{row_base_out, valid, first_class, classes},
+                p.grad_unit);
           }
-        }
-        if (GRAD) {
-          __syncthreads();
-          copy_tile<PIXELS, false>(
-              tile, LS, p.grad_logits, p.grad_strides, TileSpan{row_base_out, valid, first_class, classes},
-              p.grad_unit);
-        }
-      });
+        });
+      };
+      if (!CALIBRATE && p.e_cached) {
+        sweep(Flag<true>{});
+      } else {
+        sweep(Flag<false>{});
+      }
     }
     __syncthreads();  // the next tile overwrites the tile and the row metadata
   }
