@@ -543,7 +543,6 @@ __global__ void __launch_bounds__(kBlock, kTileBlocksPerSM) tile_kernel(const Ti
               auto sweep_class = [&](auto full, int jl, int i0) {
                 constexpr int N = decltype(full)::value ? V : 1;
                 const acc_t a = sa[jl];
-                const acc_t b = sb[jl];
                 const int at = jl * LS + p0 + i0;
                 acc_t z[N], dz[N];
                 load_n<N>(tile + at, z);
@@ -556,7 +555,7 @@ __global__ void __launch_bounds__(kBlock, kTileBlocksPerSM) tile_kernel(const Ti
                   } else {
 #pragma unroll
                     for (int i = 0; i < N; ++i) {
-                      e[i] = exp_from_max(calibrated(z[i], px_s[i0 + i], a, b), mx[i0 + i]);
+                      e[i] = exp_from_max(calibrated(z[i], px_s[i0 + i], a, sb[jl]), mx[i0 + i]);
                     }
                   }
 #pragma unroll
