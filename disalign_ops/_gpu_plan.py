@@ -11,12 +11,12 @@ the stage-2 kernels' only extra memory beyond their outputs.
 
 # The partial rows may take at most this fraction of the logits' bytes (the SPEC's stage-2 target:
 # extra memory < 1% of the logits) ...
-PARTIALS_BUDGET_FRACTION = 0.01
+PARTIALS_FRACTION_OF_LOGITS = 0.01
 
 # ... except that the grid never drops below this many resident blocks per SM (SPEC/issue 9: at least
 # one per SM on every benchmark shape; fewer leaves SMs, i.e. bandwidth, idle). The floor wins where
 # the two conflict: with one partial row per block and 132 SMs, (N, C) logits need
-# N >= 132 * 2 * 4 / (elem_size * PARTIALS_BUDGET_FRACTION) rows (52800 for bf16, 26400 for fp32) to
+# N >= 132 * 2 * 4 / (elem_size * PARTIALS_FRACTION_OF_LOGITS) rows (52800 for bf16, 26400 for fp32) to
 # fit 1%; cls-imagenet / cls-inat (N = 4096) then take ~12.9% (bf16) / ~6.4% (fp32) of the logits,
 # det-lvis (N = 8192) half of that. Meeting both needs a cross-block reduction that does not go
 # through global partial rows (thread-block clusters with distributed shared memory on sm_90).
@@ -29,7 +29,7 @@ def partial_rows(logits_bytes: int, row_bytes: int, multiprocessors: int, wanted
     The CUDA planner (csrc/cuda/plan.h, partial_rows) implements the same rule on the same macros."""
     if row_bytes <= 0:
         return max(1, wanted_blocks)
-    budget = int(logits_bytes * PARTIALS_BUDGET_FRACTION) // row_bytes
+    budget = int(logits_bytes * PARTIALS_FRACTION_OF_LOGITS) // row_bytes
     floor = min(wanted_blocks, MIN_BLOCKS_PER_SM * multiprocessors)
     return max(1, floor, min(wanted_blocks, budget))
 
@@ -37,6 +37,6 @@ def partial_rows(logits_bytes: int, row_bytes: int, multiprocessors: int, wanted
 def compiler_macros() -> list[tuple[str, str]]:
     """The constants as C macros (setup.py, benches/sass_budget.py, the planner's CPU test)."""
     return [
-        ("DISALIGN_PARTIALS_BUDGET_FRACTION", repr(float(PARTIALS_BUDGET_FRACTION))),
+        ("DISALIGN_PARTIALS_BUDGET_FRACTION", repr(float(PARTIALS_FRACTION_OF_LOGITS))),
         ("DISALIGN_MIN_BLOCKS_PER_SM", str(int(MIN_BLOCKS_PER_SM))),
     ]
