@@ -35,6 +35,14 @@ CPU_CAPABILITIES = [
 ]
 
 
+def gpu_plan_macros():
+    """Launch-planning constants shared with the Triton backend, defined once in disalign_ops/_gpu_plan.py
+    (loaded from its file: the package itself is not importable while it is being built)."""
+    import runpy
+
+    return runpy.run_path(os.path.join(ROOT, "disalign_ops", "_gpu_plan.py"))["compiler_macros"]()
+
+
 def build_cuda() -> bool:
     choice = os.environ.get("DISALIGN_CUDA")
     if choice is not None:
@@ -69,7 +77,8 @@ def extension():
     common = dict(
         name="disalign_ops._C",
         include_dirs=[os.path.join(ROOT, "csrc")],
-        depends=glob.glob("csrc/**/*.h", recursive=True),
+        depends=glob.glob("csrc/**/*.h", recursive=True) + glob.glob("csrc/**/*.cuh", recursive=True)
+        + [os.path.join("disalign_ops", "_gpu_plan.py")],
         extra_link_args=["-fopenmp"],
         py_limited_api=False,
     )
@@ -81,7 +90,7 @@ def extension():
         nvcc_flags += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ("80", "90")]
         return CUDAExtension(
             sources=sources,
-            define_macros=[("DISALIGN_WITH_CUDA", None)],
+            define_macros=[("DISALIGN_WITH_CUDA", None)] + gpu_plan_macros(),
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
             **common,
         )

@@ -28,6 +28,9 @@ flags=(-c -std=c++17 -O3 -Icsrc
        -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__
        -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__
        -Xptxas -v)
+# The partial-sum budget constants, from their one definition (disalign_ops/_gpu_plan.py), as setup.py passes them.
+mapfile -t plan_macros < <(python3 -c "import runpy; [print(f'-D{k}={v}') for k, v in runpy.run_path('disalign_ops/_gpu_plan.py')['compiler_macros']()]")
+flags+=("${plan_macros[@]}")
 status=0
 for src in csrc/cuda/*.cu; do
   log="$work/$(basename "$src").log"
@@ -89,7 +92,7 @@ else
   py_inc=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['include'])")
   for src in csrc/cuda/*.cpp csrc/common/*.cpp; do
     # shellcheck disable=SC2086
-    if ! g++ -std=c++17 -fsyntax-only -Wno-c++20-extensions -DDISALIGN_WITH_CUDA -Icsrc -I"$stubs" $torch_inc -I"$cuda_inc" -I"$py_inc" "$src"; then
+    if ! g++ -std=c++17 -fsyntax-only -Wno-c++20-extensions -DDISALIGN_WITH_CUDA "${plan_macros[@]}" -Icsrc -I"$stubs" $torch_inc -I"$cuda_inc" -I"$py_inc" "$src"; then
       echo "check_cuda: FAILED binding syntax check of $src"
       exit 1
     fi

@@ -204,7 +204,7 @@ def _with_bad_target(shape, value):
 def test_out_of_range_target_gives_nan_without_sync(shape, value, monkeypatch):
     """Default: no device sync; the bad row's loss and gradients are NaN, nothing is read out of bounds
     and the CUDA context stays usable."""
-    monkeypatch.delenv("DISALIGN_CUDA_CHECK_TARGETS", raising=False)
+    monkeypatch.delenv("DISALIGN_CHECK_TARGETS", raising=False)
     inputs = _with_bad_target(shape, value)
     mean = loss_and_grads(NATIVE, inputs, "mean")
     assert torch.isnan(mean.loss)
@@ -213,13 +213,17 @@ def test_out_of_range_target_gives_nan_without_sync(shape, value, monkeypatch):
     good = inputs.target.view(-1) != inputs.ignore_index
     good[5] = False
     assert torch.isfinite(per_row.loss.view(-1)[good]).all()
+    # Poisoned, not skipped: the bad row's whole dlogits row and the class / confidence gradients are NaN.
+    full = loss_and_grads(NATIVE, inputs, "sum")
+    assert torch.isnan(full.grads["logits"].movedim(1, -1).reshape(-1, inputs.logits.shape[1])[5]).all()
+    assert torch.isnan(full.grads["alpha"]).all() and torch.isnan(full.grads["beta"]).all()
     torch.cuda.synchronize()
     assert torch.ones(3, device="cuda").sum().item() == 3
 
 
 @pytest.mark.parametrize("value", [-1, 7, 10**12])
 def test_out_of_range_target_raises_naming_the_value_when_checked(value, monkeypatch):
-    monkeypatch.setenv("DISALIGN_CUDA_CHECK_TARGETS", "1")
+    monkeypatch.setenv("DISALIGN_CHECK_TARGETS", "1")
     inputs = _with_bad_target((50, 7), value)
     with pytest.raises(IndexError, match=f"target contains {value}"):
         loss_and_grads(NATIVE, inputs, "mean")

@@ -1,13 +1,12 @@
-// CUDA implementations of the disalign ops: workspaces, stream and target reporting around the
-// torch-free launchers of disalign_kernels.cu (disalign_cuda.h); checks, layout and dtype
+// CUDA implementations of the disalign ops: workspaces and stream around the torch-free launchers
+// of csrc/cuda (disalign_cuda.h); checks, layout and dtype
 // preparation are shared with the CPU binding (csrc/common/op_common.h). Compiled only in a CUDA
 // build of the extension (setup.py, DISALIGN_CUDA).
 //
 // Out-of-range targets: the kernels never index with them and give their rows a NaN loss and NaN
-// gradients, so a bad batch is never silent, without a device sync. Reporting the offending value
-// as an IndexError needs the host to read a device flag, i.e. a sync that stalls the stream and is
-// illegal during CUDA graph capture; it is done only when DISALIGN_CUDA_CHECK_TARGETS=1 (debugging).
-// A device-side assert was rejected: it poisons the CUDA context for the rest of the process.
+// gradients, so a bad batch is never silent, without a device sync or a device assert (which would
+// poison the CUDA context). Raising IndexError needs the values on the host: the Python front-end
+// does that when DISALIGN_CHECK_TARGETS=1 (disalign_ops/api.py), for every backend alike.
 #include "common/op_common.h"
 #include "cuda/disalign_cuda.h"
 
@@ -16,8 +15,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <cstring>
 #include <limits>
 #include <optional>
 #include <utility>
@@ -62,11 +59,6 @@ at::Tensor workspace_for(size_t bytes, const at::Tensor& logits) {
   return bytes ? at::empty({static_cast<int64_t>(bytes)}, logits.options().dtype(at::kByte)) : at::Tensor();
 }
 
-bool synchronous_target_check() {
-  const char* flag = std::getenv("DISALIGN_CUDA_CHECK_TARGETS");
-  return flag != nullptr && std::strcmp(flag, "1") == 0;
-}
-
 // The device-specific part of the ops (see csrc/common/op_common.h). The launchers are called as
 // cuda::<op>: the members of the same names hide them.
 struct CudaKernels {
@@ -80,9 +72,6 @@ struct CudaKernels {
     const KernelCall call =
         prepare_loss(in, reduction, grad_loss, grad_mask, {in.logits.size(1)}, kRowsWithoutSpatialDims);
     const at::Tensor target_flat = in.target.contiguous().view({-1});
-    const at::Tensor bad_target = synchronous_target_check()
-        ? at::full({}, in.ignore_index, in.target.options().dtype(at::kLong))
-        : at::Tensor();
 
     auto args = call.kernel_args<LossArgs>();
     args.dtype = kernel_dtype(in.logits.scalar_type());
@@ -97,14 +86,10 @@ struct CudaKernels {
     args.grad_alpha = data_or_null(call.grad_alpha);
     args.grad_beta = data_or_null(call.grad_beta);
     args.grad_confidence = call.grad_confidence_data();
-    args.bad_target = bad_target.defined() ? bad_target.mutable_data_ptr<int64_t>() : nullptr;
 
     const at::Tensor workspace = workspace_for(cross_entropy_workspace_bytes(args), in.logits);
     check_launch(
         cuda::cross_entropy(args, data_or_null(workspace), at::cuda::getCurrentCUDAStream().stream()), "cross_entropy");
-    if (bad_target.defined()) {
-      check_target(bad_target.item<int64_t>(), in.logits.size(1), in.ignore_index);  // synchronises: debugging only
-    }
     return {call.loss, call.finish_gradients(in.calibrate_inputs(), to_dtype_of)};
   }
 

@@ -1,4 +1,5 @@
-// Launchers of the CUDA kernels of the disalign ops (csrc/cuda/disalign_kernels.cu).
+// Launchers of the CUDA kernels of the disalign ops (loss_kernels.cu, calibrate_backward.cu,
+// calibrate_kernel.cu; tile planning in plan.h).
 //
 // This header is shared by the torch-free kernel file and the torch binding (disalign_cuda.cpp), so it
 // includes CUDA's own runtime header and the torch-free common/layout.h only. The binding (with
@@ -38,9 +39,8 @@ struct LossArgs : CalibrationOperands {
   void* grad_beta;        // per class, optional
   void* grad_confidence;  // per row, optional
   // Out-of-range targets (neither ignore_index nor in [0, C)) are never used as an index: their rows
-  // get a NaN loss and NaN gradients, so a reduced loss is NaN. When bad_target is given (an int64
-  // on the device holding ignore_index) the first such value seen is also stored there.
-  int64_t* bad_target;
+  // get a NaN loss and NaN gradients (dlogits row, their dalpha / dbeta / dconfidence terms), so a
+  // reduced loss is NaN. The Python front-end checks the values first when DISALIGN_CHECK_TARGETS=1.
 };
 
 // calibrate_backward: gradients of zhat = (1 + s*alpha) * z + s*beta for the upstream gradient grad.

@@ -1,0 +1,59 @@
+// Host-side helpers shared by the launchers of csrc/cuda: the dtype dispatch, device limits and
+// kernel occupancy cached per (device, kernel, shared bytes), and the reductions of per-block
+// partials (reduce_kernels.cu). Torch-free.
+#pragma once
+
+#include "cuda/device_math.cuh"
+#include "cuda/disalign_cuda.h"
+#include "cuda/plan.h"
+
+#include <cstddef>
+#include <cstdint>
+
+namespace disalign::cuda {
+
+static_assert(kBlock == kTileThreads, "plan.h and device_math.cuh describe the same block size");
+
+// Calls f(scalar_t{}, acc_t{}) for the dtype.
+template <typename F>
+auto dispatch_dtype(ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case ScalarType::kHalf:
+      return f(__half{}, float{});
+    case ScalarType::kBFloat16:
+      return f(__nv_bfloat16{}, float{});
+    case ScalarType::kFloat:
+      return f(float{}, float{});
+    case ScalarType::kDouble:
+      break;
+  }
+  return f(double{}, double{});
+}
+
+// The current device's limits, queried once per device.
+cudaError_t current_device_limits(int* device, DeviceLimits* limits);
+
+// Resident blocks per SM of `kernel` (kBlock threads) with `shared_bytes` of dynamic shared memory,
+// cached per (device, kernel, shared bytes); the kernel's dynamic shared memory limit is raised to
+// the device's opt-in maximum once per (device, kernel). 0 on error (err set).
+int cached_blocks_per_sm(int device, const void* kernel, int shared_bytes, int max_shared, cudaError_t* err);
+
+template <typename T>
+T* at_offset(void* workspace, size_t offset) {
+  return offset == SIZE_MAX ? nullptr : reinterpret_cast<T*>(static_cast<unsigned char*>(workspace) + offset);
+}
+
+// "mean" denominator: per-block partial sums of w[y] over the counted rows (reduce_kernels.cu).
+template <typename acc_t>
+cudaError_t launch_total_weight(const void* target, bool target_is_int64, const acc_t* weight, int64_t ignore_index,
+                                int64_t classes, int64_t rows, int blocks, acc_t* partials, cudaStream_t stream);
+
+// grad_alpha / grad_beta from the per-block partial rows (row stride row_stride, in block order) and
+// the reduced loss from its partials (divided by the total weight for "mean").
+template <typename acc_t>
+cudaError_t launch_finalize(int64_t classes, int blocks, int64_t row_stride, const acc_t* alpha_partials,
+                            const acc_t* beta_partials, acc_t* grad_alpha, acc_t* grad_beta,
+                            const acc_t* loss_partials, const acc_t* weight_partials, int num_weight_partials,
+                            acc_t* loss, cudaStream_t stream);
+
+}  // namespace disalign::cuda

@@ -1,0 +1,744 @@
+// The tile kernel of cross_entropy (forward with the gradients of the reduced loss in the same pass,
+// and the per-row backward of reduction "none") and of calibrate_backward, for both layouts. Torch-free.
+//
+// A tile is T rows x the classes of a chunk (all C unless very large), copied into shared memory
+// once (tile_copy.cuh), so the logits are read from HBM exactly once. Lines of the shared tile are
+// rows (kClassesContiguous: (N, C), NHWC) or classes (kPixelsContiguous: NCHW, transposed (N, C)),
+// 16-byte aligned, so every hot loop reads 16-byte vectors (8 half / bf16, 4 float elements):
+//   1. row max of zhat;
+//   2. exponentials e = exp(zhat - max), their sum (and sum e * (a*z + b) for ds), with e kept in
+//      shared memory (e_cached) for the sweep: one exponential per element;
+//   3. the sweep: dzhat = w_y * upstream * (e / sum - [j == y]), grad_logits (staged in place in the
+//      tile, stored coalesced), and the alpha / beta gradients accumulated in registers, then in
+//      per-block accumulators.
+// Classes contiguous: the row passes give each row G = 256 / T threads walking its class vectors;
+// the sweep walks columns (a thread owns a class vector, alpha / beta / the accumulators stay in
+// registers across the rows). Pixels contiguous: a thread owns a vector of pixels (their s, max,
+// gradient scale, target stay in registers) and walks classes in all three passes.
+// Plans that do not fit (very large C) recompute the exponential in the sweep (e_cached false).
+//
+// Determinism: every reduction has a fixed order; the per-class gradients go to per-block partials
+// summed by finalize_kernel in block order; the grid depends only on the shapes and the device.
+// Loops marked SASS_LOOP(name, V) are the steady state benches/sass_budget.py counts (V elements
+// per lane per iteration).
+#pragma once
+
+#include "cuda/device_math.cuh"
+#include "cuda/plan.h"
+#include "cuda/tile_copy.cuh"
+
+#include <type_traits>
+
+namespace disalign::cuda {
+
+// Resident blocks per SM the register budget is sized for (<= 128 registers): the vector loops keep
+// several 8-element arrays live; shared memory usually limits residency to 2-3 blocks anyway.
+constexpr int kTileBlocksPerSM = 2;
+
+template <typename scalar_t, typename acc_t>
+struct TileParams {
+  int64_t classes;
+  int64_t spatial;
+  int64_t rows;
+  // Plan (plan.h).
+  int tile_rows, pixel_vectors, group, chunk_classes, num_chunks, slices;
+  int line_stride, e_stride, ab_stride, acc_stride, ws_slices;
+  bool e_cached, acc_in_shared;
+  int64_t num_tiles;
+  int64_t tiles_per_image;
+  FastDivider by_tiles_per_image;
+  FastDivider by_spatial;
+  int offset_tile2, offset_e, offset_ab, offset_acc, offset_partials, offset_rows;
+  // Operands.
+  const scalar_t* logits;
+  Strides logits_strides;
+  int logits_unit;
+  const scalar_t* grad_in;  // calibrate_backward: dzhat
+  Strides grad_in_strides;
+  int grad_in_unit;
+  scalar_t* grad_logits;
+  Strides grad_strides;
+  int grad_unit;
+  const acc_t* alpha;
+  const acc_t* beta;
+  const acc_t* weight;
+  const acc_t* confidence;
+  const void* target;
+  bool target_is_int64;
+  int64_t ignore_index;
+  const acc_t* grad_loss;
+  const acc_t* weight_partials;  // "mean": the rows' upstream gradient is 1 / their sum
+  int num_weight_partials;
+  // Outputs.
+  acc_t* loss_rows;
+  acc_t* loss_partials;  // [blocks]
+  acc_t* grad_confidence;
+  acc_t* alpha_partials;  // [blocks][ws_slices][acc_stride]; slice 0 holds the block's sums
+  acc_t* beta_partials;
+};
+
+// Classes contiguous: stores this thread's partial of its row, pre-reduced across the lanes of the row.
+template <typename T, typename Op>
+__device__ void write_row_partial(T* partials, T v, int row, int member, int group, Op op) {
+  const int width = min(group, kWarp);
+  v = group_reduce(v, width, op);
+  if (member % width == 0) {
+    partials[row * (group / width) + member / width] = v;
+  }
+}
+
+template <typename T, typename Op>
+__device__ T read_row_partials(const T* partials, int row, int group, Op op) {
+  const int count = group / min(group, kWarp);
+  T v = partials[row * count];
+  for (int k = 1; k < count; ++k) {
+    v = op(v, partials[row * count + k]);
+  }
+  return v;
+}
+
+// Pixels contiguous: partial of (member, pixel r) at member * pixels + r; folded by member.
+template <typename T, typename Op>
+__device__ T fold_pixel_partials(const T* partials, int r, int pixels, int group, Op op) {
+  T v = partials[r];
+  for (int k = 1; k < group; ++k) {
+    v = op(v, partials[k * pixels + r]);
+  }
+  return v;
+}
+
+template <bool B>
+using Flag = std::integral_constant<bool, B>;
+
+template <typename scalar_t, typename acc_t, bool PIXELS, bool CALIBRATE, bool GRAD>
+__global__ void __launch_bounds__(kBlock, kTileBlocksPerSM) tile_kernel(const TileParams<scalar_t, acc_t> p) {
+  constexpr int V = kVec<scalar_t>;
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  const int T = p.tile_rows;
+  const int64_t C = p.classes;
+  const int LS = p.line_stride;
+  const int ES = p.e_stride;
+  const int AS = p.acc_stride;
+  const int G = p.group;
+  scalar_t* tile = reinterpret_cast<scalar_t*>(shared_bytes);
+  scalar_t* tile2 = reinterpret_cast<scalar_t*>(shared_bytes + p.offset_tile2);
+  acc_t* ebuf = reinterpret_cast<acc_t*>(shared_bytes + p.offset_e);
+  acc_t* sa = reinterpret_cast<acc_t*>(shared_bytes + p.offset_ab);
+  acc_t* sb = sa + p.ab_stride;
+  acc_t* part0 = reinterpret_cast<acc_t*>(shared_bytes + p.offset_partials);
+  acc_t* part1 = part0 + (PIXELS ? kBlock * V : kBlock);
+  int64_t* row_base = reinterpret_cast<int64_t*>(shared_bytes + p.offset_rows);
+  int64_t* row_base2 = row_base + T;
+  int64_t* row_base_out = row_base2 + T;
+  acc_t* row_s = reinterpret_cast<acc_t*>(row_base_out + T);
+  acc_t* row_max = row_s + T;
+  acc_t* row_gwp = row_max + T;  // upstream * w[y] / sum of exponentials
+  acc_t* row_gw = row_gwp + T;   // upstream * w[y]
+  int* row_y = reinterpret_cast<int*>(row_gw + T);
+
+  const bool want_alpha = p.alpha_partials != nullptr;
+  const bool want_beta = p.beta_partials != nullptr;
+  const bool want_ds = p.grad_confidence != nullptr;
+  const bool want_sweep = want_alpha || want_beta || GRAD;
+  const int64_t block_row = static_cast<int64_t>(blockIdx.x) * p.ws_slices * AS;
+  acc_t* acc_alpha = p.acc_in_shared ? reinterpret_cast<acc_t*>(shared_bytes + p.offset_acc)
+                                     : (want_alpha ? p.alpha_partials + block_row : nullptr);
+  acc_t* acc_beta = p.acc_in_shared ? acc_alpha + p.slices * AS : (want_beta ? p.beta_partials + block_row : nullptr);
+
+  // The rows' upstream gradient when it is uniform: 1, or 1 / total weight for "mean" (every block
+  // sums the same partials in the same order, so all see the same bits).
+  acc_t uniform_grad = 1;
+  if (p.weight_partials != nullptr) {
+    if (threadIdx.x < kWarp) {
+      const acc_t total = warp_fixed_sum(p.weight_partials, p.num_weight_partials);
+      if (threadIdx.x == 0) {
+        part0[0] = total;
+      }
+    }
+    __syncthreads();
+    uniform_grad = reciprocal(part0[0]);
+  }
+  if (want_sweep) {
+    for (int64_t i = threadIdx.x; i < static_cast<int64_t>(p.slices) * AS; i += kBlock) {
+      if (want_alpha) {
+        acc_alpha[i] = 0;
+      }
+      if (want_beta) {
+        acc_beta[i] = 0;
+      }
+    }
+  }
+  const bool single_chunk = p.num_chunks == 1;
+  auto load_ab = [&](int first_class, int classes) {
+    for (int jl = threadIdx.x; jl < p.ab_stride; jl += kBlock) {
+      sa[jl] = jl < classes ? p.alpha[first_class + jl] : acc_t(0);
+      sb[jl] = jl < classes ? p.beta[first_class + jl] : acc_t(0);
+    }
+  };
+  if (single_chunk) {
+    load_ab(0, static_cast<int>(C));
+  }
+  __syncthreads();
+
+  // Thread roles. Classes contiguous: row `row` (tid / G), member `member` of its G threads.
+  // Pixels contiguous: pixel vector `pv` (pixels p0 .. p0 + V - 1 of the tile), member of G.
+  const int row = PIXELS ? 0 : threadIdx.x / G;
+  const int pv = PIXELS ? threadIdx.x % p.pixel_vectors : 0;
+  const int member = PIXELS ? threadIdx.x / p.pixel_vectors : threadIdx.x % G;
+  const int p0 = pv * V;
+  const int pixel_slots = p.pixel_vectors * V;
+
+  acc_t loss_slot = 0;  // thread r: sum of the losses of the rows in tile slot r
+  for (int64_t tile_id = blockIdx.x; tile_id < p.num_tiles; tile_id += gridDim.x) {
+    int64_t first_row;
+    int valid;
+    if (PIXELS) {
+      const int64_t image = p.by_tiles_per_image.quotient(tile_id);
+      const int64_t first_pixel = (tile_id - image * p.tiles_per_image) * T;
+      first_row = image * p.spatial + first_pixel;
+      valid = static_cast<int>(min(static_cast<int64_t>(T), p.spatial - first_pixel));
+    } else {
+      first_row = tile_id * T;
+      valid = static_cast<int>(min(static_cast<int64_t>(T), p.rows - first_row));
+    }
+
+    // Per-row metadata; thread r keeps its row's target and upstream gradient.
+    int64_t target_value = 0;
+    acc_t row_grad = uniform_grad;
+    if (threadIdx.x < valid) {
+      const int r = threadIdx.x;
+      const int64_t rowg = first_row + r;
+      const int64_t b = p.by_spatial.quotient(rowg);
+      const int64_t s = rowg - b * p.spatial;
+      row_base[r] = b * p.logits_strides.batch + s * p.logits_strides.spatial;
+      if (CALIBRATE) {
+        row_base2[r] = b * p.grad_in_strides.batch + s * p.grad_in_strides.spatial;
+      }
+      if (GRAD) {
+        row_base_out[r] = b * p.grad_strides.batch + s * p.grad_strides.spatial;
+      }
+      row_s[r] = p.confidence != nullptr ? p.confidence[rowg] : acc_t(1);
+      if (!CALIBRATE) {
+        target_value = load_target(p.target, p.target_is_int64, rowg);
+        if (p.grad_loss != nullptr) {
+          row_grad = p.grad_loss[rowg];
+        }
+      }
+    }
+    __syncthreads();
+
+    auto load_chunk = [&](int first_class, int classes) {
+      copy_tile<PIXELS, true>(
+          tile, LS, const_cast<scalar_t*>(p.logits), p.logits_strides, TileSpan{row_base, valid, first_class, classes},
+          p.logits_unit);
+      if (CALIBRATE) {
+        copy_tile<PIXELS, true>(
+            tile2, LS, const_cast<scalar_t*>(p.grad_in), p.grad_in_strides,
+            TileSpan{row_base2, valid, first_class, classes}, p.grad_in_unit);
+      }
+      if (!single_chunk) {
+        load_ab(first_class, classes);
+      }
+      wait_tile();
+    };
+    if (single_chunk) {
+      load_chunk(0, static_cast<int>(C));
+    }
+    // Calls body(first_class, classes) per chunk; every thread must call it (barriers inside).
+    auto for_each_chunk = [&](auto&& body) {
+      for (int c = 0; c < p.num_chunks; ++c) {
+        const int first_class = c * p.chunk_classes;
+        const int classes = static_cast<int>(min(static_cast<int64_t>(p.chunk_classes), C - first_class));
+        if (!single_chunk) {
+          load_chunk(first_class, classes);
+        }
+        body(first_class, classes);
+        if (!single_chunk) {
+          __syncthreads();  // the next chunk overwrites the tile
+        }
+      }
+    };
+
+    // This thread's pixels (pixels layout): n of V valid; their s, hoisted.
+    const int n_pix = PIXELS ? max(0, min(V, valid - p0)) : 0;
+    acc_t px_s[V];
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      px_s[i] = PIXELS && i < n_pix ? row_s[p0 + i] : acc_t(1);
+    }
+    const bool row_active = !PIXELS && row < valid;
+
+    // 1. Row max of zhat (cross entropy).
+    if (!CALIBRATE) {
+      acc_t mx[PIXELS ? V : 1];
+#pragma unroll
+      for (int i = 0; i < (PIXELS ? V : 1); ++i) {
+        mx[i] = -INFINITY;
+      }
+      for_each_chunk([&](int first_class, int classes) {
+        if (PIXELS) {
+          if (n_pix == V) {
+            for (int jl = member; jl < classes; jl += G) {  // SASS_LOOP(ce-pixels-max, V)
+              const acc_t a = sa[jl];
+              const acc_t b = sb[jl];
+              acc_t z[V];
+              load_n<V>(tile + jl * LS + p0, z);
+#pragma unroll
+              for (int i = 0; i < V; ++i) {
+                mx[i] = fmax(mx[i], calibrated(z[i], px_s[i], a, b));
+              }
+            }
+          } else {
+            for (int jl = member; jl < classes; jl += G) {
+#pragma unroll
+              for (int i = 0; i < V; ++i) {  // compile-time indices: the arrays stay in registers
+                if (i < n_pix) {
+                  const acc_t z = to_acc<acc_t>(tile[jl * LS + p0 + i]);
+                  mx[i] = fmax(mx[i], calibrated(z, px_s[i], sa[jl], sb[jl]));
+                }
+              }
+            }
+          }
+        } else if (row_active) {
+          const acc_t s = row_s[row];
+          const scalar_t* line = tile + row * LS;
+          const int nfull = classes / V;
+          for (int k = member; k < nfull; k += G) {  // SASS_LOOP(ce-classes-max, V)
+            acc_t z[V], a[V], b[V];
+            load_n<V>(line + k * V, z);
+            load_n<V>(sa + k * V, a);
+            load_n<V>(sb + k * V, b);
+#pragma unroll
+            for (int i = 0; i < V; ++i) {
+              mx[0] = fmax(mx[0], calibrated(z[i], s, a[i], b[i]));
+            }
+          }
+          for (int jl = nfull * V + member; jl < classes; jl += G) {
+            mx[0] = fmax(mx[0], calibrated(to_acc<acc_t>(line[jl]), s, sa[jl], sb[jl]));
+          }
+        }
+      });
+      if (PIXELS) {
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          part0[member * pixel_slots + p0 + i] = mx[i];
+        }
+      } else {
+        write_row_partial(part0, mx[0], row, member, G, MaxOp{});
+      }
+      __syncthreads();
+      if (threadIdx.x < valid) {
+        row_max[threadIdx.x] = PIXELS ? fold_pixel_partials(part0, threadIdx.x, pixel_slots, G, MaxOp{})
+                                      : read_row_partials(part0, threadIdx.x, G, MaxOp{});
+      }
+      __syncthreads();
+    }
+
+    // 2. Sum of exponentials (kept for the sweep) and sum e * (a*z + b) (cross entropy); sum of
+    // dzhat * (a*z + b) (calibrate_backward, for ds).
+    if (!CALIBRATE || want_ds) {
+      acc_t sum[PIXELS ? V : 1], dot[PIXELS ? V : 1];
+      acc_t mrow[PIXELS ? V : 1];
+#pragma unroll
+      for (int i = 0; i < (PIXELS ? V : 1); ++i) {
+        sum[i] = 0;
+        dot[i] = 0;
+        mrow[i] = 0;
+      }
+      if (!CALIBRATE) {
+        if (PIXELS) {
+#pragma unroll
+          for (int i = 0; i < V; ++i) {
+            mrow[i] = i < n_pix ? scaled_max(row_max[p0 + i]) : acc_t(0);
+          }
+        } else if (row_active) {
+          mrow[0] = scaled_max(row_max[row]);
+        }
+      }
+      const bool cache = !CALIBRATE && p.e_cached;
+      for_each_chunk([&](int first_class, int classes) {
+        if (PIXELS) {
+          if (n_pix == V) {
+            for (int jl = member; jl < classes; jl += G) {  // SASS_LOOP(ce-pixels-exp, V)
+              const acc_t a = sa[jl];
+              const acc_t b = sb[jl];
+              acc_t z[V];
+              load_n<V>(tile + jl * LS + p0, z);
+              if (CALIBRATE) {
+                acc_t d[V];
+                load_n<V>(tile2 + jl * LS + p0, d);
+#pragma unroll
+                for (int i = 0; i < V; ++i) {
+                  dot[i] = fma(d[i], affine_u(z[i], a, b), dot[i]);
+                }
+              } else {
+                acc_t e[V];
+#pragma unroll
+                for (int i = 0; i < V; ++i) {
+                  const acc_t u = affine_u(z[i], a, b);
+                  e[i] = exp_from_max(fma(px_s[i], u, z[i]), mrow[i]);
+                  sum[i] += e[i];
+                  dot[i] = fma(e[i], u, dot[i]);
+                }
+                if (cache) {
+                  store_n<V>(ebuf + jl * ES + p0, e);
+                }
+              }
+            }
+          } else {
+            for (int jl = member; jl < classes; jl += G) {
+#pragma unroll
+              for (int i = 0; i < V; ++i) {
+                if (i >= n_pix) {
+                  continue;
+                }
+                const acc_t z = to_acc<acc_t>(tile[jl * LS + p0 + i]);
+                const acc_t u = affine_u(z, sa[jl], sb[jl]);
+                if (CALIBRATE) {
+                  dot[i] = fma(to_acc<acc_t>(tile2[jl * LS + p0 + i]), u, dot[i]);
+                } else {
+                  const acc_t e = exp_from_max(fma(px_s[i], u, z), mrow[i]);
+                  sum[i] += e;
+                  dot[i] = fma(e, u, dot[i]);
+                  if (cache) {
+                    ebuf[jl * ES + p0 + i] = e;
+                  }
+                }
+              }
+            }
+          }
+        } else if (row_active) {
+          const acc_t s = row_s[row];
+          const scalar_t* line = tile + row * LS;
+          const scalar_t* line2 = tile2 + row * LS;
+          acc_t* eline = ebuf + row * ES;
+          const int nfull = classes / V;
+          for (int k = member; k < nfull; k += G) {  // SASS_LOOP(ce-classes-exp, V)
+            acc_t z[V], a[V], b[V];
+            load_n<V>(line + k * V, z);
+            load_n<V>(sa + k * V, a);
+            load_n<V>(sb + k * V, b);
+            if (CALIBRATE) {
+              acc_t d[V];
+              load_n<V>(line2 + k * V, d);
+#pragma unroll
+              for (int i = 0; i < V; ++i) {
+                dot[0] = fma(d[i], affine_u(z[i], a[i], b[i]), dot[0]);
+              }
+            } else {
+              acc_t e[V];
+#pragma unroll
+              for (int i = 0; i < V; ++i) {
+                const acc_t u = affine_u(z[i], a[i], b[i]);
+                e[i] = exp_from_max(fma(s, u, z[i]), mrow[0]);
+                sum[0] += e[i];
+                dot[0] = fma(e[i], u, dot[0]);
+              }
+              if (cache) {
+                store_n<V>(eline + k * V, e);
+              }
+            }
+          }
+          for (int jl = nfull * V + member; jl < classes; jl += G) {
+            const acc_t z = to_acc<acc_t>(line[jl]);
+            const acc_t u = affine_u(z, sa[jl], sb[jl]);
+            if (CALIBRATE) {
+              dot[0] = fma(to_acc<acc_t>(line2[jl]), u, dot[0]);
+            } else {
+              const acc_t e = exp_from_max(fma(s, u, z), mrow[0]);
+              sum[0] += e;
+              dot[0] = fma(e, u, dot[0]);
+              if (cache) {
+                eline[jl] = e;
+              }
+            }
+          }
+        }
+      });
+      if (PIXELS) {
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          part0[member * pixel_slots + p0 + i] = sum[i];
+          part1[member * pixel_slots + p0 + i] = dot[i];
+        }
+      } else {
+        if (!CALIBRATE) {
+          write_row_partial(part0, sum[0], row, member, G, SumOp{});
+        }
+        write_row_partial(part1, dot[0], row, member, G, SumOp{});
+      }
+      __syncthreads();
+    }
+
+    // Per-row results, by thread r for row r.
+    if (threadIdx.x < valid) {
+      const int r = threadIdx.x;
+      const int64_t rowg = first_row + r;
+      auto fold = [&](const acc_t* partials) {
+        return PIXELS ? fold_pixel_partials(partials, r, pixel_slots, G, SumOp{})
+                      : read_row_partials(partials, r, G, SumOp{});
+      };
+      const acc_t dot = want_ds ? fold(part1) : acc_t(0);
+      if (CALIBRATE) {
+        if (want_ds) {
+          p.grad_confidence[rowg] = dot;
+        }
+      } else {
+        const acc_t sum_exp = fold(part0);
+        const acc_t inv_sum = reciprocal(sum_exp);
+        const acc_t lse = row_max[r] + log(sum_exp);
+        const bool counted = target_value != p.ignore_index;
+        const bool in_range = target_value >= 0 && target_value < C;
+        acc_t loss = 0;
+        acc_t grad_weight = 0;  // upstream gradient * w[y]; 0 for ignored rows
+        acc_t ds = 0;
+        int y = -1;
+        if (counted && !in_range) {
+          // Never used as an index: the row's loss and every gradient it touches are NaN
+          // (DECISIONS: poisoned, not skipped; DISALIGN_CHECK_TARGETS=1 raises before the launch).
+          loss = grad_weight = ds = quiet_nan<acc_t>();
+        } else if (counted) {
+          y = static_cast<int>(target_value);
+          const acc_t s = row_s[r];
+          const acc_t w = p.weight != nullptr ? p.weight[y] : acc_t(1);
+          const acc_t z = to_acc<acc_t>(p.logits[row_base[r] + y * p.logits_strides.cls]);
+          const acc_t u = affine_u(z, p.alpha[y], p.beta[y]);
+          loss = w * (lse - fma(s, u, z));
+          grad_weight = row_grad * w;
+          ds = grad_weight * fma(dot, inv_sum, -u);
+        }
+        row_gwp[r] = grad_weight * inv_sum;
+        row_gw[r] = grad_weight;
+        row_y[r] = y;
+        if (p.loss_rows != nullptr) {
+          p.loss_rows[rowg] = loss;
+        }
+        loss_slot += loss;
+        if (want_ds) {
+          p.grad_confidence[rowg] = ds;
+        }
+      }
+    }
+
+    // 3. The sweep: dzhat, grad_logits, alpha / beta gradients.
+    if (want_sweep) {
+      __syncthreads();
+      // Cached or recomputed exponentials as a template choice, so each hot loop has one body.
+      auto sweep = [&](auto cached) {
+        constexpr bool cache = decltype(cached)::value && !CALIBRATE;
+        for_each_chunk([&](int first_class, int classes) {
+          if (PIXELS) {
+            if (n_pix > 0) {
+              acc_t gwp[V], gw[V], mx[V];
+              int y[V];
+#pragma unroll
+              for (int i = 0; i < V; ++i) {
+                const bool ok = !CALIBRATE && i < n_pix;
+                gwp[i] = ok ? row_gwp[p0 + i] : acc_t(0);
+                gw[i] = ok ? row_gw[p0 + i] : acc_t(0);
+                mx[i] = ok ? scaled_max(row_max[p0 + i]) : acc_t(0);
+                y[i] = ok ? row_y[p0 + i] - first_class : -1;
+              }
+              // dzhat of the thread's pixels for class jl of the chunk (N of them from pixel p0 + i0).
+              auto sweep_class = [&](auto full, int jl, int i0) {
+                constexpr int N = decltype(full)::value ? V : 1;
+                const acc_t a = sa[jl];
+                const int at = jl * LS + p0 + i0;
+                acc_t z[N], dz[N];
+                load_n<N>(tile + at, z);
+                if (CALIBRATE) {
+                  load_n<N>(tile2 + at, dz);
+                } else {
+                  acc_t e[N];
+                  if constexpr (cache) {
+                    load_n<N>(ebuf + jl * ES + p0 + i0, e);
+                  } else {
+#pragma unroll
+                    for (int i = 0; i < N; ++i) {
+                      e[i] = exp_from_max(calibrated(z[i], px_s[i0 + i], a, sb[jl]), mx[i0 + i]);
+                    }
+                  }
+#pragma unroll
+                  for (int i = 0; i < N; ++i) {
+                    dz[i] = e[i] * gwp[i0 + i];
+                    if (y[i0 + i] == jl) {
+                      dz[i] -= gw[i0 + i];
+                    }
+                  }
+                }
+                acc_t da = 0;
+                acc_t db = 0;
+                acc_t g[N];
+#pragma unroll
+                for (int i = 0; i < N; ++i) {
+                  const acc_t s = px_s[i0 + i];
+                  const acc_t t = dz[i] * s;
+                  g[i] = dz[i] * fma(s, a, acc_t(1));
+                  da = fma(t, z[i], da);
+                  db += t;
+                }
+                if (GRAD) {
+                  store_n<N>(tile + at, g);
+                }
+                const int slot = pv * AS + first_class + jl;
+                if (want_alpha) {
+                  acc_alpha[slot] += da;
+                }
+                if (want_beta) {
+                  acc_beta[slot] += db;
+                }
+              };
+              if (n_pix == V) {
+                for (int jl = member; jl < classes; jl += G) {  // SASS_LOOP(sweep-pixels, V)
+                  sweep_class(Flag<true>{}, jl, 0);
+                }
+              } else {
+                for (int jl = member; jl < classes; jl += G) {
+#pragma unroll
+                  for (int i = 0; i < V; ++i) {
+                    if (i < n_pix) {
+                      sweep_class(Flag<false>{}, jl, i);
+                    }
+                  }
+                }
+              }
+            }
+          } else {
+            // Column walk: item (slice q, class vector) walks rows q, q + slices, ... of the tile.
+            auto sweep_columns = [&](auto full, int q, int jl0) {
+              constexpr int N = decltype(full)::value ? V : 1;
+              acc_t a[N], b[N], da[N], db[N];
+              load_n<N>(sa + jl0, a);
+              load_n<N>(sb + jl0, b);
+#pragma unroll
+              for (int i = 0; i < N; ++i) {
+                da[i] = 0;
+                db[i] = 0;
+              }
+              for (int r = q; r < valid; r += p.slices) {  // SASS_LOOP(sweep-classes, V)
+                const acc_t s = row_s[r];
+                const int at = r * LS + jl0;
+                acc_t z[N], dz[N];
+                load_n<N>(tile + at, z);
+                if (CALIBRATE) {
+                  load_n<N>(tile2 + at, dz);
+                } else {
+                  const acc_t gwp = row_gwp[r];
+                  const acc_t gw = row_gw[r];
+                  const int y = row_y[r] - first_class - jl0;
+                  acc_t e[N];
+                  if constexpr (cache) {
+                    load_n<N>(ebuf + r * ES + jl0, e);
+                  } else {
+                    const acc_t m = scaled_max(row_max[r]);
+#pragma unroll
+                    for (int i = 0; i < N; ++i) {
+                      e[i] = exp_from_max(calibrated(z[i], s, a[i], b[i]), m);
+                    }
+                  }
+#pragma unroll
+                  for (int i = 0; i < N; ++i) {
+                    dz[i] = e[i] * gwp;
+                    if (y == i) {
+                      dz[i] -= gw;
+                    }
+                  }
+                }
+                acc_t g[N];
+#pragma unroll
+                for (int i = 0; i < N; ++i) {
+                  const acc_t t = dz[i] * s;
+                  g[i] = dz[i] * fma(s, a[i], acc_t(1));
+                  da[i] = fma(t, z[i], da[i]);
+                  db[i] += t;
+                }
+                if (GRAD) {
+                  store_n<N>(tile + at, g);
+                }
+              }
+              acc_t* acc_a = acc_alpha + q * AS + first_class + jl0;
+              acc_t* acc_b = acc_beta + q * AS + first_class + jl0;
+              if (want_alpha) {
+                acc_t cur[N];
+                load_n<N>(acc_a, cur);
+#pragma unroll
+                for (int i = 0; i < N; ++i) {
+                  cur[i] += da[i];
+                }
+                store_n<N>(acc_a, cur);
+              }
+              if (want_beta) {
+                acc_t cur[N];
+                load_n<N>(acc_b, cur);
+#pragma unroll
+                for (int i = 0; i < N; ++i) {
+                  cur[i] += db[i];
+                }
+                store_n<N>(acc_b, cur);
+              }
+            };
+            const int nfull = classes / V;
+            for (int item = threadIdx.x; item < p.slices * nfull; item += kBlock) {
+              const int q = item / nfull;
+              sweep_columns(Flag<true>{}, q, (item - q * nfull) * V);
+            }
+            const int rem = classes - nfull * V;
+            for (int item = threadIdx.x; item < p.slices * rem; item += kBlock) {
+              const int q = item / rem;
+              sweep_columns(Flag<false>{}, q, nfull * V + item - q * rem);
+            }
+          }
+          if (GRAD) {
+            __syncthreads();
+            copy_tile<PIXELS, false>(
+                tile, LS, p.grad_logits, p.grad_strides, TileSpan{row_base_out, valid, first_class, classes},
+                p.grad_unit);
+          }
+        });
+      };
+      if (!CALIBRATE && p.e_cached) {
+        sweep(Flag<true>{});
+      } else {
+        sweep(Flag<false>{});
+      }
+    }
+    __syncthreads();  // the next tile overwrites the tile and the row metadata
+  }
+
+  // Block results: per-class partials (slices folded in order) and the loss partial.
+  if (want_alpha || want_beta) {
+    acc_t* out_alpha = want_alpha ? p.alpha_partials + block_row : nullptr;
+    acc_t* out_beta = want_beta ? p.beta_partials + block_row : nullptr;
+    for (int64_t j = threadIdx.x; j < C; j += kBlock) {
+      acc_t da = 0;
+      acc_t db = 0;
+      for (int q = 0; q < p.slices; ++q) {
+        if (want_alpha) {
+          da += acc_alpha[q * AS + j];
+        }
+        if (want_beta) {
+          db += acc_beta[q * AS + j];
+        }
+      }
+      if (want_alpha) {
+        out_alpha[j] = da;
+      }
+      if (want_beta) {
+        out_beta[j] = db;
+      }
+    }
+  }
+  if (p.loss_partials != nullptr) {
+    part0[threadIdx.x] = loss_slot;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      acc_t total = 0;
+      for (int r = 0; r < T; ++r) {
+        total += part0[r];
+      }
+      p.loss_partials[blockIdx.x] = total;
+    }
+  }
+}
+
+}  // namespace disalign::cuda

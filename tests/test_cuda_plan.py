@@ -1,0 +1,137 @@
+"""The CUDA tile planner (csrc/cuda/plan.cpp), compiled for the CPU (benches/cuda_plan.py): the plans
+of the GPU benchmark shapes and of awkward shapes satisfy what the kernel (csrc/cuda/tile_kernel.cuh)
+relies on. Needs a C++ compiler, not a GPU or a CUDA build."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benches"))
+import cuda_plan  # noqa: E402
+
+sys.path.pop(0)
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="no C++ compiler")
+
+ELEMS = {"bf16": (2, 4), "fp32": (4, 4), "fp64": (8, 8)}
+
+
+@pytest.fixture(scope="module")
+def planner(tmp_path_factory):
+    return cuda_plan.build(tmp_path_factory.mktemp("plan"))
+
+
+def _request(shape, dtype, **flags):
+    batch, classes, spatial, pixels = shape
+    elem, acc = ELEMS[dtype]
+    return dict(batch=batch, classes=classes, spatial=spatial, pixels=pixels, elem=elem, acc=acc, **flags)
+
+
+def _check_layout(req, p, device):
+    """The shared-memory regions are in order, 16-byte aligned, large enough, and fit the device."""
+    T, V, acc, elem = p["tile_rows"], p["vec"], req["acc"], req["elem"]
+    lines = p["chunk_classes"] if req["pixels"] else T
+    offsets = [0, p["offset_tile2"], p["offset_e"], p["offset_ab"], p["offset_acc"], p["offset_partials"],
+               p["offset_rows"], p["shared_bytes"]]
+    assert offsets == sorted(offsets)
+    assert all(o % 16 == 0 for o in offsets)
+    tiles = 2 if req.get("calibrate") else 1
+    assert p["offset_e"] >= tiles * lines * p["line_stride"] * elem
+    assert p["offset_ab"] - p["offset_e"] >= lines * p["e_stride"] * acc
+    assert p["offset_acc"] - p["offset_ab"] >= 2 * p["ab_stride"] * acc
+    assert p["ab_stride"] >= p["chunk_classes"]
+    assert p["acc_stride"] >= req["classes"] and (p["acc_stride"] * acc) % 16 == 0
+    if p["acc_in_shared"] and (req.get("want_alpha", True) or req.get("want_beta", True)):
+        assert p["offset_partials"] - p["offset_acc"] >= 2 * p["slices"] * p["acc_stride"] * acc
+    assert p["offset_rows"] - p["offset_partials"] >= 2 * p["row_partial_entries"] * acc
+    assert p["shared_bytes"] - p["offset_rows"] >= p["row_meta_bytes"]
+    assert p["shared_bytes"] <= device.max_shared_per_block
+    # 16-byte vectors: lines start on 16 bytes; the kernel's vector loops read vec elements at a time.
+    assert (p["line_stride"] * elem) % 16 == 0 and V * elem == 16
+    if p["e_cached"]:
+        assert (p["e_stride"] * acc) % 16 == 0
+        assert not req.get("calibrate")
+    if req["pixels"]:
+        assert p["line_stride"] >= -(-T // V) * V
+        # Pixel lines an odd number of 16-byte units apart: the sweep's 8-lane phases hit distinct banks.
+        if T >= 2 * V:
+            assert (p["line_stride"] * elem // 16) % 2 == 1
+            if p["e_cached"]:
+                assert (p["e_stride"] * acc // 16) % 2 == 1
+        assert p["pixel_vectors"] == max(1, T // V) and p["group"] * p["pixel_vectors"] == 256
+        assert p["slices"] == p["pixel_vectors"]
+        assert p["row_partial_entries"] >= p["group"] * p["pixel_vectors"] * V
+    else:
+        assert p["line_stride"] >= p["chunk_classes"]
+        assert p["group"] * T == 256 and 1 <= p["slices"] <= T
+    assert p["num_chunks"] * p["chunk_classes"] >= req["classes"] > (p["num_chunks"] - 1) * p["chunk_classes"]
+    if p["num_chunks"] > 1:
+        assert p["chunk_classes"] % 32 == 0 and not p["e_cached"]
+
+
+def _covered_rows(req, p):
+    """Every row lies in exactly one tile (tile walk of the kernel: tiles of T rows, or of T pixels of one image)."""
+    T = p["tile_rows"]
+    if req["pixels"]:
+        assert p["tiles_per_image"] * T >= req["spatial"] > (p["tiles_per_image"] - 1) * T
+        return p["num_tiles"] == req["batch"] * p["tiles_per_image"]
+    rows = req["batch"] * req["spatial"]
+    return p["num_tiles"] * T >= rows > (p["num_tiles"] - 1) * T
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize("name", sorted(cuda_plan.BENCH_SHAPES))
+@pytest.mark.parametrize("mode", ["stage2", "full"])
+def test_benchmark_shapes_fill_the_gpu(planner, name, dtype, mode):
+    """Every benchmark shape gets at least one resident block per SM, one exponential per element
+    (e_cached), and partial rows within the budget unless the one-block-per-SM floor needs more."""
+    shape = cuda_plan.BENCH_SHAPES[name]
+    req = _request(shape, dtype)
+    (p,) = cuda_plan.plans(planner, [req], cuda_plan.H200)
+    _check_layout(req, p, cuda_plan.H200)
+    assert _covered_rows(req, p)
+    sms = cuda_plan.H200.multiprocessors
+    assert p["blocks"] >= min(sms, p["num_tiles"])
+    assert p["blocks_per_sm"] >= 1
+    assert p["e_cached"], "one exponential per element needs the exponentials cached"
+    batch, classes, spatial, _ = shape
+    logits_bytes = batch * classes * spatial * req["elem"]
+    partial_bytes = p["blocks"] * p["ws_slices"] * p["acc_stride"] * req["acc"] * 2
+    budget = logits_bytes * 0.01
+    assert partial_bytes <= budget or p["blocks"] <= sms, (partial_bytes, budget, p["blocks"])
+
+
+AWKWARD = [
+    (5, 3, 1, False), (67, 1000, 1, False), (301, 37, 1, False), (3, 1231, 1, False), (2, 40000, 1, False),
+    (2, 19, 17 * 17, True), (3, 150, 9 * 11, True), (1, 7, 5, True), (1, 1000, 301, True), (1, 9000, 64, True),
+    (2, 1, 1, False), (1, 100000, 1, False),
+]
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32", "fp64"])
+@pytest.mark.parametrize("shape", AWKWARD, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("calibrate", [False, True])
+@pytest.mark.parametrize("device", [cuda_plan.H200, cuda_plan.A100], ids=["sm90", "sm80"])
+def test_awkward_shapes_have_consistent_plans(planner, shape, dtype, calibrate, device):
+    req = _request(shape, dtype, calibrate=calibrate, want_loss=not calibrate, mean=not calibrate)
+    (p,) = cuda_plan.plans(planner, [req], device)
+    _check_layout(req, p, device)
+    assert _covered_rows(req, p)
+    assert 1 <= p["blocks"] <= max(1, p["num_tiles"])
+    ws = [p["ws_alpha"], p["ws_beta"]] + ([p["ws_loss"], p["ws_weight"]] if not calibrate else [])
+    assert all(w >= 0 for w in ws) and p["workspace_bytes"] >= max(ws)
+
+
+def test_partial_budget_comes_from_the_shared_constant(planner):
+    """A shape with rows enough for the budget to bind above the floor uses exactly the budget's rows."""
+    req = _request((1 << 20, 1000, 1, False), "bf16")
+    (p,) = cuda_plan.plans(planner, [req], cuda_plan.H200, registers=32)
+    from_file = dict(cuda_plan.macros())
+    fraction = float(from_file["DISALIGN_PARTIALS_BUDGET_FRACTION"])
+    per_block = 2 * p["ws_slices"] * p["acc_stride"] * req["acc"]
+    budget_rows = int((1 << 20) * 1000 * 2 * fraction) // per_block
+    assert p["blocks"] == min(p["num_tiles"], p["blocks_per_sm"] * 132, max(132, budget_rows))
