@@ -55,11 +55,12 @@ def summarize(per_seed: dict[int, dict[str, dict]], metric_names: list[str], tit
     return methods
 
 
-def metrics_payload(task: str, groups: dict[str, list[int]], class_names: list[str], rule: str, rule_text: str,
+def metrics_payload(task: str, groups: dict[str, list[int]], names: list[str], rule: str, rule_text: str,
                     seeds: list[int], methods: dict, **extra) -> dict:
+    """The metrics.json schema above; ``names``: the class names the groups list."""
     return {
         "task": task,
-        "groups": {g: [class_names[c] for c in members] for g, members in groups.items()},
+        "groups": {g: [names[c] for c in members] for g, members in groups.items()},
         "group_rule": rule,
         "group_rule_text": rule_text,
         "seeds": list(seeds),
@@ -102,8 +103,8 @@ def tail_comparison(methods: dict, overall: str, tail: str, baseline: str, metho
     if baseline not in methods or method not in methods:
         return "", False
     a, b = methods[baseline], methods[method]
-    lines = [f"| Seed | {a['title']} {overall} | {b['title']} {overall} | {a['title']} {tail} | {b['title']} {tail} "
-             f"| {b['title']} better on {tail} |", "| ---: | ---: | ---: | ---: | ---: | :---: |"]
+    lines = [f"| Seed | {baseline} {overall} | {method} {overall} | {baseline} {tail} | {method} {tail} "
+             f"| {method} better on {tail} |", "| ---: | ---: | ---: | ---: | ---: | :---: |"]
     every = True
     for x, y in zip(a["per_seed"], b["per_seed"]):
         wins = x[tail] is not None and y[tail] is not None and y[tail] > x[tail]
