@@ -29,8 +29,8 @@ class GroupRule:
     def describe(self, rule: str) -> str:
         if rule == "paper":
             return f"paper: {self.paper_text}"
-        return (f"terciles of the classes ranked by {self.count_text} (the paper's thresholds leave a group with fewer "
-                f"than {self.min_classes} class{'es' if self.min_classes > 1 else ''} on this data set)")
+        short = "empty" if self.min_classes == 1 else f"with fewer than {self.min_classes} classes"
+        return f"terciles of the classes ranked by {self.count_text} (the paper's thresholds leave a group {short} on this data set)"
 
 
 def tercile_groups(counts: Sequence, names: Sequence[str]) -> list[str]:
