@@ -29,7 +29,7 @@ sampling. LWS is the input-agnostic DisAlign head with margin fixed at 0 and cla
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -76,7 +76,7 @@ class StageTwo:
     logit_adjust_tau: float
     backend: str | None
     logger: object = None
-    head_options: dict = field(default_factory=dict)  # --paper-recipe: the authors' head variants
+    paper_recipe: bool = False  # the authors' head variants (DisAlignLinear.paper_recipe)
 
 
 def train_head(head: nn.Module, ctx: StageTwo, balance: str, rho: float, desc: str) -> None:
@@ -110,8 +110,8 @@ def calibrated(input_aware: bool = True, magnitude: bool = True, margin: bool = 
     """A DisAlign head over a copy of the frozen classifier; ``magnitude``/``margin`` False keeps it at 1/0."""
 
     def build(ctx: StageTwo) -> nn.Module:
-        head = DisAlignLinear.from_linear(copy.deepcopy(ctx.classifier), input_aware=input_aware, backend=ctx.backend,
-                                          **ctx.head_options)
+        make = DisAlignLinear.paper_recipe if ctx.paper_recipe else DisAlignLinear.from_linear
+        head = make(copy.deepcopy(ctx.classifier), input_aware=input_aware, backend=ctx.backend)
         head.magnitude.requires_grad_(magnitude)
         head.margin.requires_grad_(margin)
         return head

@@ -192,11 +192,6 @@ def stage1_model(args, data: LongTailData, seed: int, out: Path, device, logger)
     return model, config
 
 
-def head_options(args) -> dict:
-    """--paper-recipe: the authors' initialisation of magnitude and confidence (disalign_ops.nn)."""
-    return {"init": "authors"} if args.paper_recipe else {}
-
-
 def stage_two(args, data: LongTailData, model: ImageClassifier, config: dict, class_counts, seed: int, device, logger) -> StageTwo:
     """Freezes the stage-1 model and extracts its features once: what every classifier-level method starts from."""
     for p in model.parameters():
@@ -214,7 +209,7 @@ def stage_two(args, data: LongTailData, model: ImageClassifier, config: dict, cl
         logit_adjust_tau=args.logit_adjust_tau,
         backend=args.backend,
         logger=logger,
-        head_options=head_options(args),
+        paper_recipe=args.paper_recipe,
     )
 
 

@@ -36,28 +36,8 @@ DISALIGN = ("disalign", "DisAlign")
 
 
 def uncalibrated_head(classifier: nn.Module) -> nn.Module:
-    """A plain classifier as a stage-2 head (alpha = beta = 0, no confidence: weighted cross entropy
-    through the same op; the classifier itself gets the gradient)."""
-    from disalign_ops import nn as dnn
+    """A plain classifier as a trainable stage-2 head (alpha = beta = 0, no confidence: the weighted
+    cross entropy through the same op; the classifier itself gets the gradient)."""
+    from disalign_ops.nn import ClassifierHead
 
-    if hasattr(dnn, "UncalibratedHead"):
-        return dnn.UncalibratedHead(classifier)
-    return _UncalibratedHead(classifier)
-
-
-class _UncalibratedHead(nn.Module):
-    def __init__(self, classifier: nn.Module):
-        super().__init__()
-        import torch
-
-        self.classifier = classifier.requires_grad_(True)
-        width = getattr(classifier, "out_features", None) or classifier.out_channels
-        self.register_buffer("zeros", torch.zeros(width))
-
-    def calibration_inputs(self, x):
-        from disalign_ops.nn import CalibrationInputs
-
-        return CalibrationInputs(self.classifier(x), self.zeros, self.zeros, None)
-
-    def forward(self, x):
-        return self.classifier(x)
+    return ClassifierHead(classifier)

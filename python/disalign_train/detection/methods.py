@@ -16,7 +16,7 @@ All share backbone, box head and box regression of the stage-1 detector; they di
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -43,7 +43,7 @@ class StageTwo:
     seed: int
     backend: str | None
     logger: object
-    head_options: dict = field(default_factory=dict)  # --paper-recipe: the authors' head variants
+    paper_recipe: bool = False  # the authors' head variants (DisAlignROIHead.paper_recipe)
 
 
 def foreground_loss(ctx: StageTwo, rho: float) -> DisAlignLoss:
@@ -74,7 +74,8 @@ def learnable(key: str, title: str, build: Callable[[StageTwo], nn.Module]) -> M
 
 
 def disalign_head(ctx: StageTwo) -> nn.Module:
-    return DisAlignROIHead(ctx.cls_score, background_index=-1, backend=ctx.backend, **ctx.head_options)
+    make = DisAlignROIHead.paper_recipe if ctx.paper_recipe else DisAlignROIHead
+    return make(ctx.cls_score, background_index=-1, backend=ctx.backend)
 
 
 def retrained_classifier(ctx: StageTwo) -> nn.Module:

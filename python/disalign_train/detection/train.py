@@ -173,11 +173,6 @@ def evaluate(detections, group_of: list[str], train: DetectionSet, test: Detecti
     return det_metrics.grouped_ap(category_ap, groups), per_category
 
 
-def head_options(args) -> dict:
-    """--paper-recipe: the authors' initialisation of the confidence (N(0, 0.01), bias 0) and magnitude."""
-    return {"init": "authors"} if args.paper_recipe else {}
-
-
 def run_seed(seed, train: DetectionSet, test: DetectionSet, ground_truth, groups, args, out: Path, device, logger):
     """Stage 1, the stage-2 methods and evaluation for one seed: ({method: flat metrics}, per-category AP)."""
     runtime.seed_everything(seed)
@@ -194,7 +189,7 @@ def run_seed(seed, train: DetectionSet, test: DetectionSet, ground_truth, groups
     context = StageTwo(cls_score=model.cls_score, features=features, labels=labels, instance_counts=train.instance_counts,
                        rho=args.rho, recipe=Recipe("adam", "cosine", args.stage2_lr, 0.0, args.stage2_epochs, args.max_steps),
                        batch_size=args.stage2_batch_size, seed=seed, backend=args.backend, logger=logger,
-                       head_options=head_options(args))
+                       paper_recipe=args.paper_recipe)
     classifiers = {}
     for method in (METHODS[k] for k in METHODS if k in args.methods):
         fitted = method.fit(context)

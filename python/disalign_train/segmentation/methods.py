@@ -15,7 +15,7 @@ All start from the same stage-1 network (per seed):
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -47,8 +47,7 @@ class StageTwo:
     device: torch.device
     backend: str | None
     logger: object
-    head_options: dict = field(default_factory=dict)  # --paper-recipe: the authors' head variants
-    normalize: str = "weights"  # --paper-recipe: "elements" (mmseg avg_non_ignore=False)
+    paper_recipe: bool = False  # the authors' head (DisAlignConv2d.paper_recipe) and mmseg's loss normalisation
 
 
 def flip_batches(images: torch.Tensor, labels: torch.Tensor, seed: int, device):
@@ -78,7 +77,9 @@ def learnable(key: str, title: str, build: Callable[[StageTwo], nn.Module],
         # generalized_reweight needs positive counts: a class without training pixels counts as one pixel.
         loss_fn = DisAlignLoss(np.maximum(ctx.pixel_counts, 1), ctx.rho, ignore_index=IGNORE_INDEX, reduction="sum",
                                backend=ctx.backend)
-        objective = Stage2Objective(head, loss_fn, frozen=Features(ctx.model), normalize=ctx.normalize).to(ctx.device)
+        # mmseg averages over all pixels, ignored ones included (avg_non_ignore=False); ours over the target weights.
+        normalize = "elements" if ctx.paper_recipe else "weights"
+        objective = Stage2Objective(head, loss_fn, frozen=Features(ctx.model), normalize=normalize).to(ctx.device)
         sampler = sampler_for(ctx.images, ctx.batch_size, ctx.seed + 1000)
         fit(objective, groups(head, ctx), ctx.recipe, sampler, flip_batches(ctx.images, ctx.labels, ctx.seed + 1000, ctx.device),
             ctx.logger, f"seed {ctx.seed} stage 2: {title}")
@@ -89,7 +90,8 @@ def learnable(key: str, title: str, build: Callable[[StageTwo], nn.Module],
 
 
 def disalign_head(ctx: StageTwo) -> nn.Module:
-    return DisAlignConv2d.from_conv(ctx.model.classifier, input_aware=True, backend=ctx.backend, **ctx.head_options)
+    make = DisAlignConv2d.paper_recipe if ctx.paper_recipe else DisAlignConv2d.from_conv
+    return make(ctx.model.classifier, input_aware=True, backend=ctx.backend)
 
 
 def calibration_groups(head: nn.Module, ctx: StageTwo) -> list[dict]:

@@ -84,13 +84,6 @@ def evaluate(predictor, images, labels, num_classes, device) -> np.ndarray:
     return runtime.all_reduce_sum(torch.from_numpy(confusion)).numpy()
 
 
-def head_options(args) -> tuple[dict, str]:
-    """--paper-recipe: the authors' head (conv-bn-relu confidence, their init) and mmseg's normalisation."""
-    if args.paper_recipe:
-        return {"init": "authors", "confidence": "conv-bn-relu"}, "elements"
-    return {}, "weights"
-
-
 def run_seed(seed, args, data: dict, groups, device, out: Path, logger) -> tuple[dict, dict, dict]:
     """Stage 1 and every stage-2 method for one seed: (flat metrics, per-class values, predictors) per method."""
     num_classes = len(data["class_names"])
@@ -106,12 +99,11 @@ def run_seed(seed, args, data: dict, groups, device, out: Path, logger) -> tuple
     config = {"num_classes": num_classes, "width": args.width, "class_names": data["class_names"]}
     checkpoint.save(seed_dir / "stage1.pt", task=TASK, stage="stage1", state_dict=model.state_dict(), config=config,
                     seed=seed, args=args)
-    options, normalize = head_options(args)
     context = StageTwo(
         model=model, images=data["train_images"], labels=data["train_labels"], pixel_counts=data["pixel_counts"],
         rho=args.rho, recipe=Recipe("adamw", "onecycle", args.stage2_lr, 1e-4, args.stage2_epochs, args.max_steps),
         confidence_lr=args.confidence_lr, grw_lr=args.grw_lr, batch_size=args.batch_size, seed=seed, device=device,
-        backend=args.backend, logger=logger, head_options=options, normalize=normalize,
+        backend=args.backend, logger=logger, paper_recipe=args.paper_recipe,
     )
     metrics, per_class, predictors = {}, {}, {}
     for method in (METHODS[k] for k in METHODS if k in args.methods):
