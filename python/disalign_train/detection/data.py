@@ -89,8 +89,8 @@ def read_json(path: Path, flag: str) -> dict:
     return data
 
 
-def _check_annotation(ann: dict, json_path: Path, label_of: dict, image_ids: set) -> None:
-    where = f"{json_path}: annotation {ann.get('id', '?')}"
+def _check_annotation(ann: dict, json_path: Path, flag: str, label_of: dict, image_ids: set) -> None:
+    where = f"{flag} {json_path}: annotation {ann.get('id', '?')}"
     for key in ("image_id", "category_id", "bbox"):
         if key not in ann:
             raise UserError(f"{where} has no {key!r}")
@@ -121,17 +121,18 @@ def load_coco(json_path, image_dir, image_size: int | None = None, flag: str = "
     image_ids = {im.get("id") for im in data["images"]}
     by_image: dict[int, list] = {}
     for ann in data["annotations"]:
-        _check_annotation(ann, json_path, label_of, image_ids)
+        _check_annotation(ann, json_path, flag, label_of, image_ids)
         by_image.setdefault(ann["image_id"], []).append(ann)
     scenes = []
     for info in sorted(data["images"], key=lambda im: im["id"]):
         image_path = image_dir / info.get("file_name", "")
         if not image_path.is_file():
-            raise UserError(f"{json_path}: image {info['id']} file {image_path} does not exist (images folder: {image_dir})")
+            images_flag = flag.replace("json", "images")
+            raise UserError(f"{flag} {json_path}: image {info['id']} file {image_path} does not exist ({images_flag} {image_dir})")
         try:
             image = Image.open(image_path).convert("RGB")
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-            raise UserError(f"{json_path}: image {info['id']} file {image_path} cannot be decoded: {error}") from error
+            raise UserError(f"{flag} {json_path}: image {info['id']} file {image_path} cannot be decoded: {error}") from error
         width, height = image.size
         anns = [a for a in by_image.get(info["id"], []) if not a.get("iscrowd", 0)]
         masks = np.zeros((len(anns), height, width), dtype=bool)
