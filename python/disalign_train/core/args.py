@@ -95,3 +95,10 @@ def check_at_least(args, **least: int) -> None:
         value = getattr(args, name)
         if value is not None and value < bound:
             raise UserError(f"--{name.replace('_', '-')} must be >= {bound}, got {value}")
+
+
+def add_scene_arguments(data: argparse._ArgumentGroup, image_size_help: str) -> None:
+    """The size flags of the embedded scenes-lt set (segment and detect)."""
+    data.add_argument("--image-size", type=int, default=64, help=image_size_help)
+    data.add_argument("--num-train", type=int, default=600, help="scenes-lt training images")
+    data.add_argument("--num-test", type=int, default=200, help="scenes-lt test images (balanced things)")

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core import checkpoint, runtime
-from ..core.args import add_shared_arguments, check_at_least, check_shared
+from ..core.args import add_scene_arguments, add_shared_arguments, check_at_least, check_shared
 from ..core.groups import frequency_groups
 from ..core.loop import Recipe, fit
 from ..core.plots import plot_group_metrics
@@ -61,9 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--train-images", help="folder of the training images")
     data.add_argument("--test-json", help="evaluation instances JSON")
     data.add_argument("--test-images", help="folder of the evaluation images")
-    data.add_argument("--image-size", type=int, default=64, help="images are resized to this square size")
-    data.add_argument("--num-train", type=int, default=600, help="scenes-lt training images")
-    data.add_argument("--num-test", type=int, default=200, help="scenes-lt test images")
+    add_scene_arguments(data, "images are resized to this square size")
     stage2.add_argument("--stage2-passes", type=int, default=2, help="passes over the training images to cache RoIs")
     stage2.add_argument("--stage2-batch-size", type=int, default=512, help="RoIs per stage-2 step (global)")
     run.add_argument("--eval-batch-size", type=int, default=4, help="test images per forward pass")

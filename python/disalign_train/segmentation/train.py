@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core import checkpoint, runtime
-from ..core.args import add_shared_arguments, check_at_least, check_shared
+from ..core.args import add_scene_arguments, add_shared_arguments, check_at_least, check_shared
 from ..core.groups import frequency_groups
 from ..core.loop import Recipe, fit
 from ..core.plots import plot_group_metrics
@@ -54,9 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data, stage1, stage2, run = (groups[k] for k in ("data", "stage 1", "stage 2", "run"))
     data.add_argument("--train-split", default="training")
     data.add_argument("--test-split", default="validation")
-    data.add_argument("--image-size", type=int, default=64, help="scenes-lt size, and the size --data images are resized to")
-    data.add_argument("--num-train", type=int, default=600, help="scenes-lt training images")
-    data.add_argument("--num-test", type=int, default=200, help="scenes-lt test images (balanced things)")
+    add_scene_arguments(data, "scenes-lt size, and the size --data images are resized to")
     stage1.add_argument("--width", type=int, default=16, help="base channel width of the FCN")
     stage2.add_argument("--confidence-lr", type=float, default=2e-2,
                         help="DisAlign confidence layer learning rate (--stage2-lr is magnitude and margin's: logit units)")
