@@ -294,12 +294,7 @@ def write_outputs(out: Path, args, data: LongTailData, groups, rule, per_seed: d
 
 def run(args: argparse.Namespace) -> int:
     check_args(args)
-    device = runtime.pick_device(args.device)
-    runtime.set_threads(args.threads, device)
-    args.backend = runtime.resolve_backend(args.backend, device)
-    runtime.init_distributed(device)
-    try:
-        out, logger = runtime.prepare_output(args.out, "disalign_train.classify")
+    with runtime.session(args, "disalign_train.classify") as (device, out, logger):
         data = load_data(args)
         logger.info("%s", data.description)
         groups, rule = frequency_groups(reduced_class_counts(data.train.labels, data.num_classes).numpy(), RULE, args.group_rule)
@@ -310,6 +305,4 @@ def run(args: argparse.Namespace) -> int:
         text = write_outputs(out, args, data, groups, rule, per_seed, details)
         logger.info("\n%s", text)
         logger.info("outputs in %s", out)
-    finally:
-        runtime.shutdown_distributed()
     return 0

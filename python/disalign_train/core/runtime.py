@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -136,3 +137,18 @@ def prepare_output(out_dir: str | os.PathLike, name: str = "disalign_train") -> 
 def write_json(path: str | os.PathLike, payload) -> None:
     if is_main():
         Path(path).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+@contextlib.contextmanager
+def session(args, name: str):
+    """What every trainer does before and after its work: device, --threads, --backend checked (before
+    any training), torchrun's process group, --out with its log. Yields (device, out, logger)."""
+    device = pick_device(args.device)
+    set_threads(args.threads, device)
+    args.backend = resolve_backend(args.backend, device)
+    init_distributed(device)
+    try:
+        out, logger = prepare_output(args.out, name)
+        yield device, out, logger
+    finally:
+        shutdown_distributed()

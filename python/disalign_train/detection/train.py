@@ -216,12 +216,7 @@ def run(args: argparse.Namespace) -> int:
     check_shared(args)
     check_at_least(args, image_size=24, num_train=1, num_test=1, stage2_passes=1, stage2_batch_size=1, eval_batch_size=1,
                    figure_images=0)
-    device = runtime.pick_device(args.device)
-    runtime.set_threads(args.threads, device)
-    args.backend = runtime.resolve_backend(args.backend, device)
-    runtime.init_distributed(device)
-    try:
-        out, logger = runtime.prepare_output(args.out, "disalign_train.detect")
+    with runtime.session(args, "disalign_train.detect") as (device, out, logger):
         started = time.time()
         train, test, ground_truth = load_data(args, out, logger)
         groups, rule = frequency_groups(train.image_counts, RULE, args.group_rule)
@@ -247,6 +242,4 @@ def run(args: argparse.Namespace) -> int:
             plot_group_metrics(out / "group_metrics.png", methods, "ap", list(GROUPS), "box AP", "Box AP by group")
         logger.info("\n" + text)
         logger.info(f"done in {time.time() - started:.0f}s on {runtime.world_size()} process(es); outputs in {out}")
-    finally:
-        runtime.shutdown_distributed()
     return 0

@@ -128,12 +128,7 @@ def run(args) -> int:
     check_at_least(args, width=2, image_size=24, num_train=1, num_test=1, num_visualize=0)
     if args.rho is None:
         args.rho = RHO["paper-recipe" if args.paper_recipe else "default"]
-    device = runtime.pick_device(args.device)
-    runtime.set_threads(args.threads, device)
-    args.backend = runtime.resolve_backend(args.backend, device)
-    runtime.init_distributed(device)
-    try:
-        out, logger = runtime.prepare_output(args.out, "disalign_train.segment")
+    with runtime.session(args, "disalign_train.segment") as (device, out, logger):
         train_set, test_set = load_data(args, logger)
         class_names = train_set.seg_class_names
         pixel_counts = train_set.seg_pixel_counts()
@@ -170,5 +165,3 @@ def run(args) -> int:
                                         groups["tail"], device, args.num_visualize, f"test scenes, seed {args.seeds[0]}")
         logger.info("\n%s", text)
         return 0
-    finally:
-        runtime.shutdown_distributed()
