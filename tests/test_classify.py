@@ -16,16 +16,13 @@ import torch.multiprocessing as mp
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from disalign_train import classify
-from disalign_train.classification.data import (
-    ShardedBatchSampler,
-    build_digits_lt,
-    build_split_file_data,
-    exponential_profile,
-    read_split_file,
-)
+from disalign_train.classification import train as classify
+from disalign_train.classification.data import build_digits_lt, build_split_file_data, exponential_profile, read_split_file
 from disalign_train.classification.methods import METHODS, calibrated
-from disalign_train.classification.metrics import frequency_groups, group_accuracy, tercile_groups
+from disalign_train.classification.metrics import RULE, group_accuracy
+from disalign_train.core.errors import UserError
+from disalign_train.core.groups import frequency_groups, tercile_groups
+from disalign_train.core.sampler import ShardedBatchSampler
 
 TINY = ["--epochs", "3", "--lr", "0.2", "--stage2-epochs", "2", "--batch-size", "64"]
 
@@ -38,6 +35,9 @@ def parse(*argv) -> argparse.Namespace:
 
 def metrics_of(out) -> dict:
     return json.loads((out / "metrics.json").read_text())
+
+
+GROUPED = ("acc", "many_acc", "medium_acc", "few_acc")
 
 
 @pytest.fixture(scope="module")
@@ -111,10 +111,13 @@ def test_class_sampler_draws_classes_uniformly():
 
 
 def test_bad_arguments_name_their_flag(tmp_path):
-    with pytest.raises(ValueError, match="--stage2-views must be >= 1, got 0"):
+    with pytest.raises(UserError, match="--stage2-views must be >= 1, got 0"):
         classify.run(parse("--out", tmp_path, "--stage2-views", 0))
-    with pytest.raises(ValueError, match="--seeds must be distinct"):
+    with pytest.raises(UserError, match="--seeds must be distinct"):
         classify.run(parse("--out", tmp_path, "--seeds", 1, 1))
+    with pytest.raises(UserError, match="--threads must be >= 1"):
+        classify.run(parse("--out", tmp_path, "--threads", 0))
+    assert not (tmp_path / "train.log").exists()  # refused before any work
 
 
 def test_sampler_rejects_bad_arguments():
@@ -129,35 +132,37 @@ def test_sampler_rejects_bad_arguments():
 
 def test_group_rules():
     counts = [500] * 5 + [100, 60, 40, 30, 20] + [19, 10, 5, 2, 1]
-    groups, rule = frequency_groups(counts)
+    groups, rule = frequency_groups(counts, RULE)
     assert rule == "paper"
-    assert groups == ["many"] * 5 + ["medium"] * 5 + ["few"] * 5
+    assert groups == {"many": [0, 1, 2, 3, 4], "medium": [5, 6, 7, 8, 9], "few": [10, 11, 12, 13, 14]}
     # one class above 100 (as digits-lt): auto falls back to terciles of the ranked counts
     small = [114, 74, 48, 31, 20, 13, 8, 5, 3, 2]
-    groups, rule = frequency_groups(small)
-    assert rule == "terciles" and groups == ["many"] * 4 + ["medium"] * 3 + ["few"] * 3
-    assert frequency_groups(small, "paper") == (["many"] + ["medium"] * 4 + ["few"] * 5, "paper")
+    groups, rule = frequency_groups(small, RULE)
+    assert rule == "terciles" and groups == {"many": [0, 1, 2, 3], "medium": [4, 5, 6], "few": [7, 8, 9]}
+    assert frequency_groups(small, RULE, "paper") == ({"many": [0], "medium": [1, 2, 3, 4], "few": [5, 6, 7, 8, 9]}, "paper")
     # terciles follow the counts, not the class order; ties by class index
-    assert tercile_groups([1, 9, 5, 5, 7, 3]) == ["few", "many", "medium", "medium", "many", "few"]
-    assert tercile_groups([5, 5, 5]) == ["many", "medium", "few"]
-    with pytest.raises(ValueError, match="group rule"):
-        frequency_groups(small, "quartiles")
+    names = RULE.names
+    assert tercile_groups([1, 9, 5, 5, 7, 3], names) == ["few", "many", "medium", "medium", "many", "few"]
+    assert tercile_groups([5, 5, 5], names) == ["many", "medium", "few"]
+    with pytest.raises(UserError, match="--group-rule"):
+        frequency_groups(small, RULE, "quartiles")
 
 
 def test_group_accuracy_hand_computed():
     # class 0 (many): 3/4 right; class 1 (medium): 1/2; class 2 (few): 0/1; class 3 (few): 2/2
     correct = torch.tensor([3.0, 1.0, 0.0, 2.0], dtype=torch.float64)
     total = torch.tensor([4.0, 2.0, 1.0, 2.0], dtype=torch.float64)
-    result = group_accuracy(correct, total, ["many", "medium", "few", "few"])
-    assert result["many"] == pytest.approx(0.75)
-    assert result["medium"] == pytest.approx(0.5)
-    assert result["few"] == pytest.approx(0.5)  # mean of 0 and 1
-    assert result["all"] == pytest.approx((0.75 + 0.5 + 0 + 1) / 4)
+    result = group_accuracy(correct, total, {"many": [0], "medium": [1], "few": [2, 3]})
+    assert result["many_acc"] == pytest.approx(0.75)
+    assert result["medium_acc"] == pytest.approx(0.5)
+    assert result["few_acc"] == pytest.approx(0.5)  # mean of 0 and 1
+    assert result["acc"] == pytest.approx((0.75 + 0.5 + 0 + 1) / 4)
     assert result["top1"] == pytest.approx(6 / 9)
     # an empty group is None; a class without test images is left out
-    result = group_accuracy(correct, torch.tensor([4.0, 2.0, 0.0, 2.0], dtype=torch.float64), ["many", "many", "few", "many"])
-    assert result["medium"] is None and result["few"] is None
-    assert result["all"] == pytest.approx((0.75 + 0.5 + 1) / 3)
+    result = group_accuracy(correct, torch.tensor([4.0, 2.0, 0.0, 2.0], dtype=torch.float64),
+                            {"many": [0, 1, 3], "medium": [], "few": [2]})
+    assert result["medium_acc"] is None and result["few_acc"] is None
+    assert result["acc"] == pytest.approx((0.75 + 0.5 + 1) / 3)
 
 
 # --- methods and outputs ------------------------------------------------------------------------
@@ -166,22 +171,28 @@ def test_group_accuracy_hand_computed():
 @pytest.mark.parametrize("method", list(METHODS))
 def test_each_method_on_a_tiny_run(stage1_run, tmp_path, method):
     out = tmp_path / method
-    classify.run(parse("--out", out, "--stage1-checkpoint", stage1_run / "stage1.pt", "--methods", method, *TINY))
+    classify.run(parse("--out", out, "--stage1-checkpoint", stage1_run / "seed_0" / "stage1.pt", "--methods", method, *TINY))
     metrics = metrics_of(out)
+    assert metrics["task"] == "classify" and metrics["seeds"] == [0]
     row = metrics["methods"][method]
-    for column in ("all", "many", "medium", "few", "top1"):
-        assert 0.0 <= row[column] <= 1.0
-    assert row["all"] == pytest.approx(np.mean(row["per_class"]))
+    for column in (*GROUPED, "top1"):
+        assert 0.0 <= row[column] <= 1.0 and row["std"][column] == 0.0
+    assert row["per_seed"] == [{"seed": 0, **{c: row[c] for c in (*GROUPED, "top1")}}]
+    details = metrics_of(out / "seed_0")["method_details"][method]
+    assert row["acc"] == pytest.approx(np.mean(details["per_class"]))
     assert metrics["class_counts"] == torch.bincount(build_digits_lt().train.labels).tolist()
-    assert metrics["test_counts"] == [50] * 10
-    assert metrics["group_rule"] == "terciles"
+    assert details["test_counts"] == [50] * 10
+    assert metrics["group_rule"] == "terciles" and sorted(sum(metrics["groups"].values(), [])) == sorted(map(str, range(10)))
 
 
 def test_full_run_writes_every_output(stage1_run):
-    for name in ("metrics.json", "results.md", "stage1.pt", "stage2.pt", "train.log", "reweight_curves.png", "per_class_accuracy.png"):
+    for name in ("metrics.json", "results.md", "seed_0/stage1.pt", "seed_0/metrics.json", "train.log",
+                 "reweight_curves.png", "per_class_accuracy.png", "group_metrics.png"):
         assert (stage1_run / name).stat().st_size > 0, name
     table = (stage1_run / "results.md").read_text()
-    assert "| Joint (baseline) | - |" in table and "terciles" in table
+    assert "| Joint (stage-1 baseline) | - |" in table and "terciles" in table
+    log = (stage1_run / "train.log").read_text()
+    assert "seed 0 stage 1 epoch 3/3: loss" in log  # a progress line every epoch, though not a terminal
 
 
 def test_seeds_summary_and_cosine_head(stage1_run, tmp_path):
@@ -189,19 +200,27 @@ def test_seeds_summary_and_cosine_head(stage1_run, tmp_path):
     for seed in (0, 1):
         metrics = metrics_of(tmp_path / f"seed_{seed}")
         assert metrics["rho"] == 1.5 and metrics["model"]["classifier"] == "cosine"
-        assert metrics["methods"]["tau_norm"]["tau_selected_on"] == "val"
-        assert (tmp_path / f"seed_{seed}" / "calibration.png").stat().st_size > 0
-    summary = (tmp_path / "summary.md").read_text()
-    assert "DisAlign vs Joint per seed" in summary and "| 1 |" in summary
+        assert metrics["method_details"]["tau_norm"]["tau_selected_on"] == "val"
+        assert (tmp_path / f"seed_{seed}" / "stage2_disalign.pt").stat().st_size > 0
+    assert (tmp_path / "calibration.png").stat().st_size > 0
+    top = metrics_of(tmp_path)
+    for method in ("joint", "disalign"):
+        row = top["methods"][method]
+        assert [r["seed"] for r in row["per_seed"]] == [0, 1]
+        assert row["few_acc"] == pytest.approx(np.mean([r["few_acc"] for r in row["per_seed"]]))
+        assert row["std"]["few_acc"] == pytest.approx(np.std([r["few_acc"] for r in row["per_seed"]], ddof=1))
+    summary = (tmp_path / "results.md").read_text()
+    assert "Per seed:" in summary and "| 1 |" in summary
 
 
 def test_stage2_trains_only_the_calibration(stage1_run):
-    args = parse("--out", stage1_run, "--stage1-checkpoint", stage1_run / "stage1.pt", *TINY)
+    args = parse("--out", stage1_run, "--stage1-checkpoint", stage1_run / "seed_0" / "stage1.pt", *TINY)
     data = classify.load_data(args)
-    model, config = classify.stage1_model(args, data, 0, stage1_run, torch.device("cpu"), logging.getLogger(__name__))
+    logger = logging.getLogger(__name__)
+    model, config = classify.stage1_model(args, data, 0, stage1_run, torch.device("cpu"), logger)
     before = copy.deepcopy(model.state_dict())
     counts = torch.bincount(data.train.labels)
-    context = classify.stage_two(args, data, model, config, counts, 0, torch.device("cpu"))
+    context = classify.stage_two(args, data, model, config, counts, 0, torch.device("cpu"), logger)
     torch.manual_seed(0)
     initial = calibrated()(context)
     torch.manual_seed(0)
@@ -264,10 +283,26 @@ def test_split_file_errors(tmp_path):
         read_split_file(bad)
     root = write_image_folder(tmp_path / "gap")
     (root / "Tiny_LT_train.txt").write_text("class0/train_0.png 0\nclass2/train_0.png 2\n")
-    with pytest.raises(ValueError, match=r"classes \[1\] have no training image"):
+    with pytest.raises(UserError, match=r"classes \[1\] have no training image"):
         build_split_file_data(root)
-    with pytest.raises(ValueError, match="no \\*train\\*.txt"):
+    with pytest.raises(UserError, match="no \\*train\\*.txt"):
         build_split_file_data(tmp_path / "gap" / "class0")
+
+
+def test_every_listed_image_is_checked_before_training(tmp_path):
+    """A missing training image and a corrupt test image are found at load time, by split file and line."""
+    root = write_image_folder(tmp_path / "missing")
+    (root / "class1" / "train_2.png").unlink()
+    line = (root / "Tiny_LT_train.txt").read_text().splitlines().index("class1/train_2.png 1") + 1
+    with pytest.raises(UserError, match=rf"Tiny_LT_train.txt:{line}: image .*train_2.png does not exist"):
+        build_split_file_data(root)
+    root = write_image_folder(tmp_path / "corrupt")
+    (root / "class2" / "test_1.png").write_bytes(b"not a png")
+    with pytest.raises(UserError, match=r"Tiny_LT_test.txt:6: image .*test_1.png cannot be decoded"):
+        build_split_file_data(root)
+    (root / "Tiny_LT_val.txt").write_text("class0/val_0.png 7\n")
+    with pytest.raises(UserError, match=r"Tiny_LT_val.txt:1: label 7 .* not a training class"):
+        build_split_file_data(root)
 
 
 def test_trainer_on_split_files(tmp_path):
@@ -275,9 +310,21 @@ def test_trainer_on_split_files(tmp_path):
     out = tmp_path / "out"
     classify.run(parse("--out", out, "--data", root, "--image-size", 8, "--width", 16, "--methods", "joint", "ncm", "disalign", *TINY))
     metrics = metrics_of(out)
-    assert metrics["model"]["backbone"] == "cnn" and metrics["class_counts"] == [6, 3, 2]
-    assert metrics["test_counts"] == [2, 2, 2] and metrics["group_rule"] == "terciles"
-    assert 0 <= metrics["methods"]["disalign"]["all"] <= 1
+    assert metrics["model"]["backbone"] == "small-cnn" and metrics["class_counts"] == [6, 3, 2]
+    assert metrics_of(out / "seed_0")["method_details"]["joint"]["test_counts"] == [2, 2, 2]
+    assert metrics["group_rule"] == "terciles"
+    assert 0 <= metrics["methods"]["disalign"]["acc"] <= 1
+
+
+def test_torchvision_resnet_and_the_paper_recipe_on_split_files(tmp_path):
+    root = write_image_folder(tmp_path / "tiny")
+    out = tmp_path / "out"
+    classify.run(parse("--out", out, "--data", root, "--image-size", 16, "--model", "resnet18", "--paper-recipe",
+                       "--methods", "joint", "disalign", "--max-steps", 1, *TINY))
+    metrics = metrics_of(out)
+    assert metrics["model"]["backbone"] == "resnet18" and metrics["model"]["features"] == 512
+    head = torch.load(out / "seed_0" / "stage2_disalign.pt", weights_only=True)
+    assert head["state_dict"]["magnitude"].shape == (3,) and head["args"]["paper_recipe"] is True
 
 
 # --- torchrun / DDP -----------------------------------------------------------------------------
@@ -305,7 +352,6 @@ def test_two_processes_match_one(tmp_path):
     classify.run(parse("--out", tmp_path / "single", *common))
     ddp, single = metrics_of(tmp_path / "ddp"), metrics_of(tmp_path / "single")
     assert ddp["class_counts"] == single["class_counts"] == torch.bincount(build_digits_lt().train.labels).tolist()
-    assert ddp["test_counts"] == single["test_counts"] == [50] * 10
     for method in ("joint", "lws", "disalign"):
-        for column in ("all", "many", "medium", "few"):
+        for column in GROUPED:
             assert ddp["methods"][method][column] == pytest.approx(single["methods"][method][column], abs=0.02)

@@ -1,4 +1,5 @@
-"""Detection trainer: RoIAlign, NMS, box coding, COCO AP by LVIS group, stage 2, and a tiny end-to-end run."""
+"""Detection trainer: its use of torchvision.ops, box coding, COCO AP by LVIS group, data errors, stage 2,
+and a tiny end-to-end run."""
 
 import json
 
@@ -6,76 +7,34 @@ import numpy as np
 import pytest
 import torch
 
-from disalign_train import cli, detect, detection_eval, scenes
-from disalign_train.detection_model import Detector, DetectorConfig, postprocess, sample_training_rois
-from disalign_train.detection_ops import BoxCoder, batched_nms, box_iou, dense_anchors, nms, roi_align
+from disalign_train import cli, scenes
+from disalign_train.core.errors import UserError
+from disalign_train.core.groups import frequency_groups
+from disalign_train.detection import data as det_data
+from disalign_train.detection import metrics as det_metrics
+from disalign_train.detection import train as detect
+from disalign_train.detection.methods import METHODS
+from disalign_train.detection.model import (
+    BoxCoder,
+    Detector,
+    DetectorConfig,
+    box_iou,
+    dense_anchors,
+    postprocess,
+    sample_training_rois,
+)
 
 
-# ---------------------------------------------------------------- RoIAlign
+def test_roi_features_pool_bin_centres_in_the_half_pixel_convention():
+    """The detector pools with torchvision's roi_align(aligned=True): feature cell (i, j) is centred on image
+    point ((j + 0.5) * stride, (i + 0.5) * stride), so a linear map pools to its value at each bin centre."""
+    from torchvision.ops import roi_align
 
-
-def _linear_map(height, width, a=2.0, b=3.0, c=1.0):
-    """Feature map whose cell (i, j) holds a*j + b*i + c (cell centres at integer coordinates)."""
-    rows, cols = torch.meshgrid(torch.arange(height, dtype=torch.float64), torch.arange(width, dtype=torch.float64), indexing="ij")
-    return (a * cols + b * rows + c)[None, None]
-
-
-def test_roi_align_of_a_linear_map_is_the_value_at_each_bin_centre():
-    features = _linear_map(8, 8)
-    # Image box (2, 4)-(10, 12) at spatial scale 0.5 covers feature coordinates 0.5..4.5 (x), 1.5..5.5 (y)
-    # after the half-cell shift; 2 x 2 bins of 2 cells have centres x in {1.5, 3.5}, y in {2.5, 4.5}.
-    pooled = roi_align(features, torch.tensor([[0, 2.0, 4.0, 10.0, 12.0]], dtype=torch.float64), 2, 0.5)
+    rows, cols = torch.meshgrid(torch.arange(8, dtype=torch.float64), torch.arange(8, dtype=torch.float64), indexing="ij")
+    features = (2 * cols + 3 * rows + 1)[None, None]
+    pooled = roi_align(features, torch.tensor([[0, 2.0, 4.0, 10.0, 12.0]], dtype=torch.float64), 2, 0.5, 1, aligned=True)
     expected = torch.tensor([[2 * x + 3 * y + 1 for x in (1.5, 3.5)] for y in (2.5, 4.5)], dtype=torch.float64)
     torch.testing.assert_close(pooled[0, 0], expected)
-
-
-def test_roi_align_reads_each_rois_own_image_and_keeps_roi_order():
-    features = torch.cat([torch.full((1, 2, 6, 6), 3.0), _linear_map(6, 6).float().expand(1, 2, 6, 6)])
-    rois = torch.tensor([[1, 0.0, 0.0, 4.0, 4.0], [0, 1.0, 1.0, 5.0, 3.0], [1, 2.0, 1.0, 4.0, 5.0]])
-    pooled = roi_align(features, rois, 3, 1.0)
-    torch.testing.assert_close(pooled[1], torch.full((2, 3, 3), 3.0))  # constant image -> constant bins
-    for row in (0, 2):  # each matches the RoI pooled on its own
-        torch.testing.assert_close(pooled[row], roi_align(features, rois[row : row + 1], 3, 1.0)[0])
-
-
-def test_roi_align_gradient_spreads_each_bins_unit_weight():
-    """Bilinear weights sum to one, so the gradient of sum(output) sums to the number of output values."""
-    features = torch.randn(2, 3, 10, 10, requires_grad=True)
-    rois = torch.tensor([[0, 3.0, 3.0, 15.0, 11.0], [1, 0.0, 4.0, 9.0, 20.0], [0, 8.0, 8.0, 12.0, 12.0]])
-    pooled = roi_align(features, rois, 4, 0.5)
-    pooled.sum().backward()
-    assert features.grad.sum().item() == pytest.approx(pooled.numel(), rel=1e-5)
-
-
-# ---------------------------------------------------------------- NMS, boxes
-
-
-def _greedy_nms(boxes, scores, threshold):
-    """The textbook loop: visit boxes by score, keep one unless it overlaps a kept box too much."""
-    kept = []
-    for i in sorted(range(len(scores)), key=lambda i: -scores[i]):
-        if all(box_iou(boxes[i : i + 1], boxes[j : j + 1]).item() <= threshold for j in kept):
-            kept.append(i)
-    return kept
-
-
-def test_nms_toy_case_and_per_class():
-    boxes = torch.tensor([[0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30], [0, 0, 10, 10.0]])
-    scores = torch.tensor([0.9, 0.8, 0.7, 0.6])
-    assert nms(boxes, scores, 0.5).tolist() == [0, 2]  # box 1 overlaps box 0 (IoU 0.68), box 3 is box 0
-    assert nms(boxes, scores, 0.7).tolist() == [0, 1, 2]
-    classes = torch.tensor([0, 0, 0, 1])
-    assert batched_nms(boxes, scores, classes, 0.5).tolist() == [0, 2, 3]  # other classes never suppress
-    assert batched_nms(boxes, scores, classes, 0.5, max_keep=2).tolist() == [0, 2]
-
-
-def test_nms_matches_the_textbook_loop_on_random_boxes():
-    generator = torch.Generator().manual_seed(0)
-    corners = torch.rand(60, 2, generator=generator) * 40
-    boxes = torch.cat([corners, corners + 4 + torch.rand(60, 2, generator=generator) * 12], dim=1)
-    scores = torch.rand(60, generator=generator)
-    for threshold in (0.3, 0.5, 0.7):
-        assert nms(boxes, scores, threshold).tolist() == _greedy_nms(boxes, scores, threshold)
 
 
 def test_box_coder_round_trip_and_identity():
@@ -166,85 +125,134 @@ def _write_ground_truth(path):
 
 def test_coco_ap_is_one_for_perfect_detections_and_drops_for_a_shifted_box(tmp_path):
     perfect = _write_ground_truth(tmp_path / "gt.json")
-    ground_truth = detection_eval.load_ground_truth(tmp_path / "gt.json")
-    assert detection_eval.per_category_ap(ground_truth, perfect) == pytest.approx({1: 1.0, 2: 1.0, 3: 1.0})
+    ground_truth = det_metrics.load_ground_truth(tmp_path / "gt.json")
+    assert det_metrics.per_category_ap(ground_truth, perfect) == pytest.approx({1: 1.0, 2: 1.0, 3: 1.0})
     shifted = [dict(d) for d in perfect]
     x, y, w, h = shifted[1]["bbox"]
     shifted[1]["bbox"] = [x + 2, y, w, h]  # IoU 80/112 = 0.71: a hit at thresholds 0.50 ... 0.70 only
-    category_ap = detection_eval.per_category_ap(ground_truth, shifted)
+    category_ap = det_metrics.per_category_ap(ground_truth, shifted)
     assert category_ap[1] == pytest.approx(1.0) and category_ap[3] == pytest.approx(1.0)
     assert category_ap[2] == pytest.approx(5 / 10)  # 5 of the 10 IoU thresholds count it
-    assert detection_eval.per_category_ap(ground_truth, []) == {1: 0.0, 2: 0.0, 3: 0.0}
+    assert det_metrics.per_category_ap(ground_truth, []) == {1: 0.0, 2: 0.0, 3: 0.0}
 
 
 def test_lvis_groups_and_grouped_means():
-    assert [detection_eval.frequency_group(n) for n in (1, 10, 11, 100, 101, 5000)] == ["r", "r", "c", "c", "f", "f"]
-    data = detect.DetectionSet(_scene_set([[0, 0, 2], [2], []]))
+    groups = [det_metrics.lvis_group(n) for n in (1, 10, 11, 100, 101, 5000)]
+    assert groups == ["rare", "rare", "common", "common", "frequent", "frequent"]
+    data = det_data.DetectionSet(_scene_set([[0, 0, 2], [2], []]))
     assert data.image_counts.tolist() == [1, 0, 2]  # the grouping statistic: images containing the category
     assert data.instance_counts.tolist() == [2, 0, 2]  # the re-weighting statistic
-    summary = detection_eval.grouped_ap({1: 0.2, 2: 0.4, 3: 0.9}, {1: "r", 2: "r", 3: "f"})
-    assert summary["AP"] == pytest.approx(0.5) and summary["APr"] == pytest.approx(0.3) and summary["APf"] == pytest.approx(0.9)
-    assert np.isnan(summary["APc"])  # no common category: not a made-up number
+    summary = det_metrics.grouped_ap({1: 0.2, 2: 0.4, 3: 0.9}, {1: "rare", 2: "rare", 3: "frequent"})
+    assert summary["ap"] == pytest.approx(0.5) and summary["rare_ap"] == pytest.approx(0.3)
+    assert summary["frequent_ap"] == pytest.approx(0.9)
+    assert summary["common_ap"] is None  # no common category: not a made-up number
+    # LVIS thresholds where they fill every group; terciles where they do not (a small set: all rare)
+    groups, rule = frequency_groups([500, 200, 50, 20, 5, 1], det_metrics.RULE)
+    assert rule == "paper" and groups == {"frequent": [0, 1], "common": [2, 3], "rare": [4, 5]}
+    groups, rule = frequency_groups([9, 8, 7, 6, 3, 1], det_metrics.RULE)
+    assert rule == "terciles" and groups == {"frequent": [0, 1], "common": [2, 3], "rare": [4, 5]}
 
 
 def test_detections_are_mapped_back_to_original_pixels_and_category_ids():
-    data = detect.DetectionSet(_scene_set([[], []], num_classes=2), image_ids=[7, 9], original_sizes=[(64, 32), (32, 96)])
+    data = det_data.DetectionSet(_scene_set([[], []], num_classes=2), image_ids=[7, 9], original_sizes=[(64, 32), (32, 96)])
     detections = [(1, torch.tensor([[2.0, 4.0, 10.0, 6.0]]), torch.tensor([0.5]), torch.tensor([1]))]
     (result,) = detect.coco_results(detections, data, category_ids=[11, 12])
     assert result["image_id"] == 9 and result["category_id"] == 12 and result["score"] == 0.5
     assert result["bbox"] == pytest.approx([2.0, 12.0, 8.0, 6.0])  # x scaled by 32/32, y by 96/32; xywh
 
 
+# ---------------------------------------------------------------- data errors
+
+
+def test_coco_errors_name_the_file_and_the_flag(tmp_path):
+    _write_ground_truth(tmp_path / "gt.json")
+    with pytest.raises(UserError, match=r"--test-json .*gt.json: image 1 file .*1.png does not exist"):
+        det_data.load_coco(tmp_path / "gt.json", tmp_path, flag="--test-json")
+    broken = json.loads((tmp_path / "gt.json").read_text())
+    del broken["annotations"][2]["bbox"]
+    (tmp_path / "nobox.json").write_text(json.dumps(broken))
+    with pytest.raises(UserError, match=r"nobox.json: annotation 3 has no 'bbox'"):
+        det_data.load_coco(tmp_path / "nobox.json", tmp_path)
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(UserError, match=r"--train-json .*bad.json is not valid JSON"):
+        det_data.load_coco(tmp_path / "bad.json", tmp_path)
+
+
+def test_a_missing_simple_layout_file_suggests_the_split_flags(tmp_path, capsys):
+    root = tmp_path / "lvis"
+    root.mkdir()
+    for name in ("train.json", "val.json"):
+        (root / name).write_text("{}")
+    (root / "train").mkdir()
+    code = cli.main(["detect", "--data", str(root), "--out", str(tmp_path / "out")])
+    message = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(message) == 1
+    assert "missing test.json" in message[0] and "--test-split val" in message[0] and "--train-json" in message[0]
+    assert cli.main(["detect", "--train-json", str(root / "train.json"), "--out", str(tmp_path / "out")]) == 2
+    assert "also pass --train-images, --test-json, --test-images" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- stage 2 and the trainer
 
 
-def _tiny_args(tmp_path, *extra):
-    return cli.build_parser().parse_args([
-        "detect", "--out", str(tmp_path / "run"), "--num-train", "24", "--num-test", "6", "--seeds", "0",
-        "--epochs", "1", "--batch-size", "8", "--stage2-steps", "4", "--stage2-passes", "1",
-        "--stage2-batch-size", "64", "--figure-images", "2", "--device", "cpu", *extra,
-    ])
+def _tiny_argv(tmp_path, *extra):
+    return ["detect", "--out", str(tmp_path / "run"), "--num-train", "24", "--num-test", "6", "--seeds", "0",
+            "--epochs", "1", "--batch-size", "8", "--stage2-epochs", "1", "--max-steps", "4", "--stage2-passes", "1",
+            "--stage2-batch-size", "64", "--figure-images", "2", "--device", "cpu", *extra]
 
 
 def test_stage2_trains_only_the_calibration_and_leaves_the_detector_frozen(tmp_path):
-    args = _tiny_args(tmp_path)
+    args = cli.build_parser("detect").parse_args(_tiny_argv(tmp_path))
     out, logger = detect.runtime.prepare_output(args.out, "test_detect")
-    train, _, _ = detect.load_data(args, out, logger)
+    train, _, _ = det_data.load_data(args, out, logger)
     torch.manual_seed(0)
-    model = Detector(DetectorConfig(num_classes=len(train.class_names)))
-    model.eval()
+    model = Detector(DetectorConfig(num_classes=len(train.class_names))).eval().requires_grad_(False)
     frozen = {k: v.clone() for k, v in model.state_dict().items()}
-    classifiers = detect.train_stage2(model, train, args, 0, torch.device("cpu"), logger)
+    features, labels = detect.training_roi_features(model, train, args, 0, torch.device("cpu"))
+    context = detect.StageTwo(cls_score=model.cls_score, features=features, labels=labels,
+                              instance_counts=train.instance_counts, rho=0.8,
+                              recipe=detect.Recipe("adam", "cosine", 0.05, 0.0, 2), batch_size=64, seed=0, backend=None,
+                              logger=logger)
+    fitted = {key: method.fit(context) for key, method in METHODS.items()}
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, frozen[key], rtol=0, atol=0, msg=f"stage 2 changed {key}")
-    assert detect.stage2_parameters(classifiers) == {
-        "reweight_only": ["weight", "bias"],
+    trainable = {k: [n for n, p in f.head.named_parameters() if p.requires_grad] for k, f in fitted.items() if f.head}
+    assert trainable == {
+        "grw_only": ["classifier.weight", "classifier.bias"],
         "disalign": ["magnitude", "margin", "confidence.weight", "confidence.bias"],
     }
-    head = classifiers["disalign"]
+    head = fitted["disalign"].head
     assert not torch.equal(head.magnitude.detach(), torch.ones_like(head.magnitude))  # it did train
     alpha, beta = head.calibration_params()
     assert alpha[-1].item() == 0 and beta[-1].item() == 0  # background column untouched
-    assert classifiers["baseline"] is model.cls_score
+    assert fitted["joint"].predict is model.cls_score
 
 
 def test_tiny_run_writes_metrics_table_figure_checkpoints_and_reads_its_data_back(tmp_path):
-    args = _tiny_args(tmp_path)
-    assert args.run(args) == 0
+    assert cli.main(_tiny_argv(tmp_path)) == 0
     out = tmp_path / "run"
-    for method in detect.METHODS:
-        metrics = json.loads((out / method / "metrics.json").read_text())
-        for key in ("AP", "APr", "APc", "APf"):
-            assert np.isnan(metrics[key]) or 0 <= metrics[key] <= 1
-        assert json.loads((out / "seed_0" / method / "metrics.json").read_text())["AP"] == metrics["per_seed"][0]["AP"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["task"] == "detect" and set(metrics["groups"]) == {"frequent", "common", "rare"}
+    single = json.loads((out / "seed_0" / "metrics.json").read_text())
+    for method in METHODS:
+        row = metrics["methods"][method]
+        for key in ("ap", "rare_ap", "common_ap", "frequent_ap"):
+            assert row[key] is None or 0 <= row[key] <= 1
+        assert single["methods"][method]["ap"] == row["per_seed"][0]["ap"]
     assert "| DisAlign |" in (out / "results.md").read_text()
     assert (out / "detections.png").stat().st_size > 0
     checkpoint = torch.load(out / "seed_0" / "stage1.pt")
-    Detector(DetectorConfig(**checkpoint["config"])).load_state_dict(checkpoint["model"])
-    assert {p.name for p in (out / "seed_0").glob("*.pt")} == {"stage1.pt", "stage2_reweight_only.pt", "stage2_disalign.pt"}
+    Detector(DetectorConfig(**checkpoint["config"])).load_state_dict(checkpoint["state_dict"])
+    assert {p.name for p in (out / "seed_0").glob("*.pt")} == {"stage1.pt", "stage2_grw_only.pt", "stage2_disalign.pt"}
 
-    again = _tiny_args(tmp_path, "--data", str(out / "data"), "--out", str(tmp_path / "again"), "--figure-images", "0")
-    assert again.run(again) == 0
-    assert json.loads((tmp_path / "again" / "baseline" / "metrics.json").read_text())["AP"] == pytest.approx(
-        json.loads((out / "baseline" / "metrics.json").read_text())["AP"]
-    )
+    again = _tiny_argv(tmp_path, "--data", str(out / "data"), "--out", str(tmp_path / "again"), "--figure-images", "0")
+    assert cli.main(again) == 0
+    first, second = (json.loads((d / "metrics.json").read_text()) for d in (out, tmp_path / "again"))
+    assert second["methods"]["joint"]["ap"] == pytest.approx(first["methods"]["joint"]["ap"])
+    # the split flags read the same files as --data
+    split = ["--train-json", str(out / "data" / "train.json"), "--train-images", str(out / "data" / "train"),
+             "--test-json", str(out / "data" / "test.json"), "--test-images", str(out / "data" / "test")]
+    assert cli.main(_tiny_argv(tmp_path, *split, "--out", str(tmp_path / "split"), "--figure-images", "0",
+                               "--methods", "joint")) == 0
+    third = json.loads((tmp_path / "split" / "metrics.json").read_text())
+    assert third["methods"]["joint"]["ap"] == pytest.approx(first["methods"]["joint"]["ap"])

@@ -7,6 +7,10 @@ import pytest
 from PIL import Image
 
 from disalign_train import scenes
+from disalign_train.core.errors import UserError
+from disalign_train.detection import data as coco
+from disalign_train.detection.metrics import LVIS_LETTER, lvis_group
+from disalign_train.segmentation import data as ade
 
 
 @pytest.fixture(scope="module")
@@ -70,14 +74,14 @@ def _assert_same_semantics(a, b):
 
 def test_ade20k_export_round_trips(tmp_path):
     scene_set = scenes.generate_scenes(5, seed=1, image_size=32)
-    scenes.export_ade20k(scene_set, tmp_path, "validation")
+    ade.export_ade20k(scene_set, tmp_path, "validation")
     stored = np.asarray(Image.open(tmp_path / "annotations" / "validation" / "scene_000000.png"))
     semantic = scene_set.scenes[0].semantic
     np.testing.assert_array_equal(stored == 0, semantic == scenes.IGNORE_INDEX)  # 0 = other/ignore
-    loaded = scenes.load_ade20k(tmp_path, "validation")
+    loaded = ade.load_ade20k(tmp_path, "validation")
     _assert_same_semantics(scene_set, loaded)
     assert loaded.thing_class_names == scene_set.thing_class_names
-    resized = scenes.load_ade20k(tmp_path, "validation", image_size=16)
+    resized = ade.load_ade20k(tmp_path, "validation", image_size=16)
     assert resized.scenes[0].image.shape == (16, 16, 3) and resized.scenes[0].semantic.shape == (16, 16)
 
 
@@ -89,35 +93,35 @@ def test_ade20k_loader_reads_the_benchmark_objectinfo150_format(tmp_path):
     )
     Image.fromarray(np.zeros((4, 6, 3), np.uint8)).save(tmp_path / "images" / "training" / "a.jpg")
     Image.fromarray(np.array([[0, 1, 2, 2, 1, 0]] * 4, np.uint8)).save(tmp_path / "annotations" / "training" / "a.png")
-    loaded = scenes.load_ade20k(tmp_path)
+    loaded = ade.load_ade20k(tmp_path)
     assert loaded.seg_class_names == ["wall", "building"]
     np.testing.assert_array_equal(loaded.scenes[0].semantic[0], [255, 0, 1, 1, 0, 255])
 
 
 def test_ade20k_loader_names_what_is_missing_or_wrong(tmp_path):
-    with pytest.raises(FileNotFoundError, match="images"):
-        scenes.load_ade20k(tmp_path)
-    scenes.export_ade20k(scenes.generate_scenes(2, seed=0, image_size=32), tmp_path)
+    with pytest.raises(UserError, match="images"):
+        ade.load_ade20k(tmp_path)
+    ade.export_ade20k(scenes.generate_scenes(2, seed=0, image_size=32), tmp_path)
     (tmp_path / "annotations" / "training" / "scene_000001.png").unlink()
-    with pytest.raises(FileNotFoundError, match="scene_000001"):
-        scenes.load_ade20k(tmp_path)
+    with pytest.raises(UserError, match="scene_000001"):
+        ade.load_ade20k(tmp_path)
 
 
 def test_coco_export_round_trips_instances_and_sets_lvis_frequency(tmp_path):
     train = scenes.generate_scenes(30, seed=2, image_size=32)
     test = scenes.generate_scenes(4, seed=3, image_size=32)
-    path = scenes.export_coco(test, tmp_path / "val.json", tmp_path / "images", frequency_from=train)
+    path = coco.export_coco(test, tmp_path / "val.json", tmp_path / "images", frequency_from=train)
     data = json.loads(path.read_text())
     counts = train.thing_image_counts()
     for k, category in enumerate(data["categories"]):
         assert category["id"] == k + 1 and category["image_count"] == counts[k]
-        assert category["frequency"] == scenes.lvis_frequency(int(counts[k]))
+        assert category["frequency"] == LVIS_LETTER[lvis_group(int(counts[k]))]
     first = data["annotations"][0]
     mask = test.scenes[first["image_id"] - 1].masks[0]
     assert first["iscrowd"] == 0 and first["area"] == mask.sum()
     x, y, w, h = first["bbox"]
     np.testing.assert_allclose([x, y, x + w, y + h], test.scenes[first["image_id"] - 1].boxes[0])
-    loaded = scenes.load_coco(path, tmp_path / "images")
+    loaded = coco.load_coco(path, tmp_path / "images")
     assert loaded.thing_class_names == test.thing_class_names
     assert loaded.seg_class_names == test.seg_class_names
     for original, back in zip(test.scenes, loaded.scenes):
@@ -140,7 +144,7 @@ def test_coco_loader_reads_polygons_and_maps_category_ids_to_contiguous_labels(t
                          "segmentation": [[2, 2, 6, 2, 6, 6, 2, 6]]}],
     }
     (tmp_path / "a.json").write_text(json.dumps(data))
-    loaded = scenes.load_coco(tmp_path / "a.json", tmp_path)
+    loaded = coco.load_coco(tmp_path / "a.json", tmp_path)
     assert loaded.thing_class_names == ["early", "late"]
     scene = loaded.scenes[0]
     np.testing.assert_array_equal(scene.labels, [1])
@@ -148,10 +152,10 @@ def test_coco_loader_reads_polygons_and_maps_category_ids_to_contiguous_labels(t
     assert scene.masks[0, 3:6, 3:6].all() and not scene.masks[0, 7:, :].any()
     data["annotations"][0]["category_id"] = 5
     (tmp_path / "a.json").write_text(json.dumps(data))
-    with pytest.raises(ValueError, match="category_id 5"):
-        scenes.load_coco(tmp_path / "a.json", tmp_path)
+    with pytest.raises(UserError, match="category_id 5"):
+        coco.load_coco(tmp_path / "a.json", tmp_path)
 
 
 @pytest.mark.parametrize("count, group", [(1, "r"), (10, "r"), (11, "c"), (100, "c"), (101, "f")])
 def test_lvis_frequency_groups(count, group):
-    assert scenes.lvis_frequency(count) == group
+    assert LVIS_LETTER[lvis_group(count)] == group

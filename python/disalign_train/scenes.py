@@ -13,7 +13,8 @@ Thing categories are drawn with probability ``p_k ∝ imbalance^(-k / (K - 1))``
 Per-instance colour jitter, pixel noise and random sizes keep the problem learnable but not trivial.
 Everything is deterministic per seed (image i of a set uses ``numpy.random.default_rng([seed, i])``).
 
-Formats, so that a user's real data goes through the same loaders as the embedded scenes:
+Formats, so that a user's real data goes through the same loaders as the embedded scenes (the
+readers and writers live with their task: segmentation.data, detection.data):
 
 - ADE20K layout (``ADEChallengeData2016``): ``images/<split>/*.png|jpg``, ``annotations/<split>/*.png``
   label maps with 0 = "other" (ignored) and class c stored as c + 1 (the benchmark's
@@ -28,14 +29,12 @@ Formats, so that a user's real data goes through the same loaders as the embedde
 
 from __future__ import annotations
 
-import csv
 import json
-import warnings
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 IGNORE_INDEX = 255
 
@@ -305,187 +304,29 @@ def make_scenes_lt(
     return train, test
 
 
-# ---------------------------------------------------------------- ADE20K-style folders
-
-ADE_CLASS_FILES = ("objectInfo.csv", "objectInfo150.csv")
+# ---------------------------------------------------------------- the prepared copy in OUT/data
 
 
-def export_ade20k(scene_set: SceneSet, root, split: str = "training") -> Path:
-    """Writes ``root/images/<split>/<i>.png``, ``root/annotations/<split>/<i>.png`` (class + 1, 0 = ignore)
-    and ``root/objectInfo.csv`` (class names with this split's pixel ratio). Returns root."""
-    root = Path(root)
-    image_dir, label_dir = root / "images" / split, root / "annotations" / split
-    image_dir.mkdir(parents=True, exist_ok=True)
-    label_dir.mkdir(parents=True, exist_ok=True)
-    if len(scene_set.seg_class_names) > 254:
-        raise ValueError(f"ADE20K label maps hold at most 254 classes, got {len(scene_set.seg_class_names)}")
-    for i, scene in enumerate(scene_set.scenes):
-        stem = f"scene_{i:06d}"
-        Image.fromarray(scene.image).save(image_dir / f"{stem}.png")
-        stored = np.where(scene.semantic == IGNORE_INDEX, 0, scene.semantic.astype(np.int64) + 1).astype(np.uint8)
-        Image.fromarray(stored).save(label_dir / f"{stem}.png")
-    counts = scene_set.seg_pixel_counts()
-    ratios = counts / max(counts.sum(), 1)
-    with open(root / ADE_CLASS_FILES[0], "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["Idx", "Ratio", "Train", "Val", "Name"])
-        for c, name in enumerate(scene_set.seg_class_names):
-            writer.writerow([c + 1, f"{ratios[c]:.6f}", 0, 0, name])
-    if scene_set.thing_class_names:
-        (root / "thing_classes.txt").write_text("".join(f"{n}\n" for n in scene_set.thing_class_names))
+def prepared(root: Path, made_from: dict, build, logger) -> Path:
+    """``root`` holding the data ``build(root)`` writes for the settings ``made_from``.
+
+    The settings are recorded in ``root/made_from.json``; a folder made from other settings (or
+    without the record) is stale: it is deleted and rebuilt, and the log says what changed.
+    Main rank only builds; the others wait."""
+    from .core import runtime
+
+    record = root / "made_from.json"
+    if runtime.is_main():
+        found = json.loads(record.read_text()) if record.is_file() else None
+        if found != made_from:
+            if root.exists():
+                changed = {k: (None if found is None else found.get(k), v) for k, v in made_from.items()
+                           if found is None or found.get(k) != v}
+                logger.info("%s is stale (made from other settings: %s): rebuilding it", root, changed)
+                shutil.rmtree(root)
+            build(root)
+            record.write_text(json.dumps(made_from, sort_keys=True) + "\n")
+        else:
+            logger.info("reusing %s (made from %s)", root, made_from)
+    runtime.barrier()
     return root
-
-
-def _read_ade_class_names(root: Path) -> list[str]:
-    for name in ADE_CLASS_FILES:
-        path = root / name
-        if path.exists():
-            lines = path.read_text().splitlines()
-            delimiter = "\t" if "\t" in lines[0] else ","
-            rows = sorted(csv.DictReader(lines, delimiter=delimiter), key=lambda r: int(r["Idx"]))
-            return [row["Name"].split(";")[0].strip() for row in rows]
-    raise FileNotFoundError(f"no class names file in {root} (expected one of {', '.join(ADE_CLASS_FILES)})")
-
-
-def load_ade20k(root, split: str = "training", image_size: int | None = None) -> SceneSet:
-    """Reads an ADE20K-style folder (images/<split>/*.jpg|png, annotations/<split>/*.png, class file).
-
-    Stored label 0 becomes 255 (ignore) and c + 1 becomes c. With ``image_size`` every image is
-    resized to image_size x image_size (bilinear; labels nearest). Boxes, labels and masks are empty.
-    """
-    root = Path(root)
-    image_dir, label_dir = root / "images" / split, root / "annotations" / split
-    if not image_dir.is_dir() or not label_dir.is_dir():
-        raise FileNotFoundError(f"ADE20K-style data needs {image_dir} and {label_dir}")
-    seg_names = _read_ade_class_names(root)
-    thing_file = root / "thing_classes.txt"
-    thing_names = thing_file.read_text().splitlines() if thing_file.exists() else []
-    image_paths = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
-    if not image_paths:
-        raise FileNotFoundError(f"no .png/.jpg images in {image_dir}")
-    scenes = []
-    for image_path in image_paths:
-        label_path = label_dir / f"{image_path.stem}.png"
-        if not label_path.exists():
-            raise FileNotFoundError(f"image {image_path.name} has no label map {label_path}")
-        image, label = Image.open(image_path).convert("RGB"), Image.open(label_path)
-        if image_size is not None:
-            image = image.resize((image_size, image_size), Image.BILINEAR)
-            label = label.resize((image_size, image_size), Image.NEAREST)
-        stored = np.asarray(label, dtype=np.int64)
-        if stored.ndim != 2:
-            raise ValueError(f"label map {label_path} must be single-channel, got shape {stored.shape}")
-        if stored.max() > len(seg_names):
-            raise ValueError(f"label map {label_path} has class value {stored.max()} > {len(seg_names)} classes")
-        semantic = np.where(stored == 0, IGNORE_INDEX, stored - 1).astype(np.uint8)
-        height, width = semantic.shape
-        scenes.append(Scene(np.asarray(image, dtype=np.uint8), semantic, np.zeros((0, 4), np.float32),
-                            np.zeros(0, np.int64), np.zeros((0, height, width), bool)))
-    return SceneSet(scenes, seg_names, thing_names, dict(source=str(root), split=split))
-
-
-# ---------------------------------------------------------------- COCO/LVIS-style JSON
-
-
-def lvis_frequency(image_count: int) -> str:
-    """LVIS groups: rare (1-10 training images), common (11-100), frequent (> 100)."""
-    return "r" if image_count <= 10 else "c" if image_count <= 100 else "f"
-
-
-def export_coco(scene_set: SceneSet, json_path, image_dir, frequency_from: SceneSet | None = None) -> Path:
-    """Writes the images as PNG into ``image_dir`` and a COCO/LVIS instances JSON to ``json_path``.
-
-    Category ``frequency`` / ``image_count`` come from ``frequency_from`` (the training set, as LVIS
-    does for its validation file) or from ``scene_set`` itself.
-    """
-    from pycocotools import mask as mask_utils
-
-    json_path, image_dir = Path(json_path), Path(image_dir)
-    image_dir.mkdir(parents=True, exist_ok=True)
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    image_counts = (frequency_from or scene_set).thing_image_counts()
-    images, annotations = [], []
-    for i, scene in enumerate(scene_set.scenes):
-        file_name = f"scene_{i:06d}.png"
-        Image.fromarray(scene.image).save(image_dir / file_name)
-        height, width = scene.semantic.shape
-        images.append(dict(id=i + 1, file_name=file_name, width=width, height=height))
-        for box, label, mask in zip(scene.boxes, scene.labels, scene.masks):
-            rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-            rle["counts"] = rle["counts"].decode("ascii")
-            x0, y0, x1, y1 = (float(v) for v in box)
-            annotations.append(dict(
-                id=len(annotations) + 1, image_id=i + 1, category_id=int(label) + 1,
-                bbox=[x0, y0, x1 - x0, y1 - y0], area=float(mask.sum()), iscrowd=0, segmentation=rle,
-            ))
-    categories = [
-        dict(id=k + 1, name=name, image_count=int(image_counts[k]), frequency=lvis_frequency(int(image_counts[k])))
-        for k, name in enumerate(scene_set.thing_class_names)
-    ]
-    stuff_names = scene_set.seg_class_names[: scene_set.num_stuff]
-    payload = dict(images=images, annotations=annotations, categories=categories, stuff_categories=stuff_names)
-    json_path.write_text(json.dumps(payload))
-    return json_path
-
-
-def _decode_segmentation(segmentation, height: int, width: int) -> np.ndarray:
-    from pycocotools import mask as mask_utils
-
-    if isinstance(segmentation, list):  # polygons
-        rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
-    elif isinstance(segmentation.get("counts"), list):  # uncompressed RLE
-        rle = mask_utils.frPyObjects(segmentation, height, width)
-    else:
-        rle = segmentation
-    with warnings.catch_warnings():  # pycocotools' decode predates numpy 2's __array__(copy=...) protocol
-        warnings.filterwarnings("ignore", "__array__ implementation doesn't accept a copy keyword", DeprecationWarning)
-        return mask_utils.decode(rle).astype(bool)
-
-
-def load_coco(json_path, image_dir, image_size: int | None = None) -> SceneSet:
-    """Reads a COCO/LVIS instances JSON (RLE or polygon masks; boxes from ``bbox`` when masks are absent).
-
-    Categories are sorted by id and mapped to contiguous labels 0..K-1. The semantic map holds
-    ``num_stuff + label`` on instance pixels (later annotations on top) and 255 elsewhere, since
-    instance files carry no stuff labels; ``stuff_categories`` (if present) only names the stuff
-    classes. With ``image_size`` images, masks and boxes are resized to image_size x image_size.
-    """
-    json_path, image_dir = Path(json_path), Path(image_dir)
-    data = json.loads(json_path.read_text())
-    for key in ("images", "annotations", "categories"):
-        if key not in data:
-            raise ValueError(f"{json_path} is not a COCO instances file: missing {key!r}")
-    categories = sorted(data["categories"], key=lambda c: c["id"])
-    label_of = {c["id"]: k for k, c in enumerate(categories)}
-    thing_names = [c["name"] for c in categories]
-    stuff_names = list(data.get("stuff_categories", []))
-    by_image: dict[int, list] = {}
-    for ann in data["annotations"]:
-        if ann["category_id"] not in label_of:
-            raise ValueError(f"annotation {ann.get('id')} has unknown category_id {ann['category_id']}")
-        by_image.setdefault(ann["image_id"], []).append(ann)
-    scenes = []
-    for info in sorted(data["images"], key=lambda im: im["id"]):
-        image = Image.open(image_dir / info["file_name"]).convert("RGB")
-        width, height = image.size
-        anns = [a for a in by_image.get(info["id"], []) if not a.get("iscrowd", 0)]
-        masks = np.zeros((len(anns), height, width), dtype=bool)
-        boxes = np.zeros((len(anns), 4), dtype=np.float32)
-        for i, ann in enumerate(anns):
-            x, y, w, h = ann["bbox"]
-            boxes[i] = (x, y, x + w, y + h)
-            if ann.get("segmentation"):
-                masks[i] = _decode_segmentation(ann["segmentation"], height, width)
-            else:
-                masks[i, int(y) : int(np.ceil(y + h)), int(x) : int(np.ceil(x + w))] = True
-        if image_size is not None:
-            image = image.resize((image_size, image_size), Image.BILINEAR)
-            boxes *= np.array([image_size / width, image_size / height] * 2, dtype=np.float32)
-            masks = np.stack([np.asarray(Image.fromarray(m).resize((image_size, image_size), Image.NEAREST)) for m in masks]) \
-                if len(anns) else np.zeros((0, image_size, image_size), bool)
-        labels = np.array([label_of[a["category_id"]] for a in anns], dtype=np.int64)
-        semantic = np.full(masks.shape[1:], IGNORE_INDEX, dtype=np.uint8)
-        for mask, label in zip(masks, labels):
-            semantic[mask] = len(stuff_names) + label
-        scenes.append(Scene(np.asarray(image, dtype=np.uint8), semantic, boxes, labels, masks))
-    return SceneSet(scenes, stuff_names + thing_names, thing_names, dict(source=str(json_path)))

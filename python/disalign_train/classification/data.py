@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from .. import runtime
+from ..core.errors import UserError
 
 
 @dataclass
@@ -80,7 +80,7 @@ class ImageList(Dataset):
 def exponential_profile(n_max: int, num_classes: int, imbalance_ratio: float) -> list[int]:
     """Images per class ``n_max * ratio^(-c / (C - 1))``, at least one: class 0 has n_max, the last n_max/ratio."""
     if not (isinstance(imbalance_ratio, (int, float)) and math.isfinite(imbalance_ratio) and imbalance_ratio >= 1):
-        raise ValueError(f"imbalance_ratio must be a finite number >= 1, got {imbalance_ratio!r}")
+        raise UserError(f"imbalance_ratio must be a finite number >= 1, got {imbalance_ratio!r}")
     if num_classes < 1 or n_max < 1:
         raise ValueError(f"need n_max >= 1 and num_classes >= 1, got n_max={n_max}, num_classes={num_classes}")
     steps = max(num_classes - 1, 1)
@@ -97,13 +97,13 @@ def build_digits_lt(
     labels = torch.from_numpy(digits.target).long()
     num_classes = int(labels.max()) + 1
     if test_per_class < 1 or val_per_class < 0:
-        raise ValueError(f"need test_per_class >= 1 and val_per_class >= 0, got {test_per_class}, {val_per_class}")
+        raise UserError(f"need test_per_class >= 1 and val_per_class >= 0, got {test_per_class}, {val_per_class}")
     rng = np.random.default_rng(seed)
     per_class = [rng.permutation(np.flatnonzero(digits.target == c)) for c in range(num_classes)]
     held_out = test_per_class + val_per_class
     smallest = min(len(p) for p in per_class)
     if smallest - held_out < 1:
-        raise ValueError(
+        raise UserError(
             f"test_per_class + val_per_class = {held_out} leaves no training images (the smallest digit class has {smallest})"
         )
     counts = exponential_profile(smallest - held_out, num_classes, imbalance_ratio)
@@ -133,17 +133,38 @@ def build_digits_lt(
 
 def read_split_file(path: str | Path) -> list[tuple[str, int]]:
     """Entries ``(relative path, label)`` of an ImageNet-LT-style list (``relative/path.jpg label`` per line)."""
+    return [(image, label) for image, label, _ in _read_lines(Path(path))]
+
+
+def _read_lines(path: Path) -> list[tuple[str, int, int]]:
+    """``(relative path, label, line number)`` per entry."""
+    if not path.is_file():
+        raise UserError(f"split file {path} does not exist")
     entries = []
-    for line_number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+    for line_number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
         parts = line.strip().rsplit(maxsplit=1)
         if len(parts) != 2 or not parts[1].isdigit():
-            raise ValueError(f"{path}:{line_number}: expected 'relative/path.jpg label' (label >= 0), got {line!r}")
-        entries.append((parts[0], int(parts[1])))
+            raise UserError(f"{path}:{line_number}: expected 'relative/path.jpg label' (label >= 0), got {line!r}")
+        entries.append((parts[0], int(parts[1]), line_number))
     if not entries:
-        raise ValueError(f"{path}: the split file lists no images")
+        raise UserError(f"{path}: the split file lists no images")
     return entries
+
+
+def check_images(split_file: Path, root: Path, entries: list[tuple[str, int, int]]) -> None:
+    """Every listed image exists and decodes (Pillow's verify: header and structure, no full decode),
+    before any training: the error names the split file, its line and the image."""
+    for image, _, line in entries:
+        path = root / image
+        if not path.is_file():
+            raise UserError(f"{split_file}:{line}: image {path} does not exist (paths are relative to --image-root {root})")
+        try:
+            with Image.open(path) as opened:
+                opened.verify()
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+            raise UserError(f"{split_file}:{line}: image {path} cannot be decoded: {error}") from error
 
 
 def find_split_file(data_dir: Path, kind: str) -> Path | None:
@@ -151,7 +172,7 @@ def find_split_file(data_dir: Path, kind: str) -> Path | None:
     matches = sorted(data_dir.glob(f"*{kind}*.txt"))
     if len(matches) > 1:
         names = ", ".join(m.name for m in matches)
-        raise ValueError(f"--data {data_dir}: several {kind} lists ({names}); pick one with --{kind}-list")
+        raise UserError(f"--data {data_dir}: several {kind} lists ({names}); pick one with --{kind}-list")
     return matches[0] if matches else None
 
 
@@ -163,27 +184,35 @@ def build_split_file_data(
     test_list: str | Path | None = None,
     image_size: int = 64,
 ) -> LongTailData:
-    """Split files as in ImageNet-LT; without a test list the val list is the test set (iNaturalist)."""
+    """Split files as in ImageNet-LT; without a test list the val list is the test set (iNaturalist).
+    Every file and label is checked here, before training (``check_images``)."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise ValueError(f"--data must be a folder holding the split files, got {str(data_dir)!r}")
+        raise UserError(f"--data must be a folder holding the split files, got {str(data_dir)!r}")
     root = Path(image_root) if image_root is not None else data_dir
     lists = {
         kind: Path(given) if given is not None else find_split_file(data_dir, kind)
         for kind, given in (("train", train_list), ("val", val_list), ("test", test_list))
     }
     if lists["train"] is None:
-        raise ValueError(f"--data {data_dir}: no *train*.txt split file; name one with --train-list")
+        raise UserError(f"--data {data_dir}: no *train*.txt split file; name one with --train-list")
     if lists["test"] is None:
         if lists["val"] is None:
-            raise ValueError(f"--data {data_dir}: no *test*.txt or *val*.txt split file to evaluate on")
+            raise UserError(f"--data {data_dir}: no *test*.txt or *val*.txt split file to evaluate on")
         lists["test"], lists["val"] = lists["val"], None
-    entries = {kind: read_split_file(path) for kind, path in lists.items() if path is not None}
-    num_classes = 1 + max(label for split in entries.values() for _, label in split)
-    counts = torch.bincount(torch.tensor([label for _, label in entries["train"]]), minlength=num_classes)
+    lined = {kind: _read_lines(path) for kind, path in lists.items() if path is not None}
+    num_classes = 1 + max(label for image, label, _ in lined["train"])
+    for kind, split in lined.items():
+        for image, label, line in split:
+            if label >= num_classes:
+                raise UserError(f"{lists[kind]}:{line}: label {label} of {image} is not a training class (0..{num_classes - 1})")
+    counts = torch.bincount(torch.tensor([label for _, label, _ in lined["train"]]), minlength=num_classes)
     missing = torch.nonzero(counts == 0).flatten().tolist()
     if missing:
-        raise ValueError(f"{lists['train']}: classes {missing[:10]} have no training image (labels must be 0..C-1)")
+        raise UserError(f"{lists['train']}: classes {missing[:10]} have no training image (labels must be 0..C-1)")
+    for kind, split in lined.items():
+        check_images(lists[kind], root, split)
+    entries = {kind: [(image, label) for image, label, _ in split] for kind, split in lined.items()}
     splits = {kind: ImageList(root, split, image_size) for kind, split in entries.items()}
     used = ", ".join(f"{kind}={path.name}" for kind, path in lists.items() if path is not None)
     return LongTailData(
@@ -197,66 +226,3 @@ def build_split_file_data(
         test=Split(splits["test"], splits["test"].labels, splits["test"].paths),
         natural_images=True,
     )
-
-
-def shard(num_items: int) -> torch.Tensor:
-    """This rank's share of items 0..num_items-1 (every world_size-th one), for extraction and evaluation."""
-    return torch.arange(runtime.rank(), num_items, runtime.world_size())
-
-
-def reduced_class_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Training images per class: each rank counts its shard, the counts are summed over ranks."""
-    counts = torch.bincount(labels[shard(len(labels))], minlength=num_classes).double()
-    return runtime.all_reduce_sum(counts).long()
-
-
-class ShardedBatchSampler:
-    """The batches of one epoch; each rank takes its slice (rank::world_size) of every global batch.
-
-    ``balance="instance"``: every training image once per epoch, in random order.
-    ``balance="class"``: as many draws as images, each a uniformly random class, then a uniformly random
-    image of it (class-aware sampling, as cRT and LWS use).
-    The order depends only on (seed, epoch), so N processes together see exactly the batches one
-    process sees: ``batch_size`` is global, independent of the number of processes. A last batch
-    smaller than the number of processes is dropped so that every rank gets a share of each batch.
-    """
-
-    def __init__(self, labels: torch.Tensor, batch_size: int, balance: str, seed: int, rank: int = 0, world_size: int = 1):
-        if balance not in ("instance", "class"):
-            raise ValueError(f"balance must be 'instance' or 'class', got {balance!r}")
-        if batch_size < world_size:
-            raise ValueError(f"batch_size ({batch_size}) must be at least the number of processes ({world_size})")
-        if len(labels) < world_size:
-            raise ValueError(f"{len(labels)} training items cannot be shared by {world_size} processes")
-        self.labels = labels.cpu()
-        self.batch_size = batch_size
-        self.balance = balance
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.epoch = 0
-        self.by_class = torch.argsort(self.labels, stable=True)
-        counts = torch.bincount(self.labels)
-        self.class_sizes = counts[counts > 0]
-        self.class_starts = torch.cumsum(counts, 0)[counts > 0] - self.class_sizes
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def epoch_order(self) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        num_items = len(self.labels)
-        if self.balance == "instance":
-            return torch.randperm(num_items, generator=generator)
-        draws = torch.randint(len(self.class_sizes), (num_items,), generator=generator)
-        offsets = (torch.rand(num_items, generator=generator, dtype=torch.float64) * self.class_sizes[draws]).long()
-        return self.by_class[self.class_starts[draws] + offsets]
-
-    def __len__(self) -> int:
-        full, rest = divmod(len(self.labels), self.batch_size)
-        return full + (rest >= self.world_size)
-
-    def __iter__(self):
-        order = self.epoch_order()
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
-            yield order[start : start + self.batch_size][self.rank :: self.world_size].tolist()

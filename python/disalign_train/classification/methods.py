@@ -29,19 +29,20 @@ sampling. LWS is the input-agnostic DisAlign head with margin fixed at 0 and cla
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
-from disalign_ops.nn import CalibrationInputs, CosineLinear, DisAlignLinear, DisAlignLoss
+from disalign_ops.nn import CosineLinear, DisAlignLinear, DisAlignLoss
 
-from .. import runtime
-from .data import ShardedBatchSampler
+from ..core import runtime
+from ..core.loop import Recipe, Stage2Objective, fit
+from ..core.methods import DISALIGN, GRW_ONLY, JOINT, FittedMethod, Method, registry, uncalibrated_head
+from ..core.sampler import ShardedBatchSampler
 from .metrics import balanced_accuracy, per_class_hits
 
 TAU_GRID = tuple(np.round(np.linspace(0.0, 2.0, 21), 2).tolist())
@@ -60,17 +61,6 @@ class FrozenFeatures:
 
 
 @dataclass
-class HeadTraining:
-    """Stage-2 schedule (appendix A.2: SGD, momentum 0.9, cosine decay restarted from ``lr``)."""
-
-    epochs: int
-    batch_size: int
-    lr: float
-    weight_decay: float
-    seed: int
-
-
-@dataclass
 class StageTwo:
     """What every method may use."""
 
@@ -80,102 +70,28 @@ class StageTwo:
     class_counts: torch.Tensor
     num_classes: int
     rho: float
-    training: HeadTraining
+    recipe: Recipe  # stage 2: SGD, momentum 0.9, cosine decay restarted from the lr (appendix A.2)
+    batch_size: int
+    seed: int
     logit_adjust_tau: float
     backend: str | None
-
-
-@dataclass
-class FittedMethod:
-    predict: Callable[[torch.Tensor], torch.Tensor]  # features -> class scores
-    head: nn.Module | None = None  # the trained head, saved in the stage-2 checkpoint
-    info: dict = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Method:
-    key: str
-    title: str
-    align: str  # paper Table 1: "-", "hand-crafted" or "learnable"
-    fit: Callable[[StageTwo], FittedMethod]
-
-
-class ClassifierHead(nn.Module):
-    """A plain classifier as a stage-2 head: the op with alpha = beta = 0 and no confidence is plain
-    (weighted) cross entropy, and the logits themselves get the gradient."""
-
-    def __init__(self, classifier: nn.Module):
-        super().__init__()
-        self.classifier = classifier
-        self.register_buffer("zeros", torch.zeros(classifier.out_features))
-
-    def calibration_inputs(self, x: torch.Tensor) -> CalibrationInputs:
-        return CalibrationInputs(self.classifier(x), self.zeros, self.zeros, None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(x)
-
-
-class HeadObjective(nn.Module):
-    """The loss as a module's forward, so that DistributedDataParallel sees every step of the head.
-
-    The weighted mean is taken over the global batch: each rank sums its share (reduction "sum")
-    and divides by the batch's total target weight over all ranks, times the number of ranks
-    (DDP averages the gradients), so N processes compute the gradient one process computes.
-    """
-
-    def __init__(self, head: nn.Module, class_counts: torch.Tensor, rho: float, backend: str | None):
-        super().__init__()
-        self.head = head
-        self.loss_fn = DisAlignLoss(class_counts, rho, reduction="sum", backend=backend)
-
-    def forward(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        total_weight = runtime.all_reduce_sum(self.loss_fn.weight[target].sum().detach())
-        return self.loss_fn(self.head.calibration_inputs(x), target) * (runtime.world_size() / total_weight)
-
-
-def sgd(parameters, lr: float, weight_decay: float) -> torch.optim.SGD:
-    """SGD with momentum 0.9 (appendix A.2) over the trainable parameters. Weight decay applies to
-    weight matrices and kernels only: biases, the cosine scale, and the magnitude (init 1) and margin
-    of the calibration are offsets that decay would pull away from their meaning."""
-    trainable = [p for p in parameters if p.requires_grad]
-    groups = [
-        {"params": [p for p in trainable if p.dim() > 1], "weight_decay": weight_decay},
-        {"params": [p for p in trainable if p.dim() <= 1], "weight_decay": 0.0},
-    ]
-    return torch.optim.SGD(groups, lr=lr, momentum=0.9)
+    logger: object = None
+    paper_recipe: bool = False  # the authors' head variants (DisAlignLinear.paper_recipe)
 
 
 def train_head(head: nn.Module, ctx: StageTwo, balance: str, rho: float, desc: str) -> None:
-    """The one stage-2 loop: SGD on the head's trainable parameters over the frozen train features."""
+    """Stage 2 on the frozen train features: the shared loop (core.loop.fit) over the head's trainable parameters."""
     features, labels = ctx.features.train, ctx.features.train_labels
-    objective = HeadObjective(head, ctx.class_counts, rho, ctx.backend).to(features.device)
-    if runtime.world_size() > 1:
-        device_ids = [features.device] if features.device.type == "cuda" else None
-        objective = DistributedDataParallel(objective, device_ids=device_ids)
-    optimizer = sgd(head.parameters(), ctx.training.lr, ctx.training.weight_decay)
-    sampler = ShardedBatchSampler(
-        labels, ctx.training.batch_size, balance, ctx.training.seed, runtime.rank(), runtime.world_size()
-    )
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, ctx.training.epochs * len(sampler)))
-    head.train()
-    for epoch in runtime.progress(range(ctx.training.epochs), desc=desc):
-        sampler.set_epoch(epoch)
-        finite = torch.ones((), dtype=torch.bool, device=features.device)
-        for batch in sampler:
+    loss_fn = DisAlignLoss(ctx.class_counts, rho, reduction="sum", backend=ctx.backend)
+    objective = Stage2Objective(head, loss_fn).to(features.device)
+    sampler = ShardedBatchSampler(labels, ctx.batch_size, balance, ctx.seed, runtime.rank(), runtime.world_size())
+
+    def load(batches):
+        for batch in batches:
             index = torch.as_tensor(batch, device=features.device)
-            loss = objective(features[index], labels[index])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            finite &= torch.isfinite(loss)
-        if not bool(finite):  # checked once per epoch: no device sync per step
-            raise RuntimeError(
-                f"{desc}: the stage-2 loss became non-finite in epoch {epoch + 1} with lr {ctx.training.lr}; "
-                "lower --stage2-lr"
-            )
-    head.eval()
+            yield features[index], labels[index]
+
+    fit(objective, head.parameters(), ctx.recipe, sampler, load, ctx.logger, desc)
 
 
 def learnable(key: str, title: str, build_head: Callable[[StageTwo], nn.Module], balance: str, reweight: bool) -> Method:
@@ -184,7 +100,7 @@ def learnable(key: str, title: str, build_head: Callable[[StageTwo], nn.Module],
     def fit(ctx: StageTwo) -> FittedMethod:
         head = build_head(ctx).to(ctx.features.train.device)
         rho = ctx.rho if reweight else 0.0
-        train_head(head, ctx, balance, rho, desc=f"stage 2: {title}")
+        train_head(head, ctx, balance, rho, desc=f"seed {ctx.seed} stage 2: {title}")
         return FittedMethod(predict=head, head=head, info={"sampling": balance, "rho": rho})
 
     return Method(key, title, "learnable", fit)
@@ -194,7 +110,8 @@ def calibrated(input_aware: bool = True, magnitude: bool = True, margin: bool = 
     """A DisAlign head over a copy of the frozen classifier; ``magnitude``/``margin`` False keeps it at 1/0."""
 
     def build(ctx: StageTwo) -> nn.Module:
-        head = DisAlignLinear.from_linear(copy.deepcopy(ctx.classifier), input_aware=input_aware, backend=ctx.backend)
+        make = DisAlignLinear.paper_recipe if ctx.paper_recipe else DisAlignLinear.from_linear
+        head = make(copy.deepcopy(ctx.classifier), input_aware=input_aware, backend=ctx.backend)
         head.magnitude.requires_grad_(magnitude)
         head.margin.requires_grad_(margin)
         return head
@@ -203,7 +120,7 @@ def calibrated(input_aware: bool = True, magnitude: bool = True, margin: bool = 
 
 
 def retrained_classifier(ctx: StageTwo) -> nn.Module:
-    return ClassifierHead(ctx.new_classifier())
+    return uncalibrated_head(ctx.new_classifier())
 
 
 def fit_joint(ctx: StageTwo) -> FittedMethod:
@@ -250,19 +167,16 @@ def fit_logit_adjust(ctx: StageTwo) -> FittedMethod:
     return FittedMethod(predict=lambda x: ctx.classifier(x) - shift, info={"tau": ctx.logit_adjust_tau})
 
 
-METHODS = {
-    m.key: m
-    for m in (
-        Method("joint", "Joint (baseline)", "-", fit_joint),
-        Method("ncm", "NCM", "hand-crafted", fit_ncm),
-        Method("tau_norm", "tau-normalisation", "hand-crafted", fit_tau_norm),
-        Method("logit_adjust", "Logit adjustment (post-hoc)", "hand-crafted", fit_logit_adjust),
-        learnable("crt", "cRT", retrained_classifier, "class", reweight=False),
-        learnable("lws", "LWS", calibrated(input_aware=False, margin=False), "class", reweight=False),
-        learnable("grw_only", "DisAlign ablation: GRW only", retrained_classifier, "instance", reweight=True),
-        learnable("magnitude_only", "DisAlign ablation: magnitude only", calibrated(margin=False), "instance", reweight=True),
-        learnable("margin_only", "DisAlign ablation: margin only", calibrated(magnitude=False), "instance", reweight=True),
-        learnable("input_agnostic", "DisAlign ablation: input-agnostic", calibrated(input_aware=False), "instance", reweight=True),
-        learnable("disalign", "DisAlign", calibrated(), "instance", reweight=True),
-    )
-}
+METHODS = registry(
+    Method(*JOINT, "-", fit_joint),
+    Method("ncm", "NCM", "hand-crafted", fit_ncm),
+    Method("tau_norm", "tau-normalisation", "hand-crafted", fit_tau_norm),
+    Method("logit_adjust", "Logit adjustment (post-hoc)", "hand-crafted", fit_logit_adjust),
+    learnable("crt", "cRT", retrained_classifier, "class", reweight=False),
+    learnable("lws", "LWS", calibrated(input_aware=False, margin=False), "class", reweight=False),
+    learnable(*GRW_ONLY, retrained_classifier, "instance", reweight=True),
+    learnable("magnitude_only", "DisAlign ablation: magnitude only", calibrated(margin=False), "instance", reweight=True),
+    learnable("margin_only", "DisAlign ablation: margin only", calibrated(magnitude=False), "instance", reweight=True),
+    learnable("input_agnostic", "DisAlign ablation: input-agnostic", calibrated(input_aware=False), "instance", reweight=True),
+    learnable(*DISALIGN, calibrated(), "instance", reweight=True),
+)

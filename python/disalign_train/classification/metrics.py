@@ -1,13 +1,12 @@
 """Top-1 accuracy overall and by frequency group (paper appendix A.1, Kang et al. 2020).
 
-Group rule "paper": Many (> 100 training images), Medium (20-100), Few (< 20). Where a data set is
-too small for those thresholds (digits-lt: one class above 100), rule "terciles": the classes
-ranked by training count (ties by class index) are cut into three near-equal parts, the largest
-part first. Rule "auto" takes "paper" when each of its groups holds at least MIN_GROUP_CLASSES
-classes (ImageNet-LT, Places-LT and iNaturalist have 70 or more), else "terciles".
+Groups (core.groups): paper rule Many (> 100 training images), Medium (20-100), Few (< 20); "auto"
+takes it when each group holds at least MIN_GROUP_CLASSES classes (ImageNet-LT, Places-LT and
+iNaturalist have 70 or more), else terciles (digits-lt: one class above 100).
 
 Every accuracy is class-balanced: the mean over classes of per-class accuracy (classes without a
-test image are skipped). On a balanced test set "all" is plain top-1; "top1" is reported too.
+test image are skipped). On a balanced test set ``acc`` is plain top-1; ``top1`` is reported too.
+Flat names (core.summary): ``acc``, ``top1``, ``many_acc``, ``medium_acc``, ``few_acc``.
 """
 
 from __future__ import annotations
@@ -17,45 +16,21 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .. import runtime
+from ..core import runtime
+from ..core.groups import GroupRule
 
 GROUPS = ("many", "medium", "few")
-GROUP_RULES = ("auto", "paper", "terciles")
 MIN_GROUP_CLASSES = 5  # a group average over fewer classes says little
+METRICS = ["acc", "top1", *(f"{g}_acc" for g in GROUPS)]
+TAIL_METRIC = "few_acc"
 
 
 def paper_groups(class_counts) -> list[str]:
     return ["many" if n > 100 else "few" if n < 20 else "medium" for n in np.asarray(class_counts).tolist()]
 
 
-def tercile_groups(class_counts) -> list[str]:
-    counts = np.asarray(class_counts)
-    ranked = np.argsort(-counts, kind="stable")
-    groups = [""] * len(counts)
-    for name, part in zip(GROUPS, np.array_split(ranked, 3)):
-        for c in part:
-            groups[c] = name
-    return groups
-
-
-def frequency_groups(class_counts, rule: str = "auto") -> tuple[list[str], str]:
-    """The group of each class and the rule used ("paper" or "terciles")."""
-    if rule not in GROUP_RULES:
-        raise ValueError(f"group rule must be one of {GROUP_RULES}, got {rule!r}")
-    if rule in ("auto", "paper"):
-        groups = paper_groups(class_counts)
-        if rule == "paper" or all(groups.count(g) >= MIN_GROUP_CLASSES for g in GROUPS):
-            return groups, "paper"
-    return tercile_groups(class_counts), "terciles"
-
-
-def describe_rule(rule: str) -> str:
-    if rule == "paper":
-        return "paper thresholds: Many > 100 training images, Medium 20-100, Few < 20"
-    return (
-        "terciles of the classes ranked by training count (the 100/20 thresholds leave a group with fewer than "
-        f"{MIN_GROUP_CLASSES} classes on this data set)"
-    )
+RULE = GroupRule(GROUPS, paper_groups, "Many > 100 training images, Medium 20-100, Few < 20", "training images",
+                 MIN_GROUP_CLASSES)
 
 
 @torch.no_grad()
@@ -76,14 +51,15 @@ def per_class_hits(
     return correct.cpu(), total.cpu()
 
 
-def group_accuracy(correct: torch.Tensor, total: torch.Tensor, groups: list[str]) -> dict:
-    """all / many / medium / few (class-balanced, None for an empty group) and top1, in [0, 1]."""
+def group_accuracy(correct: torch.Tensor, total: torch.Tensor, groups: dict[str, list[int]]) -> dict:
+    """``acc``, ``top1`` and ``<group>_acc`` (class-balanced, None for a group without test images), in [0, 1]."""
     seen = total > 0
     per_class = torch.where(seen, correct / total.clamp(min=1), torch.nan)
-    result = {"all": balanced_accuracy(correct, total), "top1": float(correct.sum() / total.sum()) if total.sum() else None}
-    for name in GROUPS:
-        member = torch.tensor([g == name for g in groups]) & seen
-        result[name] = _mean(per_class, member)
+    result = {"acc": balanced_accuracy(correct, total), "top1": float(correct.sum() / total.sum()) if total.sum() else None}
+    for name, members in groups.items():
+        member = torch.zeros(len(total), dtype=torch.bool)
+        member[members] = True
+        result[f"{name}_acc"] = _mean(per_class, member & seen)
     return result
 
 

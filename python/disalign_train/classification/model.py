@@ -1,7 +1,9 @@
-"""Backbones, classifiers and augmentation for the classification trainer.
+"""Backbones (``--model``), classifiers and augmentation for the classification trainer.
 
-The backbones use no batch statistics (GroupNorm, not BatchNorm), so a run under torchrun computes
-the same function of the same global batches as one process.
+``mlp`` and ``small-cnn`` use no batch statistics (GroupNorm, not BatchNorm), so a run under
+torchrun computes the same function of the same global batches as one process. ``resnet18`` and
+``resnet50`` are torchvision's, randomly initialised (no pretrained download), with BatchNorm as
+published (under torchrun each rank normalises its own share of the batch).
 """
 
 from __future__ import annotations
@@ -14,14 +16,29 @@ from torch import nn
 
 from disalign_ops.nn import CosineLinear
 
-BACKBONES = ("mlp", "cnn")
+BACKBONES = ("mlp", "small-cnn", "resnet18", "resnet50")
+RESNET_FEATURES = {"resnet18": 512, "resnet50": 2048}
 CLASSIFIERS = ("linear", "cosine")
 
 
+def feature_dim(name: str, width: int) -> int:
+    """Features a backbone ends in: ``width`` for ours, the fixed width of a ResNet."""
+    return RESNET_FEATURES.get(name, width)
+
+
 def build_backbone(name: str, image_shape: tuple[int, int, int], width: int = 128) -> nn.Module:
-    """``mlp``: two hidden layers over the flattened image (8x8 digits). ``cnn``: three conv blocks
-    with GroupNorm and global average pooling (any image size). Both end in ``width`` features."""
+    """``mlp``: two hidden layers over the flattened image (8x8 digits). ``small-cnn``: three conv blocks
+    with GroupNorm and global average pooling (any image size); both end in ``width`` features.
+    ``resnet18``/``resnet50``: torchvision's, without its fc layer (512/2048 features)."""
     channels = image_shape[0]
+    if name in RESNET_FEATURES:
+        import torchvision
+
+        resnet = getattr(torchvision.models, name)(weights=None)
+        if channels != 3:
+            resnet.conv1 = nn.Conv2d(channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        resnet.fc = nn.Identity()
+        return resnet
     if name == "mlp":
         return nn.Sequential(
             nn.Flatten(),
@@ -30,7 +47,7 @@ def build_backbone(name: str, image_shape: tuple[int, int, int], width: int = 12
             nn.Linear(2 * width, width),
             nn.ReLU(inplace=True),
         )
-    if name == "cnn":
+    if name == "small-cnn":
         def block(c_in, c_out, stride):
             norm = nn.GroupNorm(math.gcd(8, c_out), c_out)
             return [nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), norm, nn.ReLU(inplace=True)]

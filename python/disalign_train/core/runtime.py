@@ -1,7 +1,8 @@
-"""What every trainer shares: devices, seeding, torchrun/DDP, progress bars, output folder, log, JSON."""
+"""Devices, threads, the disalign_ops backend, seeding, torchrun/DDP, progress bars, output folder, log, JSON."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -13,6 +14,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
+
+from .errors import UserError
 
 
 def pick_device(name: str | None) -> torch.device:
@@ -31,11 +34,29 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def share_cpu_threads(device: torch.device) -> None:
-    """Under torchrun on CPU, splits the cores between the local processes (no oversubscription)."""
+def set_threads(threads: int, device: torch.device) -> None:
+    """--threads intra-op threads per process on the CPU (under torchrun never more than the process's
+    share of the cores: no oversubscription)."""
+    if device.type != "cpu":
+        return
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if device.type == "cpu" and local_processes > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_processes))
+    share = max(1, (os.cpu_count() or 1) // local_processes)
+    torch.set_num_threads(max(1, min(threads, share)))
+
+
+def resolve_backend(name: str | None, device: torch.device) -> str:
+    """--backend checked before any training: the backend stage 2 will use, or a UserError saying why not."""
+    from disalign_ops.backends import available_backends, resolve_backend as resolve
+
+    if name == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UserError(
+            "--backend triton on the CPU runs only under Triton's interpreter: start the command with "
+            "TRITON_INTERPRET=1 (e.g. TRITON_INTERPRET=1 disalign-train ...), or use --backend native"
+        )
+    try:
+        return resolve(name, device)
+    except (RuntimeError, ValueError) as error:
+        raise UserError(f"--backend {name}: {error} (available on {device}: {available_backends(device)})") from error
 
 
 def init_distributed(device: torch.device) -> bool:
@@ -87,7 +108,7 @@ def all_gather_objects(obj) -> list:
     return gathered
 
 
-def progress(iterable=None, **kwargs):
+def progress(iterable=None, **kwargs):  # noqa: D401
     """tqdm bar on the main rank when stderr is a terminal; silent otherwise (logs, CI, other ranks)."""
     kwargs.setdefault("disable", not (is_main() and sys.stderr.isatty()))
     kwargs.setdefault("leave", False)
@@ -116,3 +137,18 @@ def prepare_output(out_dir: str | os.PathLike, name: str = "disalign_train") -> 
 def write_json(path: str | os.PathLike, payload) -> None:
     if is_main():
         Path(path).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+@contextlib.contextmanager
+def session(args, name: str):
+    """What every trainer does before and after its work: device, --threads, --backend checked (before
+    any training), torchrun's process group, --out with its log. Yields (device, out, logger)."""
+    device = pick_device(args.device)
+    set_threads(args.threads, device)
+    args.backend = resolve_backend(args.backend, device)
+    init_distributed(device)
+    try:
+        out, logger = prepare_output(args.out, name)
+        yield device, out, logger
+    finally:
+        shutdown_distributed()

@@ -1,5 +1,6 @@
-"""A small Fast R-CNN-style detector: conv backbone, RoIAlign box head with K+1 logits (background
-last) and class-specific box regression, plus its proposals, RoI sampling, losses and post-processing.
+"""A small Fast R-CNN-style detector on torchvision.ops: conv backbone, RoIAlign box head with K+1
+logits (background last) and class-specific box regression, plus its proposals, RoI sampling,
+losses and post-processing.
 
 Proposals. Training RoIs are the ground-truth boxes, jittered copies of them (shifted by up to a
 quarter of their size, scaled by up to ~1.35x) and random sliding-window anchors, labelled by their
@@ -9,17 +10,20 @@ image gets the same dense set of sliding-window anchors (every ``anchor_stride``
 ``anchor_sizes`` x ``anchor_ratios``), the box head scores and regresses all of them, and per-class
 NMS keeps the best. The anchors are also among the training RoIs, so the background class has
 seen exactly the boxes it must reject at test time.
+
+Boxes are (N, 4) ``x0, y0, x1, y1`` in image pixels (a box covering pixels 0..w-1 is ``[0, w]``).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from .detection_ops import BoxCoder, batched_nms, box_iou, clip_boxes, dense_anchors, roi_align
+from torchvision.models.detection._utils import BoxCoder as _TorchvisionBoxCoder
+from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, roi_align
 
 PIXEL_MEAN, PIXEL_STD = 0.5, 0.25
 
@@ -43,6 +47,41 @@ class DetectorConfig:
     candidates_per_image: int = 1000  # before NMS
     nms_iou: float = 0.5
     detections_per_image: int = 100
+
+
+class BoxCoder(_TorchvisionBoxCoder):
+    """Fast R-CNN deltas (dx, dy, dw, dh) with weights (10, 10, 5, 5), torchvision's coder:
+    ``encode(proposals, targets)`` and ``decode(deltas (N, 4k), proposals (N, 4)) -> (N, 4k)``."""
+
+    def __init__(self, weights=(10.0, 10.0, 5.0, 5.0), max_log_scale: float = math.log(1000.0 / 16)):
+        super().__init__(weights, bbox_xform_clip=max_log_scale)
+
+    def encode(self, proposals: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return self.encode_single(targets, proposals)
+
+    def decode(self, deltas: torch.Tensor, proposals: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return self.decode_single(deltas, proposals).reshape(deltas.shape)
+
+
+def clip_boxes(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Clips (N, 4*k) boxes to the image (torchvision's clip on each group of 4)."""
+    return clip_boxes_to_image(boxes.reshape(-1, 4), (height, width)).reshape(boxes.shape)
+
+
+def dense_anchors(height: int, width: int, stride: int, sizes, aspect_ratios) -> torch.Tensor:
+    """Sliding-window boxes: one per (position, size, aspect ratio), centred every ``stride`` pixels, clipped,
+    duplicates from the clipping removed. ``aspect_ratios`` are height / width; each anchor has area ``size**2``."""
+    shapes = torch.tensor([[size / math.sqrt(ratio), size * math.sqrt(ratio)] for size in sizes for ratio in aspect_ratios])
+    centres_y, centres_x = torch.meshgrid(
+        torch.arange(stride / 2, height, stride, dtype=torch.float32),
+        torch.arange(stride / 2, width, stride, dtype=torch.float32),
+        indexing="ij",
+    )
+    centres = torch.stack([centres_x, centres_y], dim=-1).reshape(-1, 1, 2)
+    half = shapes.reshape(1, -1, 2) / 2
+    anchors = clip_boxes(torch.cat([centres - half, centres + half], dim=-1).reshape(-1, 4), height, width)
+    keep = (anchors[:, 2] - anchors[:, 0] >= 2) & (anchors[:, 3] - anchors[:, 1] >= 2)
+    return torch.unique(anchors[keep], dim=0)
 
 
 def _conv(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
@@ -76,15 +115,18 @@ class Detector(nn.Module):
         nn.init.zeros_(self.bbox_pred.bias)
 
     def roi_features(self, images: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
-        """Box head features (R, hidden) of ``rois`` (R, 5) on uint8 ``images`` (B, 3, H, W)."""
+        """Box head features (R, hidden) of ``rois`` (R, 5) = (image index, x0, y0, x1, y1) on uint8 ``images``."""
         x = (images.float() / 255 - PIXEL_MEAN) / PIXEL_STD
-        pooled = roi_align(self.backbone(x), rois, self.config.roi_size, 1.0 / self.stride, self.config.roi_sampling_ratio)
+        pooled = roi_align(self.backbone(x), rois, self.config.roi_size, 1.0 / self.stride,
+                           self.config.roi_sampling_ratio, aligned=True)
         return self.box_head(pooled)
 
     def forward(self, images: torch.Tensor, rois: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(K+1 class logits, 4K box deltas) of every RoI."""
         features = self.roi_features(images, rois)
         return self.cls_score(features), self.bbox_pred(features)
+
+
 
 
 def inference_proposals(config: DetectorConfig, device=None) -> torch.Tensor:
@@ -146,8 +188,8 @@ def postprocess(config: DetectorConfig, probabilities, class_boxes):
     """Detections of one image from (R, K+1) class probabilities and (R, 4K) class-specific boxes.
 
     Every (RoI, foreground class) pair above the score threshold is a candidate; the best
-    ``candidates_per_image`` go through per-class NMS and the best ``detections_per_image`` stay.
-    Returns (boxes (D, 4), scores (D,), labels (D,)).
+    ``candidates_per_image`` go through per-class NMS (torchvision's batched_nms) and the best
+    ``detections_per_image`` stay. Returns (boxes (D, 4), scores (D,), labels (D,)).
     """
     num_classes = config.num_classes
     scores = probabilities[:, :num_classes]
@@ -156,5 +198,5 @@ def postprocess(config: DetectorConfig, probabilities, class_boxes):
     top = torch.argsort(candidate_scores, descending=True)[: config.candidates_per_image]
     roi, label, candidate_scores = roi[top], label[top], candidate_scores[top]
     boxes = class_boxes.view(len(class_boxes), num_classes, 4)[roi, label]
-    keep = batched_nms(boxes, candidate_scores, label, config.nms_iou, config.detections_per_image)
+    keep = batched_nms(boxes, candidate_scores, label, config.nms_iou)[: config.detections_per_image]
     return boxes[keep], candidate_scores[keep], label[keep]

@@ -1,11 +1,13 @@
 """COCO-style box AP with pycocotools, overall and by LVIS frequency group (rare / common / frequent).
 
 LVIS (Gupta et al. 2019) groups categories by the number of TRAINING IMAGES that contain them:
-rare 1-10, common 11-100, frequent > 100. A category's AP is COCOeval's precision array
+rare 1-10 (a category never seen in training is rarer still), common 11-100, frequent > 100. On a
+data set too small to fill all three groups that way the rule falls back to terciles of the ranked
+image counts (core.groups), like the other tasks. A category's AP is COCOeval's precision array
 (IoU 0.50:0.95 x 101 recall points, area "all", the largest maxDets) averaged over its defined
-entries; AP is the mean over categories that have test ground truth, and APr / APc / APf the means
-over those categories of each group (LVIS's own evaluator averages the same way). A group with no
-evaluated category reports NaN rather than a made-up number.
+entries; ``ap`` is the mean over categories that have test ground truth, and ``rare_ap`` /
+``common_ap`` / ``frequent_ap`` the means over those categories of each group (LVIS's own
+evaluator averages the same way); None where a group has no evaluated category.
 """
 
 from __future__ import annotations
@@ -17,16 +19,26 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-FREQUENCY_GROUPS = ("r", "c", "f")
+from ..core.errors import UserError
+from ..core.groups import GroupRule
+
+GROUPS = ("frequent", "common", "rare")
 RARE_MAX_IMAGES = 10
 COMMON_MAX_IMAGES = 100
+METRICS = ["ap", "frequent_ap", "common_ap", "rare_ap"]
+TAIL_METRIC = "rare_ap"
+LVIS_LETTER = {"rare": "r", "common": "c", "frequent": "f"}
 
 
-def frequency_group(num_train_images: int) -> str:
-    """LVIS frequency group of a category seen in ``num_train_images`` training images ("r", "c", "f")."""
+def lvis_group(num_train_images: int) -> str:
+    """LVIS frequency group of a category seen in ``num_train_images`` training images."""
     if num_train_images <= RARE_MAX_IMAGES:
-        return "r"  # LVIS rare is 1-10; a category never seen in training is rarer still
-    return "c" if num_train_images <= COMMON_MAX_IMAGES else "f"
+        return "rare"
+    return "common" if num_train_images <= COMMON_MAX_IMAGES else "frequent"
+
+
+RULE = GroupRule(GROUPS, lambda counts: [lvis_group(int(n)) for n in counts],
+                 "LVIS: rare 1-10 training images, common 11-100, frequent > 100", "training images")
 
 
 def load_ground_truth(json_path) -> COCO:
@@ -39,7 +51,7 @@ def category_ids_by_name(coco: COCO, class_names) -> list[int]:
     ids = {cat["name"]: cat["id"] for cat in coco.loadCats(coco.getCatIds())}
     missing = [name for name in class_names if name not in ids]
     if missing:
-        raise ValueError(f"class names {missing} are not categories of the ground truth {sorted(ids)}")
+        raise UserError(f"class names {missing} are not categories of the ground truth {sorted(ids)}")
     return [ids[name] for name in class_names]
 
 
@@ -64,10 +76,10 @@ def per_category_ap(coco: COCO, detections: list[dict], max_detections: int = 10
     return aps
 
 
-def grouped_ap(category_ap: dict[int, float], groups: dict[int, str]) -> dict[str, float]:
-    """{"AP", "APr", "APc", "APf"}: means of per-category AP over all / each frequency group's categories."""
-    summary = {"AP": float(np.mean(list(category_ap.values()))) if category_ap else float("nan")}
-    for group in FREQUENCY_GROUPS:
+def grouped_ap(category_ap: dict[int, float], groups: dict[int, str]) -> dict[str, float | None]:
+    """``ap`` and ``<group>_ap``: means of per-category AP over all / each group's categories."""
+    summary = {"ap": float(np.mean(list(category_ap.values()))) if category_ap else None}
+    for group in GROUPS:
         values = [ap for c, ap in category_ap.items() if groups[c] == group]
-        summary["AP" + group] = float(np.mean(values)) if values else float("nan")
+        summary[f"{group}_ap"] = float(np.mean(values)) if values else None
     return summary

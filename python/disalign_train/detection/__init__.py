@@ -1,0 +1,1 @@
+"""Object detection trainer (`disalign-train detect`)."""
