@@ -74,6 +74,7 @@ from dataclasses import dataclass
 import torch
 import torch._inductor.config
 
+import cpu_floor
 import disalign_ops
 from disalign_ops import reference
 
@@ -329,7 +330,13 @@ def measure_case(problem: Problem, backends: list[str], timer: Timer, device: to
             continue
         rows[backend]["first_call_s"] = time.perf_counter() - start
         steps[backend] = step
-    for backend, ms in timer.median_ms(steps, before_each=problem.reset_grads).items():
+    if device.type == "cpu":  # the CPU floor (cpu_floor.py), timed in the same round-robin
+        steps.update(cpu_floor.floor_steps(problem))
+    times = timer.median_ms(steps, before_each=problem.reset_grads)
+    floor_ms = {name: times.pop(name) for name in cpu_floor.FLOOR_STEPS if name in times}
+    for name in floor_ms:
+        del steps[name]
+    for backend, ms in times.items():
         peak = peak_extra_bytes(steps[backend], problem, device)
         rows[backend].update(
             ms=ms,
@@ -341,6 +348,8 @@ def measure_case(problem: Problem, backends: list[str], timer: Timer, device: to
             min_bytes_moved=problem.min_bytes_moved,
         )
         print(f"{problem.name} {problem.mode} {backend}: {ms:.3f} ms", file=sys.stderr)
+    if floor_ms:
+        cpu_floor.add_floor_ratios(list(rows.values()), floor_ms)
     for row in rows.values():
         for ref in ("eager", "compile"):
             measured = "ms" in row and ref in steps
@@ -524,6 +533,8 @@ def main(argv=None) -> int:
     flush_buffer = torch.ones(args.copy_mib * MIB // 4, dtype=torch.float32, device=device)
     timer = Timer(device, flush_buffer, args.warmup, args.repeat)
     copy_gbps_start = copy_bandwidth_gbps(timer)
+    if device.type == "cpu":
+        info["load_start"] = cpu_floor.warn_if_busy(torch.get_num_threads(), "start")
 
     rows = []
     for name in args.shapes:
@@ -537,6 +548,8 @@ def main(argv=None) -> int:
     # The bound uses the better of two copies (start and end of the run): load from other work only
     # lowers a copy's bandwidth, and a bound that is too easy would flatter the fused kernels.
     copy_gbps_end = copy_bandwidth_gbps(timer)
+    if device.type == "cpu":
+        info["load_end"] = cpu_floor.warn_if_busy(torch.get_num_threads(), "end")
     copy_gbps = max(copy_gbps_start, copy_gbps_end)
     for row in rows:
         if "ms" in row:
@@ -548,6 +561,9 @@ def main(argv=None) -> int:
     print(format_table(rows))
     print()
     print(format_first_calls(rows))
+    if device.type == "cpu":
+        print()
+        print(cpu_floor.format_floor_table(rows))
     checks = check_targets(rows, device.type)
     print()
     print(format_checks(checks))
