@@ -91,6 +91,8 @@ struct ClassesContiguous {
   static constexpr int64_t kMaxRows = kVectors;
   static constexpr int64_t kWidth = Vec::size();
   static constexpr bool kPrefetchNextBlock = false;  // rows are long sequential streams
+  // The block's rows are contiguous runs that stay in L1/L2 between the sweeps: sweep 3 rereads them.
+  static constexpr bool kCopyLogits = false;
 
   int64_t classes;
   const acc_t* alpha;
@@ -163,6 +165,10 @@ struct PixelsContiguous {
   static constexpr int64_t kMaxRows = kVectors * kWidth;
   // Every class of a block is its own short stream: fetch the next block while sweeping this one.
   static constexpr bool kPrefetchNextBlock = true;
+  // A block's classes lie a whole image plane apart: with a power-of-two plane (128 x 128 pixels)
+  // they all map to the same L1 and L2 sets and evict each other, so sweep 1 copies the logits into
+  // the (contiguous) scratch for sweep 3 instead of sweep 3 reading them again from memory.
+  static constexpr bool kCopyLogits = true;
 
   int64_t classes;
   const acc_t* alpha;
@@ -211,7 +217,7 @@ struct PixelsContiguous {
     return cls * stride + row;
   }
   static int64_t scratch_elements(int64_t classes) {
-    return classes * kMaxRows;
+    return 2 * classes * kMaxRows;  // the exponentials, then the copy of the logits
   }
 };
 
@@ -423,13 +429,18 @@ struct LossBlocks {
     auto scratch_at = [&](const Step<acc_t>& step, int k) {
       return scratch + Layout::scratch_offset(step, k, scratch_stride);
     };
+    acc_t* const logits_copy = scratch + geometry.classes * kMaxRows;  // used if Layout::kCopyLogits
 
     // Sweep 1: calibrated logits into the scratch, their row max.
     layout.sweep(rows, [&](const Step<acc_t>& step) {
       prefetch_next_block<scalar_t, Layout>(logits, geometry, in, in_base, first_row, rows, step.cls);
       for (int k = 0; k < step.vectors; ++k) {
         const Vec scale = at::vec::fmadd(s[k], step.alpha, one);
-        const Vec zhat = at::vec::fmadd(scale, load_logits(step, k), s[k] * step.beta);
+        const Vec z = load_logits(step, k);
+        if constexpr (Layout::kCopyLogits) {
+          z.store(logits_copy + Layout::scratch_offset(step, k, scratch_stride));
+        }
+        const Vec zhat = at::vec::fmadd(scale, z, s[k] * step.beta);
         const Vec masked = Layout::mask_padding(zhat, step.count(k));
         running[k] = at::vec::maximum(running[k], masked);
         masked.store(scratch_at(step, k));
@@ -504,7 +515,12 @@ struct LossBlocks {
                     dzhat * at::vec::fmadd(s[k], step.alpha, one), count);
         }
         if (wants_class_grads || grad_confidence) {
-          const Vec z = load_logits(step, k);
+          Vec z;
+          if constexpr (Layout::kCopyLogits) {
+            z = Vec::loadu(logits_copy + Layout::scratch_offset(step, k, scratch_stride));
+          } else {
+            z = load_logits(step, k);
+          }
           if (wants_class_grads) {
             class_grads.add(dzhat * s[k], z);
           }
