@@ -76,6 +76,7 @@ from dataclasses import dataclass
 import torch
 import torch._inductor.config
 
+import cpu_floor
 import disalign_ops
 from disalign_ops import reference
 import liger_peer
@@ -281,7 +282,13 @@ def measure_case(problem: Problem, backends: list[str], timer: Timer, device: to
         if setup:
             setup()
 
-    for backend, ms in timer.median_ms(steps, before_each=before_each).items():
+    if device.type == "cpu":  # the CPU floor (cpu_floor.py), timed in the same round-robin
+        steps.update(cpu_floor.floor_steps(problem))
+    times = timer.median_ms(steps, before_each=before_each)
+    floor_ms = {name: times.pop(name) for name in cpu_floor.FLOOR_STEPS if name in times}
+    for name in floor_ms:
+        del steps[name]
+    for backend, ms in times.items():
         before_each(backend)
         peak = peak_extra_bytes(steps[backend], device)
         rows[backend].update(
@@ -298,6 +305,8 @@ def measure_case(problem: Problem, backends: list[str], timer: Timer, device: to
             rows[backend]["loss_reference"] = "F.cross_entropy" if backend == "liger" else "eager"
             rows[backend]["loss_rel_err"] = _relative_error(losses[backend], expected)
         print(f"{problem.name} {problem.mode} {problem.dtype} {backend}: {ms:.3f} ms", file=sys.stderr)
+    if floor_ms:
+        cpu_floor.add_floor_ratios(list(rows.values()), floor_ms)
     for row in rows.values():
         for ref in ("eager", "compile"):
             measured = row["ms"] is not None and ref in steps
@@ -467,6 +476,8 @@ def main(argv=None) -> int:
     timer = Timer(device, flush_buffer, args.warmup, args.repeat)
     copy_gbps_start = copy_bandwidth_gbps(timer, copy_buffer)
     print(f"copy bandwidth {copy_gbps_start:.1f} GB/s ({args.copy_mib} MiB, read + write)", file=sys.stderr)
+    if device.type == "cpu":
+        info["load_start"] = cpu_floor.warn_if_busy(torch.get_num_threads(), "start")
 
     path = args.json or default_json_path(args, info["device_name"])
     report = {
@@ -498,6 +509,8 @@ def main(argv=None) -> int:
     # The bound uses the better of two copies (start and end of the run): load from other work only
     # lowers a copy's bandwidth, and a bound that is too easy would flatter the fused kernels.
     copy_gbps_end = copy_bandwidth_gbps(timer, copy_buffer)
+    if device.type == "cpu":
+        info["load_end"] = cpu_floor.warn_if_busy(torch.get_num_threads(), "end")
     copy_gbps = max(copy_gbps_start, copy_gbps_end)
     apply_copy_bandwidth(rows, copy_gbps)
     checks = [] if args.quick else check_targets(rows, device.type)  # the SPEC targets are for the real shapes
@@ -505,7 +518,9 @@ def main(argv=None) -> int:
     title = (f"# {info['device_name']} | torch {info['torch']} | {info['threads']} threads | "
              f"CPU capability {info['cpu_capability']} | copy bandwidth {copy_gbps:.1f} GB/s | "
              f"{', '.join(args.dtype)}")
-    tables = "\n\n".join([title, format_table(rows), format_first_calls(rows), format_checks(checks)])
+    tables = "\n\n".join([title, format_table(rows), format_first_calls(rows)]
+                         + ([cpu_floor.format_floor_table(rows)] if device.type == "cpu" else [])
+                         + [format_checks(checks)])
     print(tables)
     report.update(copy_bandwidth_gbps=copy_gbps, copy_bandwidth_gbps_start_end=[copy_gbps_start, copy_gbps_end],
                   spec_targets=checks, complete=True)

@@ -91,6 +91,8 @@ struct ClassesContiguous {
   static constexpr int64_t kMaxRows = kVectors;
   static constexpr int64_t kWidth = Vec::size();
   static constexpr bool kPrefetchNextBlock = false;  // rows are long sequential streams
+  // The block's rows are contiguous runs that stay in L1/L2 between the sweeps: sweep 3 rereads them.
+  static constexpr bool kCopyLogits = false;
 
   int64_t classes;
   const acc_t* alpha;
@@ -138,6 +140,19 @@ struct ClassesContiguous {
     acc_t* at = partial + step.cls;
     (Io<acc_t>::load(at, step.full_count) + value).store(at, step.full_count);
   }
+  // Scratch of a block: row k at k * scratch_stride, classes padded to whole vectors.
+  static int64_t scratch_stride(int64_t classes) {
+    return (classes + kWidth - 1) / kWidth * kWidth;
+  }
+  static int64_t scratch_offset(const Step<acc_t>& step, int k, int64_t stride) {
+    return k * stride + step.cls;
+  }
+  static int64_t scratch_index(int64_t row, int64_t cls, int64_t stride) {
+    return row * stride + cls;
+  }
+  static int64_t scratch_elements(int64_t classes) {
+    return kMaxRows * scratch_stride(classes);
+  }
 };
 
 // Pixels contiguous: vector k of a block holds pixels [k * kWidth, (k + 1) * kWidth) of it; lanes
@@ -150,6 +165,10 @@ struct PixelsContiguous {
   static constexpr int64_t kMaxRows = kVectors * kWidth;
   // Every class of a block is its own short stream: fetch the next block while sweeping this one.
   static constexpr bool kPrefetchNextBlock = true;
+  // A block's classes lie a whole image plane apart: with a power-of-two plane (128 x 128 pixels)
+  // they all map to the same L1 and L2 sets and evict each other, so sweep 1 copies the logits into
+  // the (contiguous) scratch for sweep 3 instead of sweep 3 reading them again from memory.
+  static constexpr bool kCopyLogits = true;
 
   int64_t classes;
   const acc_t* alpha;
@@ -186,6 +205,19 @@ struct PixelsContiguous {
   }
   static void add_to_classes(acc_t* partial, const Step<acc_t>& step, const Vec& value) {
     partial[step.cls] += at::vec::vec_reduce_all<acc_t>([](const Vec& x, const Vec& y) { return x + y; }, value);
+  }
+  // Scratch of a block: class c's kMaxRows rows at c * kMaxRows, in row order.
+  static int64_t scratch_stride(int64_t /*classes*/) {
+    return kMaxRows;
+  }
+  static int64_t scratch_offset(const Step<acc_t>& step, int k, int64_t stride) {
+    return step.cls * stride + k * kWidth;
+  }
+  static int64_t scratch_index(int64_t row, int64_t cls, int64_t stride) {
+    return cls * stride + row;
+  }
+  static int64_t scratch_elements(int64_t classes) {
+    return 2 * classes * kMaxRows;  // the exponentials, then the copy of the logits
   }
 };
 
@@ -250,8 +282,9 @@ inline void store_row_sums(Vectorized<acc_t>* sums, int64_t rows, acc_t* out) {
   std::memcpy(out, values, rows * sizeof(acc_t));
 }
 
-// Runs block(first_row, rows, grad_alpha_partial, grad_beta_partial) -> double over the blocks of
-// every chunk, chunks in parallel; a chunk's block results are summed into sum_partials[chunk].
+// Runs block(first_row, rows, grad_alpha_partial, grad_beta_partial, scratch) -> double over the
+// blocks of every chunk, chunks in parallel; a chunk's block results are summed into
+// sum_partials[chunk]. scratch: the running thread's slot of the scratch (nullptr when none).
 template <typename acc_t, typename LayoutT, typename BlockFn>
 void for_each_chunk(
     const Geometry& geometry,
@@ -259,10 +292,20 @@ void for_each_chunk(
     void* grad_alpha_partials,
     void* grad_beta_partials,
     double* sum_partials,
+    acc_t* scratch,
+    int64_t scratch_slots,
+    int64_t scratch_per_thread,
     const BlockFn& block) {
   const int64_t rows = geometry.rows();
   const int64_t classes = geometry.classes;
   at::parallel_for(0, chunking.count, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    acc_t* slot = nullptr;
+    if (scratch) {
+      // Run in parallel, thread t < min(threads, chunks) = scratch_slots; run inline (one thread,
+      // e.g. nested in another parallel region) any slot will do, as no other thread uses this call's.
+      const int64_t thread = std::min<int64_t>(at::get_thread_num(), scratch_slots - 1);
+      slot = scratch + thread * scratch_per_thread;
+    }
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
       acc_t* grad_alpha = grad_alpha_partials ? static_cast<acc_t*>(grad_alpha_partials) + chunk * classes : nullptr;
       acc_t* grad_beta = grad_beta_partials ? static_cast<acc_t*>(grad_beta_partials) + chunk * classes : nullptr;
@@ -275,7 +318,7 @@ void for_each_chunk(
       double sum = 0;
       for (int64_t row = chunk * chunking.rows_per_chunk; row < end;) {
         const int64_t block_rows = LayoutT::block_rows(geometry, row, end);
-        sum += block(row, block_rows, grad_alpha, grad_beta);
+        sum += block(row, block_rows, grad_alpha, grad_beta, slot);
         row += block_rows;
       }
       if (sum_partials) {
@@ -285,6 +328,16 @@ void for_each_chunk(
   });
 }
 
+// One exponential per element, three sweeps over a block that stays in L1/L2:
+//  1. the calibrated logits zhat into the scratch, and their row max m;
+//  2. e = exp(zhat - m) in place in the scratch, and the row sums S of e; then the loss;
+//  3. the gradients from e: dL/dzhat = c * (e / S - onehot(target)) for the row's coefficient c
+//     (upstream gradient times weight[target]; 0 for an ignored row), written to grad_logits and
+//     summed into the alpha / beta / confidence gradients in the same sweep.
+// The one-hot term is folded into the scratch before sweep 3 (e[target] -= S), so sweep 3 is the
+// same multiply for every element. Ignored rows run the same arithmetic with c = 0: their gradients
+// are 0, or NaN where their logits make the softmax NaN, as in F.cross_entropy; a block's result
+// never depends on which rows share it.
 template <typename scalar_t, template <typename> class LayoutT>
 struct LossBlocks {
   using acc_t = at::opmath_type<scalar_t>;
@@ -323,8 +376,8 @@ struct LossBlocks {
             a.grad_logits.data || a.grad_alpha_partials || a.grad_beta_partials || a.grad_confidence) {}
 
   // exp_u20 (inline polynomial, ~20 ulp in float) is several times faster than the Sleef exp but
-  // maps NaN to a finite value, so it serves only blocks whose exponent offsets (row max, log-sum-exp)
-  // are all finite: NaN and inf logits then propagate exactly as in F.cross_entropy.
+  // maps NaN to a finite value, so it serves only blocks whose row maxima are all finite: NaN and
+  // inf logits then propagate exactly as in F.cross_entropy.
   static bool all_finite(const acc_t* values, int64_t rows) {
     return std::all_of(values, values + rows, [](acc_t v) { return std::isfinite(v); });
   }
@@ -337,29 +390,8 @@ struct LossBlocks {
     }
   }
 
-  // Rows with no valid target: zero loss and zero gradients.
-  void write_ignored_block(int64_t first_row, int64_t rows, int64_t out_base) const {
-    for (int64_t i = 0; i < rows; ++i) {
-      if (loss) {
-        loss[first_row + i] = 0;
-      }
-      if (grad_confidence) {
-        grad_confidence[first_row + i] = 0;
-      }
-    }
-    if (grad_logits) {
-      const Strides& out = args.grad_logits.strides;
-      const int64_t out_step = Layout::vector_stride(out);
-      layout.sweep(rows, [&](const Step<acc_t>& step) {
-        for (int k = 0; k < step.vectors; ++k) {
-          IO::store(grad_logits + out_base + step.cls * out.cls + k * out_step, Vec(0), step.count(k));
-        }
-      });
-    }
-  }
-
   // Loss, and gradients when asked, of `rows` rows from first_row; returns the rows' loss sum.
-  double operator()(int64_t first_row, int64_t rows, acc_t* grad_alpha, acc_t* grad_beta) const {
+  double operator()(int64_t first_row, int64_t rows, acc_t* grad_alpha, acc_t* grad_beta, acc_t* scratch) const {
     const Geometry& geometry = args.geometry;
     const Strides& in = args.logits.strides;
     const Strides& out = args.grad_logits.strides;
@@ -367,30 +399,21 @@ struct LossBlocks {
     const int64_t out_base = grad_logits ? row_offset(geometry, out, first_row) : 0;
     const int64_t in_step = Layout::vector_stride(in);
     const int64_t out_step = Layout::vector_stride(out);
+    const int64_t scratch_stride = Layout::scratch_stride(geometry.classes);
 
-    // Per-row scalars; padding rows keep confidence 0 and gradient coefficient 0.
+    // Per-row scalars; padding rows keep confidence 0 and coefficient 0.
     alignas(64) acc_t row_confidence[kMaxRows] = {};
     alignas(64) acc_t row_coefficient[kMaxRows] = {};  // dL/dloss[row] * weight[target]; 0 if ignored
-    alignas(64) acc_t row_lse[kMaxRows] = {};
-    alignas(64) acc_t row_target_class[kMaxRows];  // the target as acc_t; -1 (no class) if ignored
-    std::fill(row_target_class, row_target_class + kMaxRows, acc_t(-1));
     int64_t row_target[kMaxRows];
-    bool any_valid = false;
     for (int64_t i = 0; i < rows; ++i) {
       const int64_t row = first_row + i;
       const int64_t t = args.target[row];
       row_target[i] = t;
       row_confidence[i] = confidence ? confidence[row] : acc_t(1);
       if (t != args.ignore_index) {
-        any_valid = true;
-        row_target_class[i] = static_cast<acc_t>(t);
         const acc_t upstream = grad_loss ? grad_loss[row] : static_cast<acc_t>(args.grad_scale);
         row_coefficient[i] = upstream * (weight ? weight[t] : acc_t(1));
       }
-    }
-    if (!any_valid) {
-      write_ignored_block(first_row, rows, out_base);
-      return 0;
     }
 
     const Vec one(1);
@@ -403,53 +426,59 @@ struct LossBlocks {
     auto load_logits = [&](const Step<acc_t>& step, int k) {
       return IO::load(logits + in_base + step.cls * in.cls + k * in_step, step.count(k));
     };
-    auto calibrate = [&](const Step<acc_t>& step, int k, const Vec& z) {
-      return at::vec::fmadd(at::vec::fmadd(s[k], step.alpha, one), z, s[k] * step.beta);
+    auto scratch_at = [&](const Step<acc_t>& step, int k) {
+      return scratch + Layout::scratch_offset(step, k, scratch_stride);
     };
+    acc_t* const logits_copy = scratch + geometry.classes * kMaxRows;  // used if Layout::kCopyLogits
 
-    // Sweep 1: row max of the calibrated logits.
+    // Sweep 1: calibrated logits into the scratch, their row max.
     layout.sweep(rows, [&](const Step<acc_t>& step) {
       prefetch_next_block<scalar_t, Layout>(logits, geometry, in, in_base, first_row, rows, step.cls);
       for (int k = 0; k < step.vectors; ++k) {
-        const Vec zhat = Layout::mask_padding(calibrate(step, k, load_logits(step, k)), step.count(k));
-        running[k] = at::vec::maximum(running[k], zhat);
+        const Vec scale = at::vec::fmadd(s[k], step.alpha, one);
+        const Vec z = load_logits(step, k);
+        if constexpr (Layout::kCopyLogits) {
+          z.store(logits_copy + Layout::scratch_offset(step, k, scratch_stride));
+        }
+        const Vec zhat = at::vec::fmadd(scale, z, s[k] * step.beta);
+        const Vec masked = Layout::mask_padding(zhat, step.count(k));
+        running[k] = at::vec::maximum(running[k], masked);
+        masked.store(scratch_at(step, k));
       }
     });
     Layout::reduce_rows(running, [](const Vec& x, const Vec& y) { return at::vec::maximum(x, y); });
     Vec row_max[kVectors];
+    alignas(64) acc_t row_max_values[kMaxRows];
     for (int k = 0; k < kVectors; ++k) {
       row_max[k] = running[k];
       running[k] = Vec(0);
     }
-    // Sweep 2: sum of exponentials.
-    alignas(64) acc_t row_max_values[kMaxRows];
     Layout::store_rows(row_max, row_max_values);
+
+    // Sweep 2: exponentials in place, their row sums.
     with_exp(all_finite(row_max_values, rows), [&](const auto& exp) {
       layout.sweep(rows, [&](const Step<acc_t>& step) {
         for (int k = 0; k < step.vectors; ++k) {
-          const Vec zhat = Layout::mask_padding(calibrate(step, k, load_logits(step, k)), step.count(k));
-          running[k] += exp(zhat - row_max[k]);
+          acc_t* at = scratch_at(step, k);
+          const Vec e = exp(Vec::loadu(at) - row_max[k]);
+          running[k] += e;
+          e.store(at);
         }
       });
     });
     Layout::reduce_rows(running, [](const Vec& x, const Vec& y) { return x + y; });
-    Vec lse[kVectors];
-    for (int k = 0; k < kVectors; ++k) {
-      lse[k] = row_max[k] + running[k].log();
-    }
-    Layout::store_rows(lse, row_lse);
+    alignas(64) acc_t row_sum[kMaxRows];
+    Layout::store_rows(running, row_sum);
 
-    // Loss of each row from its target's calibrated logit.
+    // Loss of each row from its target's calibrated logit: weight * (m + log S - zhat[target]).
     double loss_sum = 0;
-    auto target_logit = [&](int64_t i) {
-      return static_cast<acc_t>(logits[in_base + i * in.spatial + row_target[i] * in.cls]);
-    };
     for (int64_t i = 0; i < rows; ++i) {
       const int64_t t = row_target[i];
       acc_t row_loss = 0;
       if (t != args.ignore_index) {
-        const acc_t zhat = (1 + row_confidence[i] * alpha[t]) * target_logit(i) + row_confidence[i] * beta[t];
-        row_loss = (weight ? weight[t] : acc_t(1)) * (row_lse[i] - zhat);
+        const acc_t z = static_cast<acc_t>(logits[in_base + i * in.spatial + t * in.cls]);
+        const acc_t zhat = (1 + row_confidence[i] * alpha[t]) * z + row_confidence[i] * beta[t];
+        row_loss = (weight ? weight[t] : acc_t(1)) * (row_max_values[i] + std::log(row_sum[i]) - zhat);
         loss_sum += static_cast<double>(row_loss);
       }
       if (loss) {
@@ -460,26 +489,37 @@ struct LossBlocks {
       return loss_sum;
     }
 
-    // Sweep 3: dzhat = coefficient * (softmax - onehot(target)).
-    Vec coefficient[kVectors];
-    Vec target_class[kVectors];
+    // dL/dzhat = (c / S) * e' with e' = e - S at the target: c * (softmax - onehot).
+    alignas(64) acc_t row_factor[kMaxRows] = {};
+    for (int64_t i = 0; i < rows; ++i) {
+      row_factor[i] = row_coefficient[i] / row_sum[i];
+      if (row_target[i] != args.ignore_index) {
+        scratch[Layout::scratch_index(i, row_target[i], scratch_stride)] -= row_sum[i];
+      }
+    }
+    Vec factor[kVectors];
     for (int k = 0; k < kVectors; ++k) {
-      coefficient[k] = Layout::row_vector(row_coefficient, k);
-      target_class[k] = Layout::row_vector(row_target_class, k);
+      factor[k] = Layout::row_vector(row_factor, k);
       running[k] = Vec(0);
     }
+
+    // Sweep 3: the gradients.
     const bool wants_class_grads = grad_alpha || grad_beta;
-    with_exp(all_finite(row_lse, rows), [&](const auto& exp) {
-      layout.sweep(rows, [&](const Step<acc_t>& step) {
-        StepClassGrads<Layout, acc_t> class_grads;
-        for (int k = 0; k < step.vectors; ++k) {
-          const int64_t count = step.count(k);
-          const Vec z = load_logits(step, k);
-          const Vec scale = at::vec::fmadd(s[k], step.alpha, one);
-          const Vec zhat = Layout::mask_padding(at::vec::fmadd(scale, z, s[k] * step.beta), count);
-          const Vec dzhat = coefficient[k] * (exp(zhat - lse[k]) - step.class_index.eq(target_class[k]));
-          if (grad_logits) {
-            IO::store(grad_logits + out_base + step.cls * out.cls + k * out_step, dzhat * scale, count);
+    layout.sweep(rows, [&](const Step<acc_t>& step) {
+      StepClassGrads<Layout, acc_t> class_grads;
+      for (int k = 0; k < step.vectors; ++k) {
+        const int64_t count = step.count(k);
+        const Vec dzhat = Vec::loadu(scratch_at(step, k)) * factor[k];
+        if (grad_logits) {
+          IO::store(grad_logits + out_base + step.cls * out.cls + k * out_step,
+                    dzhat * at::vec::fmadd(s[k], step.alpha, one), count);
+        }
+        if (wants_class_grads || grad_confidence) {
+          Vec z;
+          if constexpr (Layout::kCopyLogits) {
+            z = Vec::loadu(logits_copy + Layout::scratch_offset(step, k, scratch_stride));
+          } else {
+            z = load_logits(step, k);
           }
           if (wants_class_grads) {
             class_grads.add(dzhat * s[k], z);
@@ -488,8 +528,8 @@ struct LossBlocks {
             running[k] = at::vec::fmadd(dzhat, at::vec::fmadd(step.alpha, z, step.beta), running[k]);
           }
         }
-        class_grads.add_to(grad_alpha, grad_beta, step);
-      });
+      }
+      class_grads.add_to(grad_alpha, grad_beta, step);
     });
     if (grad_confidence) {
       store_row_sums<Layout>(running, rows, grad_confidence + first_row);
@@ -525,7 +565,8 @@ struct CalibrateBlocks {
         grad_confidence(static_cast<acc_t*>(a.grad_confidence)) {}
 
   // calibrate: out = zhat. calibrate_backward: out = grad * (1 + s*alpha) and the parameter gradients.
-  double operator()(int64_t first_row, int64_t rows, acc_t* grad_alpha, acc_t* grad_beta) const {
+  double operator()(int64_t first_row, int64_t rows, acc_t* grad_alpha, acc_t* grad_beta, acc_t* /*scratch*/)
+      const {
     const Geometry& geometry = args.geometry;
     const Strides& in = args.logits.strides;
     const Strides& upstream = args.grad.strides;
@@ -584,15 +625,31 @@ struct TypeTag {
   using type = T;
 };
 
+template <typename Args>
+void* scratch_of(const Args& args) {
+  if constexpr (std::is_same_v<Args, LossArgs>) {
+    return args.scratch;
+  } else {
+    return nullptr;
+  }
+}
+
 template <template <typename, template <typename> class> class Blocks, typename Args>
 void run(const Args& args, double* sum_partials) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.dtype, "disalign_cpu_kernel", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    int64_t slots = 0;
+    int64_t per_thread = 0;
+    if constexpr (std::is_same_v<Args, LossArgs>) {
+      slots = args.scratch_slots;
+      per_thread = args.scratch_per_thread;
+    }
     auto launch = [&](auto layout_tag) {
       using Block = typename decltype(layout_tag)::type;
       const Block block(args);
       for_each_chunk<acc_t, typename Block::Layout>(
-          args.geometry, args.chunking, args.grad_alpha_partials, args.grad_beta_partials, sum_partials, block);
+          args.geometry, args.chunking, args.grad_alpha_partials, args.grad_beta_partials, sum_partials,
+          static_cast<acc_t*>(scratch_of(args)), slots, per_thread, block);
     };
     if (args.layout == Layout::kClassesContiguous) {
       launch(TypeTag<Blocks<scalar_t, ClassesContiguous>>{});
@@ -610,6 +667,20 @@ void cross_entropy_kernel(const LossArgs& args) {
 
 void calibrate_kernel(const CalibrateArgs& args) {
   run<CalibrateBlocks>(args, nullptr);
+}
+
+int64_t loss_scratch_per_thread(Layout layout, c10::ScalarType dtype, int64_t classes) {
+  int64_t elements = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "disalign_cpu_scratch", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto of = [&](auto layout_tag) {
+      using L = typename decltype(layout_tag)::type;
+      return L::scratch_elements(classes);
+    };
+    elements = layout == Layout::kClassesContiguous ? of(TypeTag<ClassesContiguous<acc_t>>{})
+                                                    : of(TypeTag<PixelsContiguous<acc_t>>{});
+  });
+  return elements;
 }
 
 }  // namespace disalign::cpu::CPU_CAPABILITY

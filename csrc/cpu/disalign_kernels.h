@@ -44,6 +44,12 @@ struct LossArgs : CalibrationOperands {
   void* grad_alpha_partials;  // (chunks, C), optional
   void* grad_beta_partials;   // (chunks, C), optional
   void* grad_confidence;      // per row, optional
+  // Scratch in acc_t: scratch_slots = min(threads, chunks) slots of scratch_per_thread =
+  // loss_scratch_per_thread(...) elements, one per thread of the kernel's parallel_for; a block
+  // keeps its calibrated logits, then their exponentials there between its sweeps.
+  void* scratch;
+  int64_t scratch_slots;
+  int64_t scratch_per_thread;
 };
 
 // calibrate (grad.data == nullptr): out = calibrated logits.
@@ -58,10 +64,11 @@ struct CalibrateArgs : CalibrationOperands {
   void* grad_confidence;      // per row, optional
 };
 
-#define DISALIGN_DECLARE_CPU_KERNELS(capability)    \
-  namespace capability {                            \
-  void cross_entropy_kernel(const LossArgs& args);  \
-  void calibrate_kernel(const CalibrateArgs& args); \
+#define DISALIGN_DECLARE_CPU_KERNELS(capability)                        \
+  namespace capability {                                                \
+  void cross_entropy_kernel(const LossArgs& args);                      \
+  void calibrate_kernel(const CalibrateArgs& args);                     \
+  int64_t loss_scratch_per_thread(Layout layout, c10::ScalarType dtype, int64_t classes); \
   }
 
 DISALIGN_DECLARE_CPU_KERNELS(DEFAULT)

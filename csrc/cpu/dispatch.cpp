@@ -8,13 +8,19 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <optional>
 #include <string>
 #include <utility>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 namespace disalign::cpu {
 namespace {
@@ -79,18 +85,19 @@ std::string cpu_capability_name() {
 struct IsaKernels {
   void (*cross_entropy)(const LossArgs&);
   void (*calibrate)(const CalibrateArgs&);
+  int64_t (*loss_scratch_per_thread)(Layout, c10::ScalarType, int64_t);
 };
 
 IsaKernels chosen_kernels() {
   switch (chosen_capability()) {
     case Capability::kAvx512:
-      return {AVX512::cross_entropy_kernel, AVX512::calibrate_kernel};
+      return {AVX512::cross_entropy_kernel, AVX512::calibrate_kernel, AVX512::loss_scratch_per_thread};
     case Capability::kAvx2:
-      return {AVX2::cross_entropy_kernel, AVX2::calibrate_kernel};
+      return {AVX2::cross_entropy_kernel, AVX2::calibrate_kernel, AVX2::loss_scratch_per_thread};
     case Capability::kDefault:
       break;
   }
-  return {DEFAULT::cross_entropy_kernel, DEFAULT::calibrate_kernel};
+  return {DEFAULT::cross_entropy_kernel, DEFAULT::calibrate_kernel, DEFAULT::loss_scratch_per_thread};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -148,6 +155,28 @@ double check_targets_and_sum_weights(
   return total;
 }
 
+// Backs a large output the kernels are about to write for the first time with transparent huge
+// pages where the system leaves that to madvise (as c10's THP_MEM_ALLOC_ENABLE does for every
+// allocation): glibc maps an allocation above its mmap threshold (32 MiB at most) afresh each
+// time, and faulting it in 4 KiB pages costs several times the kernel's own write of it. Only the
+// 2 MiB-aligned interior of the tensor's own bytes is advised; nothing else changes.
+void advise_huge_pages(const at::Tensor& fresh) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{1} << 21;
+  if (!fresh.defined() || fresh.nbytes() < 4 * kHuge) {
+    return;
+  }
+  const auto begin = reinterpret_cast<uintptr_t>(fresh.const_data_ptr());
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t last = (begin + fresh.nbytes()) & ~(kHuge - 1);
+  if (last > first) {
+    madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);  // advice only: errors are ignored
+  }
+#else
+  (void)fresh;
+#endif
+}
+
 // The CPU kernels take an (N, C) as one image of N pixels, so that it runs in blocks of rows.
 constexpr auto kRowsWithoutSpatialDims = RowsWithoutSpatialDims::kOneImage;
 
@@ -187,8 +216,15 @@ struct CpuKernels {
     args.grad_alpha_partials = data_or_null(call.grad_alpha);
     args.grad_beta_partials = data_or_null(call.grad_beta);
     args.grad_confidence = call.grad_confidence_data();
+    // One scratch slot per thread that can run a chunk (a block's calibrated logits and exponentials).
+    const IsaKernels kernels = chosen_kernels();
+    args.scratch_slots = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), chunking.count));
+    args.scratch_per_thread = kernels.loss_scratch_per_thread(call.plan.layout, args.dtype, logical.classes);
+    const at::Tensor scratch = at::empty({args.scratch_slots * args.scratch_per_thread}, in.logits.options().dtype(call.acc));
+    args.scratch = scratch.mutable_data_ptr();
+    advise_huge_pages(call.plan.out);
     if (logical.rows() > 0) {
-      chosen_kernels().cross_entropy(args);
+      kernels.cross_entropy(args);
     }
 
     if (call.loss.defined() && reduction != Reduction::kNone) {
