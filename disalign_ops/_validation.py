@@ -106,22 +106,6 @@ def check_target_values(target: torch.Tensor, num_classes: int, ignore_index: in
         )
 
 
-# --- Added by the `triton` helper (minimal; the `fix` helper owns this file and may replace it) ---
-def check_grad_mask(grad_mask) -> None:
-    """The ops' grad_mask: four bools, one per [logits, alpha, beta, confidence]."""
-    values = list(grad_mask) if isinstance(grad_mask, (list, tuple)) else None
-    if values is None or len(values) != 4 or not all(isinstance(v, bool) for v in values):
-        raise ValueError(f"grad_mask must be a list of 4 bools for [logits, alpha, beta, confidence], got {grad_mask!r}")
-
-
-def check_incoming_grad(name: str, grad, like: torch.Tensor, logits: torch.Tensor) -> None:
-    """The incoming gradient of a backward op: a floating tensor shaped like `like`, on the logits' device."""
-    _check_tensor(name, grad)
-    if tuple(grad.shape) != tuple(like.shape):
-        raise ValueError(f"{name} must have shape {tuple(like.shape)}, got {_describe(grad)}")
-    _check_same_device(logits, **{name: grad})
-
-
 def grad_mask(logits, alpha, beta, confidence) -> list[bool]:
     """Which of [logits, alpha, beta, confidence] need gradients in the current autograd mode."""
     if not torch.is_grad_enabled():

@@ -145,10 +145,11 @@ def _target_stats_kernel(target_ptr, weight_ptr, stats_ptr, num_rows, num_classe
 @triton.jit
 def _load_calibrated(logits_ptr, row_offsets, stride_class, alpha_ptr, beta_ptr, s, row_mask, class_start, num_classes,
                      WIDTH: tl.constexpr, MASKED: tl.constexpr, ACC_FP64: tl.constexpr):
-    """One [BLOCK_R, WIDTH] block of classes from class_start: (cols, z, a, t = a*z + b, x = zhat * log2(e)).
+    """One [BLOCK_R, WIDTH] block of classes from class_start: (cols, z, a, b, x = zhat * log2(e)).
 
-    zhat = (1 + s*a) * z + s*b = z + s*t (paper eq. 6, two FMAs per element); the softmax runs in
-    base 2 (exp2 is the hardware's exponential), so x carries the log2(e) factor. MASKED (the tail
+    zhat = (1 + s*a) * z + s*b (paper eq. 6) in this multiplier form, which keeps zhat = -inf for
+    z = -inf (z + s*(a*z + b) would give inf - inf); the softmax runs in base 2 (exp2 is the
+    hardware's exponential), so x = (log2(e) + s*a*log2(e)) * z + s*b*log2(e). MASKED (the tail
     block only) masks the classes past C and sets their x to -inf; the body is unmasked, so its
     loads vectorise. Rows past the end are masked (constant along the class axis: no cost to
     vectorisation) and read as z = 0, which keeps them finite.
@@ -164,11 +165,10 @@ def _load_calibrated(logits_ptr, row_offsets, stride_class, alpha_ptr, beta_ptr,
         z = _to_acc(tl.load(ptrs, mask=row_mask[:, None], other=0.0), ACC_FP64)
         a = _to_acc(tl.load(alpha_ptr + cols), ACC_FP64)
         b = _to_acc(tl.load(beta_ptr + cols), ACC_FP64)
-    t = a[None, :] * z + b[None, :]
-    x = (z + s[:, None] * t) * LOG2E
+    x = (LOG2E + s[:, None] * (a * LOG2E)[None, :]) * z + s[:, None] * (b * LOG2E)[None, :]
     if MASKED:
         x = tl.where(in_class[None, :], x, float("-inf"))
-    return cols, z, a, t, x
+    return cols, z, a, b, x
 
 
 @triton.jit
@@ -183,15 +183,16 @@ def _online_max_sum(row_max, sum_exp, x):
 
 
 @triton.jit
-def _block_vjp(probs, cols, z, a, t, s, row_mask, target_class, row_grad, num_classes,
+def _block_vjp(probs, cols, z, a, b, s, row_mask, target_class, row_grad, num_classes,
                grad_logits_ptr, grad_row_offsets, grad_stride_class,
                partials_ptr, partial_offset, beta_slot_offset, first_tile,
-               MASKED: tl.constexpr, GRAD_LOGITS: tl.constexpr, GRAD_ALPHA: tl.constexpr, GRAD_BETA: tl.constexpr):
+               MASKED: tl.constexpr, GRAD_LOGITS: tl.constexpr, GRAD_ALPHA: tl.constexpr, GRAD_BETA: tl.constexpr,
+               GRAD_CONFIDENCE: tl.constexpr):
     """Gradients of one block of classes given the softmax `probs` (zero past C):
 
         dzhat = g * w[y] * (p - onehot(y))     (row_grad = g * w[y]; NaN for a poisoned row)
         dz    = dzhat * (1 + s*a)              stored, in the logits' dtype
-        ds    = sum_classes dzhat * t          returned per row, t = a*z + b
+        ds    = sum_classes dzhat * (a*z + b)  returned per row (0 unless GRAD_CONFIDENCE)
         da[j] += sum_rows dzhat * s * z        into this program's partial row (no atomics)
         db[j] += sum_rows dzhat * s
 
@@ -220,7 +221,10 @@ def _block_vjp(probs, cols, z, a, t, s, row_mask, target_class, row_grad, num_cl
     if GRAD_BETA:
         _add_to_partial_row(partials_ptr + beta_slot_offset + partial_offset + cols, tl.sum(dzhat_s, axis=0),
                             first_tile, cols, num_classes, MASKED)
-    return tl.sum(dzhat * t, axis=1)
+    if GRAD_CONFIDENCE:
+        return tl.sum(dzhat * (a[None, :] * z + b[None, :]), axis=1)
+    else:
+        return tl.sum(tl.zeros_like(dzhat), axis=1)
 
 
 @triton.jit
@@ -306,11 +310,11 @@ def _cross_entropy_kernel(
         sum_exp = _to_acc(tl.zeros([BLOCK_R], tl.float32), ACC_FP64)
         if RESIDENT:
             if HAS_BODY:
-                cols_b, z_b, a_b, t_b, x_b = _load_calibrated(logits_ptr, row_offsets, logits_stride_class, alpha_ptr,
+                cols_b, z_b, a_b, b_b, x_b = _load_calibrated(logits_ptr, row_offsets, logits_stride_class, alpha_ptr,
                                                               beta_ptr, s, row_mask, 0, num_classes, BLOCK_C, False,
                                                               ACC_FP64)
                 row_max = tl.max(x_b, axis=1)
-            cols_t, z_t, a_t, t_t, x_t = _load_calibrated(logits_ptr, row_offsets, logits_stride_class, alpha_ptr,
+            cols_t, z_t, a_t, b_t, x_t = _load_calibrated(logits_ptr, row_offsets, logits_stride_class, alpha_ptr,
                                                           beta_ptr, s, row_mask, body_end, num_classes, TAIL_C, True,
                                                           ACC_FP64)
             row_max = tl.maximum(row_max, tl.max(x_t, axis=1))
@@ -337,7 +341,7 @@ def _cross_entropy_kernel(
                           ACC_FP64)
             a_y = _to_acc(tl.load(alpha_ptr + safe_class, mask=valid, other=0.0), ACC_FP64)
             b_y = _to_acc(tl.load(beta_ptr + safe_class, mask=valid, other=0.0), ACC_FP64)
-            target_logit = z_y + s * (a_y * z_y + b_y)
+            target_logit = (1.0 + s * a_y) * z_y + s * b_y
             row_loss = tl.where(counted, row_weight * (log2_normalizer * LN2 - target_logit), 0.0)
             if LOSS_MODE == 0:
                 tl.store(loss_ptr + rows, row_loss, mask=row_mask)
@@ -353,32 +357,32 @@ def _cross_entropy_kernel(
             if RESIDENT:
                 inv_sum = 1.0 / sum_exp
                 grad_confidence = _block_vjp(
-                    e_t * inv_sum[:, None], cols_t, z_t, a_t, t_t, s, row_mask, target_class, row_grad, num_classes,
+                    e_t * inv_sum[:, None], cols_t, z_t, a_t, b_t, s, row_mask, target_class, row_grad, num_classes,
                     grad_logits_ptr, grad_row_offsets, grad_stride_class, class_partials_ptr, partial_offset,
-                    beta_slot_offset, first_tile, True, GRAD_LOGITS, GRAD_ALPHA, GRAD_BETA)
+                    beta_slot_offset, first_tile, True, GRAD_LOGITS, GRAD_ALPHA, GRAD_BETA, GRAD_CONFIDENCE)
                 if HAS_BODY:
                     grad_confidence += _block_vjp(
-                        e_b * inv_sum[:, None], cols_b, z_b, a_b, t_b, s, row_mask, target_class, row_grad,
+                        e_b * inv_sum[:, None], cols_b, z_b, a_b, b_b, s, row_mask, target_class, row_grad,
                         num_classes, grad_logits_ptr, grad_row_offsets, grad_stride_class, class_partials_ptr,
-                        partial_offset, beta_slot_offset, first_tile, False, GRAD_LOGITS, GRAD_ALPHA, GRAD_BETA)
+                        partial_offset, beta_slot_offset, first_tile, False, GRAD_LOGITS, GRAD_ALPHA, GRAD_BETA, GRAD_CONFIDENCE)
             else:
                 grad_confidence = _to_acc(tl.zeros([BLOCK_R], tl.float32), ACC_FP64)
                 for class_start in tl.range(0, body_end, BLOCK_C, num_stages=NUM_STAGES):  # SASS_LOOP(sweep2, tile)
-                    cols, z, a, t, x = _load_calibrated(logits_ptr, row_offsets, logits_stride_class, alpha_ptr,
+                    cols, z, a, b, x = _load_calibrated(logits_ptr, row_offsets, logits_stride_class, alpha_ptr,
                                                         beta_ptr, s, row_mask, class_start, num_classes, BLOCK_C,
                                                         False, ACC_FP64)
                     grad_confidence += _block_vjp(
-                        tl.exp2(x - log2_normalizer[:, None]), cols, z, a, t, s, row_mask, target_class, row_grad,
+                        tl.exp2(x - log2_normalizer[:, None]), cols, z, a, b, s, row_mask, target_class, row_grad,
                         num_classes, grad_logits_ptr, grad_row_offsets, grad_stride_class, class_partials_ptr,
-                        partial_offset, beta_slot_offset, first_tile, False, GRAD_LOGITS, GRAD_ALPHA, GRAD_BETA)
+                        partial_offset, beta_slot_offset, first_tile, False, GRAD_LOGITS, GRAD_ALPHA, GRAD_BETA, GRAD_CONFIDENCE)
                 if TAIL_C > 0:
-                    cols, z, a, t, x = _load_calibrated(logits_ptr, row_offsets, logits_stride_class, alpha_ptr,
+                    cols, z, a, b, x = _load_calibrated(logits_ptr, row_offsets, logits_stride_class, alpha_ptr,
                                                         beta_ptr, s, row_mask, body_end, num_classes, TAIL_C, True,
                                                         ACC_FP64)
                     grad_confidence += _block_vjp(
-                        tl.exp2(x - log2_normalizer[:, None]), cols, z, a, t, s, row_mask, target_class, row_grad,
+                        tl.exp2(x - log2_normalizer[:, None]), cols, z, a, b, s, row_mask, target_class, row_grad,
                         num_classes, grad_logits_ptr, grad_row_offsets, grad_stride_class, class_partials_ptr,
-                        partial_offset, beta_slot_offset, first_tile, True, GRAD_LOGITS, GRAD_ALPHA, GRAD_BETA)
+                        partial_offset, beta_slot_offset, first_tile, True, GRAD_LOGITS, GRAD_ALPHA, GRAD_BETA, GRAD_CONFIDENCE)
             if GRAD_CONFIDENCE:
                 tl.store(grad_confidence_ptr + rows, grad_confidence.to(grad_confidence_ptr.dtype.element_ty),
                          mask=row_mask)

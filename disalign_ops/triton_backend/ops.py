@@ -32,14 +32,31 @@ from torch.fx.experimental.proxy_tensor import get_proxy_mode
 from .._compat import size_hint
 
 from .._registration import OpFamily, register_autograd, register_fake_kernels
-from .._validation import (accumulation_dtype, check_calibrate_args, check_cross_entropy_args, check_grad_mask,
-                           check_incoming_grad, check_target_values)
+from .._validation import accumulation_dtype, check_calibrate_args, check_cross_entropy_args, check_target_values
 from . import kernels
 
-try:  # the one definition shared with the CUDA backend (the `cuda` helper's disalign_ops/_gpu_plan.py)
-    from .._gpu_plan import PARTIALS_FRACTION_OF_LOGITS
-except ImportError:  # PLACEHOLDER until _gpu_plan.py lands: the SPEC's stage-2 target, 1% of the logits
-    PARTIALS_FRACTION_OF_LOGITS = 0.01
+try:  # the one definition shared with the CUDA backend
+    from .._gpu_plan import MIN_BLOCKS_PER_SM, PARTIALS_BUDGET_FRACTION
+except ImportError:  # PLACEHOLDER until the `cuda` branch's _gpu_plan.py is merged (same names and values)
+    PARTIALS_BUDGET_FRACTION, MIN_BLOCKS_PER_SM = 0.01, 1
+
+try:  # the shared rules (the `fix` branch adds them to _validation.py)
+    from .._validation import check_grad_mask, check_gradient_arg
+except ImportError:  # PLACEHOLDER until that branch is merged: the same checks, same names and messages
+    from .._validation import _check_same_device, _check_tensor, _describe
+
+    def check_grad_mask(grad_mask):
+        entries = list(grad_mask) if isinstance(grad_mask, (list, tuple)) else None
+        if entries is None or len(entries) != 4 or not all(isinstance(m, bool) for m in entries):
+            raise ValueError(f"grad_mask must be a list of 4 bools [logits, alpha, beta, confidence], got {grad_mask!r}")
+        return entries
+
+    def check_gradient_arg(name, grad, logits, shape):
+        _check_tensor(name, grad)
+        _check_same_device(logits, **{name: grad})
+        if tuple(grad.shape) != tuple(shape):
+            raise ValueError(f"{name} must have shape {tuple(shape)}, got {_describe(grad)}")
+
 INTERPRETED = not isinstance(kernels._cross_entropy_kernel, triton.runtime.JITFunction)
 
 LOSS_PER_ROW, LOSS_PER_PROGRAM, NO_LOSS = 0, 1, 2
@@ -214,19 +231,19 @@ def _num_programs(num_tiles: int, device: torch.device, class_partials_bytes: in
     """One program per tile, unless da/db partial rows are written: then a persistent grid.
 
     Each program owns a partial row of C floats for da and for db; a persistent grid of P programs
-    needs P x C of them. P is what fits in PARTIALS_FRACTION_OF_LOGITS of the logits' bytes (the
-    shared GPU budget), capped at four per SM (a few waves amortise the partials), but never fewer
-    than one per SM (an idle SM costs more than the partials): on 132 SMs seg-ade gets 528 programs
+    needs P x C of them. P is what fits in PARTIALS_BUDGET_FRACTION of the logits' bytes (the
+    shared GPU budget, disalign_ops/_gpu_plan.py), capped at four per SM (a few waves amortise the
+    partials), but never fewer than MIN_BLOCKS_PER_SM per SM (the floor wins, as in the CUDA planner): on 132 SMs seg-ade gets 528 programs
     (0.1% of bf16 logits); the (N, C) benchmark shapes, whose N is small for their C, get 132, which
     is over the budget (cls-inat 4096 x 8142: 8.6 MB, 12.9% of bf16 logits) because a deterministic
     reduction without atomics needs one partial row per resident program.
     """
     if class_partials_bytes == 0:
         return num_tiles
-    resident = _num_sms(device)
-    within_budget = int(_hint(logits_bytes) * PARTIALS_FRACTION_OF_LOGITS) // _hint(class_partials_bytes)
+    resident = MIN_BLOCKS_PER_SM * _num_sms(device)
+    within_budget = int(_hint(logits_bytes) * PARTIALS_BUDGET_FRACTION) // _hint(class_partials_bytes)
     # sym_min keeps the program count exact (never more programs than tiles) for symbolic sizes.
-    return torch.sym_min(num_tiles, max(resident, min(4 * resident, within_budget)))
+    return torch.sym_min(num_tiles, max(resident, min(4 * _num_sms(device), within_budget)))
 
 
 def _on_device(t: Tensor):
@@ -463,7 +480,7 @@ def cross_entropy_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     num_classes = check_cross_entropy_args(logits, target, alpha, beta, confidence, weight, ignore_index, "none")
     check_grad_mask(grad_mask)
-    check_incoming_grad("grad_loss", grad_loss, target, logits)
+    check_gradient_arg("grad_loss", grad_loss, logits, target.shape)
     _check_targets_on_cpu(target, num_classes, ignore_index)
     acc = accumulation_dtype(logits.dtype)
     # In the accumulation dtype, never the logits' (a loss scale of 65536 is inf in float16).
@@ -499,7 +516,7 @@ def calibrate_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     check_calibrate_args(logits, alpha, beta, confidence)
     check_grad_mask(grad_mask)
-    check_incoming_grad("grad", grad, logits, logits)
+    check_gradient_arg("grad", grad, logits, logits.shape)
     plan = _TilePlan(logits, alpha, beta, confidence, grad_mask, inputs=[grad])
     if plan.programs > 0:
         with _on_device(logits):
