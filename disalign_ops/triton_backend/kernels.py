@@ -183,48 +183,72 @@ def _online_max_sum(row_max, sum_exp, x):
 
 
 @triton.jit
-def _block_vjp(probs, cols, z, a, b, s, row_mask, target_class, row_grad, num_classes,
-               grad_logits_ptr, grad_row_offsets, grad_stride_class,
-               partials_ptr, partial_offset, beta_slot_offset, first_tile,
-               MASKED: tl.constexpr, GRAD_LOGITS: tl.constexpr, GRAD_ALPHA: tl.constexpr, GRAD_BETA: tl.constexpr,
-               GRAD_CONFIDENCE: tl.constexpr):
-    """Gradients of one block of classes given the softmax `probs` (zero past C):
+def _lane_online_max_sum(lane_max, lane_sum, x):
+    """Per lane (row x class slot) running max / sum of 2^(x - max), with one exp2 per element and
+    no cross-thread reduction inside the class loop: a new maximum rescales the sum by 2^(old - new),
+    an element below it adds 2^(x - max), and both are the same exp2(-|x - max|). lane_max starts at
+    -FLT_MAX, not -inf, so that -inf logits (and masked classes) add exactly 0 instead of inf - inf."""
+    d = x - lane_max
+    e = tl.exp2(-tl.abs(d))
+    lane_sum = tl.where(d > 0, lane_sum * e + 1.0, lane_sum + e)
+    return tl.maximum(lane_max, x), lane_sum
 
-        dzhat = g * w[y] * (p - onehot(y))     (row_grad = g * w[y]; NaN for a poisoned row)
+
+@triton.jit
+def _rows_from_lanes(lane_max, lane_sum):
+    """(row max, row sum of 2^(x - row max)) from the per-lane accumulators: once per tile."""
+    row_max = tl.max(lane_max, axis=1)
+    return row_max, tl.sum(lane_sum * tl.exp2(lane_max - row_max[:, None]), axis=1)
+
+
+@triton.jit
+def _block_vjp(probs, cols, z, a, b, s, row_mask, target_class, row_grad, row_grad_s, num_classes,
+               grad_logits_ptr, grad_row_offsets, grad_stride_class,
+               MASKED: tl.constexpr, GRAD_LOGITS: tl.constexpr, GRAD_CONFIDENCE: tl.constexpr):
+    """Gradients of one block of classes given the softmax `probs` (zero past C). With
+    q = p - onehot(y), g = row_grad = grad_scale * w[y] (NaN for a poisoned row), v = row_grad_s = g*s:
+
+        dzhat = g * q                          (dL/dzhat)
         dz    = dzhat * (1 + s*a)              stored, in the logits' dtype
-        ds    = sum_classes dzhat * (a*z + b)  returned per row (0 unless GRAD_CONFIDENCE)
-        da[j] += sum_rows dzhat * s * z        into this program's partial row (no atomics)
-        db[j] += sum_rows dzhat * s
+        ds    = g * sum_classes q * (a*z + b)  returned per element without the factor g (the
+                                               caller sums the classes and scales once per row)
+        da[j] = sum_rows v * q * z             returned (column sums of the block)
+        db[j] = sum_rows v * q                 returned
+
+    Rows past the end have g = 0 and finite probs, so they add exact zeros.
+    """
+    q = tl.where(cols[None, :] == target_class[:, None], probs - 1.0, probs)
+    if GRAD_LOGITS:
+        grad_ptrs = grad_logits_ptr + grad_row_offsets[:, None] + (cols.to(tl.int64) * grad_stride_class)[None, :]
+        grad_z = (row_grad[:, None] * q * (1.0 + s[:, None] * a[None, :])).to(grad_logits_ptr.dtype.element_ty)
+        if MASKED:
+            tl.store(grad_ptrs, grad_z, mask=row_mask[:, None] & (cols < num_classes)[None, :])
+        else:
+            tl.store(grad_ptrs, grad_z, mask=row_mask[:, None])
+    vq = row_grad_s[:, None] * q
+    if GRAD_CONFIDENCE:
+        ds = q * (a[None, :] * z + b[None, :])
+    else:
+        ds = tl.zeros_like(q)
+    return ds, tl.sum(vq * z, axis=0), tl.sum(vq, axis=0)
+
+
+@triton.jit
+def _add_to_partial_rows(partials_ptr, partial_offset, beta_slot_offset, da, db, first_tile, cols, num_classes,
+                         MASKED: tl.constexpr, GRAD_ALPHA: tl.constexpr, GRAD_BETA: tl.constexpr):
+    """Adds a block's da/db column sums to this program's partial rows.
 
     partials_ptr is a [slots, programs, partial_stride] buffer: da in slot 0 when wanted, db in the
     next (beta_slot_offset). A program's row belongs to it alone, so the read-modify-write needs no
     atomics and the host's final sum over programs, in a fixed order, is deterministic; the load and
     the store use the same pointers, so one thread owns an element in both. On the program's first
     tile the (uninitialised) row is not added (first_tile), so the buffer needs no zero fill.
-    Rows past the end have row_grad = 0 and finite probs, so they add exact zeros.
     """
-    dzhat = row_grad[:, None] * tl.where(cols[None, :] == target_class[:, None], probs - 1.0, probs)
-    if MASKED:
-        in_class = cols < num_classes
-        dzhat = tl.where(in_class[None, :], dzhat, 0.0)
-    if GRAD_LOGITS:
-        grad_ptrs = grad_logits_ptr + grad_row_offsets[:, None] + (cols.to(tl.int64) * grad_stride_class)[None, :]
-        grad_z = (dzhat + dzhat * s[:, None] * a[None, :]).to(grad_logits_ptr.dtype.element_ty)
-        if MASKED:
-            tl.store(grad_ptrs, grad_z, mask=row_mask[:, None] & in_class[None, :])
-        else:
-            tl.store(grad_ptrs, grad_z, mask=row_mask[:, None])
-    dzhat_s = dzhat * s[:, None]
     if GRAD_ALPHA:
-        _add_to_partial_row(partials_ptr + partial_offset + cols, tl.sum(dzhat_s * z, axis=0), first_tile, cols,
-                            num_classes, MASKED)
+        _add_to_partial_row(partials_ptr + partial_offset + cols, da, first_tile, cols, num_classes, MASKED)
     if GRAD_BETA:
-        _add_to_partial_row(partials_ptr + beta_slot_offset + partial_offset + cols, tl.sum(dzhat_s, axis=0),
-                            first_tile, cols, num_classes, MASKED)
-    if GRAD_CONFIDENCE:
-        return tl.sum(dzhat * (a[None, :] * z + b[None, :]), axis=1)
-    else:
-        return tl.sum(tl.zeros_like(dzhat), axis=1)
+        _add_to_partial_row(partials_ptr + beta_slot_offset + partial_offset + cols, db, first_tile, cols,
+                            num_classes, MASKED)
 
 
 @triton.jit
@@ -288,6 +312,14 @@ def _cross_entropy_kernel(
     else:
         body_end = num_classes - num_classes % BLOCK_C
     loss_sum = _to_acc(tl.zeros([BLOCK_R], tl.float32), ACC_FP64)
+    # Resident tiles cover every class, so a program's da/db column sums stay in registers across
+    # its tiles and reach its partial rows once, at the end (no per-tile read-modify-write).
+    if RESIDENT:
+        da_tail = _to_acc(tl.zeros([TAIL_C], tl.float32), ACC_FP64)
+        db_tail = _to_acc(tl.zeros([TAIL_C], tl.float32), ACC_FP64)
+    if RESIDENT and HAS_BODY:
+        da_body = _to_acc(tl.zeros([BLOCK_C], tl.float32), ACC_FP64)
+        db_body = _to_acc(tl.zeros([BLOCK_C], tl.float32), ACC_FP64)
     for tile in range(pid, num_tiles, tl.num_programs(0)):
         rows, row_mask, image, pixel = _tile_rows(tile, tiles_per_image, rows_per_image, BLOCK_R)
         row_offsets = tl.multiple_of(image * logits_stride_image + pixel * logits_stride_row, ROW_ALIGN)
@@ -326,10 +358,16 @@ def _cross_entropy_kernel(
                 sum_exp += tl.sum(e_b, axis=1)
             row_max = shift
         else:
+            if ACC_FP64:
+                lane_max = tl.full([BLOCK_R, BLOCK_C], -1.7976931348623157e308, tl.float64)
+            else:
+                lane_max = tl.full([BLOCK_R, BLOCK_C], -3.4028234663852886e38, tl.float32)
+            lane_sum = _to_acc(tl.zeros([BLOCK_R, BLOCK_C], tl.float32), ACC_FP64)
             for class_start in tl.range(0, body_end, BLOCK_C, num_stages=NUM_STAGES):  # SASS_LOOP(sweep1, tile)
                 _, _, _, _, x = _load_calibrated(logits_ptr, row_offsets, logits_stride_class, alpha_ptr, beta_ptr,
                                                  s, row_mask, class_start, num_classes, BLOCK_C, False, ACC_FP64)
-                row_max, sum_exp = _online_max_sum(row_max, sum_exp, x)
+                lane_max, lane_sum = _lane_online_max_sum(lane_max, lane_sum, x)
+            row_max, sum_exp = _rows_from_lanes(lane_max, lane_sum)
             if TAIL_C > 0:
                 _, _, _, _, x = _load_calibrated(logits_ptr, row_offsets, logits_stride_class, alpha_ptr, beta_ptr,
                                                  s, row_mask, body_end, num_classes, TAIL_C, True, ACC_FP64)
@@ -353,41 +391,59 @@ def _cross_entropy_kernel(
                                 ACC_FP64)
             # Ignored rows get exactly no gradient, also when "mean" has no valid row (scale 1/0).
             row_grad = tl.where(counted, row_weight * row_scale, 0.0)
+            row_grad_s = row_grad * s
             first_tile = tile == pid
             if RESIDENT:
                 inv_sum = 1.0 / sum_exp
-                grad_confidence = _block_vjp(
-                    e_t * inv_sum[:, None], cols_t, z_t, a_t, b_t, s, row_mask, target_class, row_grad, num_classes,
-                    grad_logits_ptr, grad_row_offsets, grad_stride_class, class_partials_ptr, partial_offset,
-                    beta_slot_offset, first_tile, True, GRAD_LOGITS, GRAD_ALPHA, GRAD_BETA, GRAD_CONFIDENCE)
+                ds, da, db = _block_vjp(e_t * inv_sum[:, None], cols_t, z_t, a_t, b_t, s, row_mask, target_class,
+                                        row_grad, row_grad_s, num_classes, grad_logits_ptr, grad_row_offsets,
+                                        grad_stride_class, True, GRAD_LOGITS, GRAD_CONFIDENCE)
+                grad_confidence = tl.sum(ds, axis=1)
+                da_tail += da
+                db_tail += db
                 if HAS_BODY:
-                    grad_confidence += _block_vjp(
-                        e_b * inv_sum[:, None], cols_b, z_b, a_b, b_b, s, row_mask, target_class, row_grad,
-                        num_classes, grad_logits_ptr, grad_row_offsets, grad_stride_class, class_partials_ptr,
-                        partial_offset, beta_slot_offset, first_tile, False, GRAD_LOGITS, GRAD_ALPHA, GRAD_BETA, GRAD_CONFIDENCE)
+                    ds, da, db = _block_vjp(e_b * inv_sum[:, None], cols_b, z_b, a_b, b_b, s, row_mask, target_class,
+                                            row_grad, row_grad_s, num_classes, grad_logits_ptr, grad_row_offsets,
+                                            grad_stride_class, False, GRAD_LOGITS, GRAD_CONFIDENCE)
+                    grad_confidence += tl.sum(ds, axis=1)
+                    da_body += da
+                    db_body += db
             else:
-                grad_confidence = _to_acc(tl.zeros([BLOCK_R], tl.float32), ACC_FP64)
+                grad_confidence_lanes = _to_acc(tl.zeros([BLOCK_R, BLOCK_C], tl.float32), ACC_FP64)
                 for class_start in tl.range(0, body_end, BLOCK_C, num_stages=NUM_STAGES):  # SASS_LOOP(sweep2, tile)
                     cols, z, a, b, x = _load_calibrated(logits_ptr, row_offsets, logits_stride_class, alpha_ptr,
                                                         beta_ptr, s, row_mask, class_start, num_classes, BLOCK_C,
                                                         False, ACC_FP64)
-                    grad_confidence += _block_vjp(
-                        tl.exp2(x - log2_normalizer[:, None]), cols, z, a, b, s, row_mask, target_class, row_grad,
-                        num_classes, grad_logits_ptr, grad_row_offsets, grad_stride_class, class_partials_ptr,
-                        partial_offset, beta_slot_offset, first_tile, False, GRAD_LOGITS, GRAD_ALPHA, GRAD_BETA, GRAD_CONFIDENCE)
+                    ds, da, db = _block_vjp(tl.exp2(x - log2_normalizer[:, None]), cols, z, a, b, s, row_mask,
+                                            target_class, row_grad, row_grad_s, num_classes, grad_logits_ptr,
+                                            grad_row_offsets, grad_stride_class, False, GRAD_LOGITS, GRAD_CONFIDENCE)
+                    grad_confidence_lanes += ds
+                    _add_to_partial_rows(class_partials_ptr, partial_offset, beta_slot_offset, da, db, first_tile,
+                                         cols, num_classes, False, GRAD_ALPHA, GRAD_BETA)
+                grad_confidence = tl.sum(grad_confidence_lanes, axis=1)
                 if TAIL_C > 0:
                     cols, z, a, b, x = _load_calibrated(logits_ptr, row_offsets, logits_stride_class, alpha_ptr,
                                                         beta_ptr, s, row_mask, body_end, num_classes, TAIL_C, True,
                                                         ACC_FP64)
-                    grad_confidence += _block_vjp(
-                        tl.exp2(x - log2_normalizer[:, None]), cols, z, a, b, s, row_mask, target_class, row_grad,
-                        num_classes, grad_logits_ptr, grad_row_offsets, grad_stride_class, class_partials_ptr,
-                        partial_offset, beta_slot_offset, first_tile, True, GRAD_LOGITS, GRAD_ALPHA, GRAD_BETA, GRAD_CONFIDENCE)
+                    ds, da, db = _block_vjp(tl.exp2(x - log2_normalizer[:, None]), cols, z, a, b, s, row_mask,
+                                            target_class, row_grad, row_grad_s, num_classes, grad_logits_ptr,
+                                            grad_row_offsets, grad_stride_class, True, GRAD_LOGITS, GRAD_CONFIDENCE)
+                    grad_confidence += tl.sum(ds, axis=1)
+                    _add_to_partial_rows(class_partials_ptr, partial_offset, beta_slot_offset, da, db, first_tile,
+                                         cols, num_classes, True, GRAD_ALPHA, GRAD_BETA)
             if GRAD_CONFIDENCE:
+                grad_confidence *= row_grad
                 tl.store(grad_confidence_ptr + rows, grad_confidence.to(grad_confidence_ptr.dtype.element_ty),
                          mask=row_mask)
     if LOSS_MODE == 1:
         tl.store(loss_ptr + pid, tl.sum(loss_sum, axis=0))
+    if RESIDENT and WANT_GRADS:  # every program has at least one tile, so first_tile=True writes the row
+        tail_cols = body_end + tl.arange(0, TAIL_C)
+        _add_to_partial_rows(class_partials_ptr, partial_offset, beta_slot_offset, da_tail, db_tail, True,
+                             tail_cols, num_classes, True, GRAD_ALPHA, GRAD_BETA)
+        if HAS_BODY:
+            _add_to_partial_rows(class_partials_ptr, partial_offset, beta_slot_offset, da_body, db_body, True,
+                                 tl.arange(0, BLOCK_C), num_classes, False, GRAD_ALPHA, GRAD_BETA)
 
 
 @triton.jit

@@ -27,7 +27,6 @@ from typing import Optional
 import torch
 import triton
 from torch import Tensor
-from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.experimental.proxy_tensor import get_proxy_mode
 from .._compat import size_hint
 
@@ -71,9 +70,10 @@ def _launch(kernel, grid):
 @dataclass(frozen=True)
 class _TileLimits:
     """Tile sizes. GPU: class-contiguous rows in tiles of 16 rows (so a da/db partial row is read
-    and written once per 16 rows, not per 1-2); a streaming tile of 4096 fp32 values (16 per thread
+    and written once per 16 rows, not per 1-2); a streaming tile of 8192 fp32 values (32 per thread
     with 8 warps); C up to `resident_max_classes` kept whole in registers (one exp2 per element),
-    at most `resident_elements` per tile; 512 contiguous bytes per class row of an NCHW tile (a
+    at most `resident_elements` per tile (rows then below 16: da/db stay in registers across
+    tiles there, so partial rows are written once per program, not per tile); 512 contiguous bytes per class row of an NCHW tile (a
     warp's 32 x 16-byte loads). Chosen from the SASS of benches/sass_triton.py (registers, spills,
     instructions per element), not yet timed on a GPU. Interpreter: small tiles, so that tests on
     small shapes still cover several class blocks, the masked tail, ragged row tiles, the
@@ -93,8 +93,8 @@ _LIMITS = (
     _TileLimits(tile_elements=128, contiguous_bytes=64, max_block_classes=16, block_rows=16, resident_max_classes=48,
                 resident_elements=1024, prepass_block=64, num_stages=1)
     if INTERPRETED
-    else _TileLimits(tile_elements=4096, contiguous_bytes=512, max_block_classes=2048, block_rows=16,
-                     resident_max_classes=2048, resident_elements=16384, prepass_block=1024, num_stages=2)
+    else _TileLimits(tile_elements=8192, contiguous_bytes=512, max_block_classes=2048, block_rows=16,
+                     resident_max_classes=2048, resident_elements=8192, prepass_block=1024, num_stages=2)
 )
 
 
@@ -208,14 +208,14 @@ def _tile_config(layout: _RowLayout, num_classes: int, element_size: int, acc_si
         block_rows = min(rows, limits.block_rows)
         if not resident:
             block_classes = min(triton.next_power_of_2(num_classes), limits.max_block_classes,
-                                max(1, limits.tile_elements // block_rows))
+                                max(1, limits.tile_elements // limits.block_rows))
     if not resident:
         rest = num_classes % block_classes
         tail = triton.next_power_of_2(rest) if rest else 0
         lanes = block_classes
     class_contiguous = all(st[1] == 1 for st in strides)
     row_align = _pow2_divisor([v for st in strides for v in (st[0], st[2])]) if class_contiguous else 1
-    num_warps = max(1, min(16, block_rows * lanes // 512))
+    num_warps = _prev_power_of_2(max(1, min(16, block_rows * lanes // 512)))  # <= 16 values per thread
     return _TileConfig(block_rows, block_classes, tail, resident, has_body, num_warps, row_align,
                        _pow2_divisor([num_classes]), limits.num_stages)
 
@@ -248,8 +248,9 @@ def _num_programs(num_tiles: int, device: torch.device, class_partials_bytes: in
 
 def _on_device(t: Tensor):
     """Launch on the tensor's device, not the current one (Triton launches on the current device).
-    Not while tracing (fake tensors have no device to enter; the compiled graph guards itself)."""
-    if t.device.type != "cuda" or isinstance(t, FakeTensor) or torch.compiler.is_compiling() \
+    Plain tensors only: fake/functional tensors (tracing) have no device to enter, and the
+    compiled graph guards the device itself."""
+    if t.device.type != "cuda" or type(t) is not torch.Tensor or torch.compiler.is_compiling() \
             or get_proxy_mode() is not None:
         return contextlib.nullcontext()
     return torch.cuda.device(t.device)
@@ -332,7 +333,9 @@ class _TilePlan:
         # Rows padded to 16 values, so that every program's row starts 16-byte aligned (vector loads).
         slots = int(self.wanted[1]) + int(self.wanted[2])
         self.partial_stride = (self.num_classes + 15) // 16 * 16
-        self.class_partials = logits.new_empty((slots, self.programs, self.partial_stride), dtype=acc)
+        self.class_partials = torch.empty_strided(
+            (slots, self.programs, self.num_classes), (self.programs * self.partial_stride, self.partial_stride, 1),
+            dtype=acc, device=logits.device)
         num_rows = layout.images * layout.rows_per_image
         self.grad_confidence_rows = (logits.new_empty((num_rows,), dtype=confidence.dtype)
                                      if self.wanted[3] else None)
@@ -372,7 +375,7 @@ class _TilePlan:
         slots = iter(self.class_partials)  # summed one by one: outputs of an op must not alias
         for i, like in ((1, alpha), (2, beta)):
             if self.wanted[i]:
-                grads[i] = next(slots)[:, :self.num_classes].sum(dim=0).to(like.dtype)
+                grads[i] = next(slots).sum(dim=0).to(like.dtype)
         if self.wanted[3]:
             grads[3] = _shaped_like(self.grad_confidence_rows, confidence)
         return grads
