@@ -8,9 +8,10 @@ reports registers, spills, shared memory, grid, and the steady-state loop instru
 element (total and exp2, from the SASS), against the issue-9 budget. benches/sass_budget.py (owned
 by the `cuda` helper) calls `triton_rows()`; `python benches/sass_triton.py` prints the table.
 
-Per element = (warp-instructions of one loop iteration x warps) / (logit elements one iteration
-covers), for the innermost loops of the kernel (the class-block loops, or the tile loop where a
-tile covers every class). Budget: <= 0.5 warp-instructions per bf16 element, <= 1.0 per fp32 one,
+Per element = (instructions of one loop iteration x warps) / (logit elements one iteration covers),
+i.e. warp-instructions per element, for the innermost loops of the kernel: the two class-block
+sweeps of the streaming kernel (BLOCK_R x BLOCK_C elements), or the tile loop of the resident
+kernel (BLOCK_R x C: every class of a tile is in registers, one sweep). Budget: <= 0.5 warp-instructions per bf16 element, <= 1.0 per fp32 one,
 summed over the loops one element passes through, and at most one exp2 per element.
 """
 
@@ -41,6 +42,7 @@ class Launch:
     num_warps: int
     num_stages: int
     constexprs: dict
+    num_classes: int
     signature: dict = field(repr=False, default_factory=dict)
     compiled: object = field(repr=False, default=None)
 
@@ -78,7 +80,7 @@ def triton_launches(shapes=None, modes=tuple(MODES), dtypes=DTYPES, num_sms=132,
         raise RuntimeError("sass_triton needs compiled Triton kernels: unset TRITON_INTERPRET")
     target = GPUTarget("cuda", 90, 32)
     backend = make_backend(target)
-    launches, context = [], {}
+    launches, context, context_classes = [], {}, [0]
 
     def record(kernel, grid):
         def launch(*args, **kwargs):
@@ -91,7 +93,7 @@ def triton_launches(shapes=None, modes=tuple(MODES), dtypes=DTYPES, num_sms=132,
                                           options=options.__dict__)
             names = {k[0] if isinstance(k, tuple) else k: v for k, v in constexprs.items()}
             plain = {kernel.arg_names[i] if isinstance(i, int) else i: v for i, v in names.items()}
-            launches.append(Launch(**context, kernel=kernel.fn.__name__, grid=tuple(int(g) for g in grid),
+            launches.append(Launch(**context, num_classes=context_classes[0], kernel=kernel.fn.__name__, grid=tuple(int(g) for g in grid),
                                    num_warps=options.num_warps, num_stages=options.num_stages,
                                    constexprs={k: v for k, v in plain.items() if k.isupper()},
                                    signature=dict(signature), compiled=compiled))
@@ -104,6 +106,7 @@ def triton_launches(shapes=None, modes=tuple(MODES), dtypes=DTYPES, num_sms=132,
             for dtype_name in dtypes:
                 dtype = getattr(torch, dtype_name)
                 logits, target_, alpha, beta, confidence, weight = _inputs(dims, dtype)
+                context_classes[0] = dims[1]
                 for mode in modes:
                     context.update(shape=shape, mode=mode, dtype=dtype_name)
                     ops.cross_entropy(logits, target_, alpha, beta, confidence, weight, -100, "mean", MODES[mode])
@@ -113,46 +116,42 @@ def triton_launches(shapes=None, modes=tuple(MODES), dtypes=DTYPES, num_sms=132,
 
 
 # --- SASS analysis -------------------------------------------------------------------------------
-# PLACEHOLDER until benches/sass_utils.py (owned by the `cuda` helper) exists on this branch: a
-# minimal innermost-loop finder over nvdisasm output. Switch to sass_utils' helper when it lands.
-_INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
-_TARGET = re.compile(r"`?\(?\.L_x_(\d+)\)?")
-
-
-def _nvdisasm():
-    from triton.backends.nvidia.compiler import get_ptxas
-
-    return os.path.join(os.path.dirname(get_ptxas(90).path), "nvdisasm")
-
-
 def _sass_loops(cubin: bytes):
-    """Innermost loops of a cubin: list of (instruction count, exp2 count, opcode histogram)."""
+    """Innermost loops of a cubin: [(instruction count, exp2 count)], by benches/sass_utils.py (the
+    `cuda` helper's SASS parser, shared with sass_budget.py) when present, else a minimal fallback."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([_nvdisasm(), "-c", f.name], capture_output=True, text=True, check=True).stdout
+        try:
+            sys.path.insert(0, HERE)
+            import sass_utils
+        except ImportError:  # PLACEHOLDER until sass_utils.py is merged: nvdisasm + backward branches
+            return _fallback_loops(f.name)
+        functions = sass_utils.parse_sass(sass_utils.disassemble(f.name))
+    return [(len(loop.instructions), loop.exp2) for fn in functions.values() for loop in fn.innermost_loops]
+
+
+def _fallback_loops(path):
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    nvdisasm = os.path.join(os.path.dirname(get_ptxas(90).path), "nvdisasm")
+    text = subprocess.run([nvdisasm, "-c", path], capture_output=True, text=True, check=True).stdout
     labels, instrs = {}, []
     for line in text.splitlines():
         label = re.match(r"\s*\.L_x_(\d+):", line)
         if label:
             labels[label.group(1)] = len(instrs)
             continue
-        m = _INSTR.search(line)
+        m = re.search(r"/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
         if m:
             instrs.append(m.group(2).strip())
     loops = []
     for i, ins in enumerate(instrs):
-        if re.search(r"\bBRA\b", ins):
-            t = _TARGET.search(ins.split("BRA", 1)[1])
-            if t and t.group(1) in labels and labels[t.group(1)] <= i:
-                loops.append((labels[t.group(1)], i))
-    inner = [(s, e) for s, e in loops if not any(s <= s2 and e2 <= e and (s2, e2) != (s, e) for s2, e2 in loops)]
-    result = []
-    for s, e in inner:
-        body = [x for x in instrs[s:e + 1] if not x.startswith("NOP")]
-        ops_ = [re.sub(r"^@!?U?P\w+\s+", "", x).split()[0] for x in body]
-        result.append((len(body), sum(o.startswith("MUFU.EX2") for o in ops_), ops_))
-    return result
+        t = re.search(r"\bBRA\b.*\.L_x_(\d+)", ins)
+        if t and t.group(1) in labels and labels[t.group(1)] < i:
+            loops.append((labels[t.group(1)], i))
+    inner = [(a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
+    return [(b - a + 1, sum("MUFU.EX2" in x for x in instrs[a:b + 1])) for a, b in inner]
 
 
 def _ptxas_info(compiled):
@@ -168,8 +167,13 @@ def _ptxas_info(compiled):
     return int(regs.group(1)) if regs else None, (int(spills.group(1)) + int(spills.group(2))) if spills else None
 
 
-def _elements_per_iteration(launch):
+def _elements_per_iteration(launch, num_classes):
+    """Logit elements one iteration of the kernel's innermost loop covers: a class block of the
+    streaming sweeps (BLOCK_R x BLOCK_C, unmasked), or a whole tile (BLOCK_R x C) of the resident
+    kernel, whose innermost loop is the tile loop."""
     c = launch.constexprs
+    if c.get("RESIDENT"):
+        return c["BLOCK_R"] * num_classes
     if "BLOCK_R" in c and "BLOCK_C" in c:
         return c["BLOCK_R"] * c["BLOCK_C"]
     return c.get("BLOCK", 1)
@@ -190,10 +194,11 @@ def triton_rows(**kwargs):
     for launch in triton_launches(**kwargs):
         compiled = launch.compiled
         registers, spills = _ptxas_info(compiled)
-        elements = _elements_per_iteration(launch)
+        elements = _elements_per_iteration(launch, launch.num_classes)
+        # n instructions per thread per iteration: n warp-instructions per warp; exp2 per lane.
         loops = [dict(instructions=n, exp2=e, per_element=n * launch.num_warps / elements,
-                      exp2_per_element=e * launch.num_warps * 32 / elements / 32)
-                 for n, e, _ in _sass_loops(compiled.asm["cubin"])]
+                      exp2_per_element=e * launch.num_warps * 32 / elements)
+                 for n, e in _sass_loops(compiled.asm["cubin"])]
         row = dict(shape=launch.shape, mode=launch.mode, dtype=launch.dtype, kernel=launch.kernel, grid=launch.grid,
                    num_warps=launch.num_warps, num_stages=launch.num_stages, constexprs=launch.constexprs)
         row.update(registers=registers, spills=spills, shared_bytes=compiled.metadata.shared, loops=loops,
@@ -223,4 +228,7 @@ if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "--json":
         print(json.dumps(triton_rows(**json.loads(sys.argv[2]))))
     else:
-        print(_table(triton_rows()))
+        rows = triton_rows()
+        print(_table(rows))
+        stage2 = [r for r in rows if r["mode"] == "stage2" and r["loops"]]
+        print(f"triton stage-2 loops within budget: {sum(r['within_budget'] for r in stage2)} of {len(stage2)}")

@@ -243,7 +243,7 @@ def test_tile_plan_of_the_gpu_shapes():
     tiles of 16 rows for class-contiguous rows, det-lvis without 40% padded lanes, row offsets
     aligned where the strides allow (vector loads), and the streaming kernel only above 2048."""
     gpu = dataclasses.replace(triton_ops._LIMITS, tile_elements=4096, contiguous_bytes=512, max_block_classes=2048,
-                              block_rows=16, resident_max_classes=2048, resident_elements=8192)
+                              block_rows=16, resident_max_classes=2048, resident_elements=4096)
     plans = {}
     for name, shape in {"imagenet": (4096, 1000), "inat": (4096, 8142), "lvis": (8192, 1231)}.items():
         x = torch.empty(shape, device="meta")

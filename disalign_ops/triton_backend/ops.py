@@ -70,10 +70,10 @@ def _launch(kernel, grid):
 @dataclass(frozen=True)
 class _TileLimits:
     """Tile sizes. GPU: class-contiguous rows in tiles of 16 rows (so a da/db partial row is read
-    and written once per 16 rows, not per 1-2); a streaming tile of 8192 fp32 values (32 per thread
+    and written once per 16 rows, not per 1-2); a streaming tile of 4096 fp32 values (16 per thread
     with 8 warps); C up to `resident_max_classes` kept whole in registers (one exp2 per element),
-    at most `resident_elements` per tile (rows then below 16: da/db stay in registers across
-    tiles there, so partial rows are written once per program, not per tile); 512 contiguous bytes per class row of an NCHW tile (a
+    at most `resident_elements` per tile (2-16 rows: da/db stay in registers across tiles
+    there, so partial rows are written once per program, not per tile); 512 contiguous bytes per class row of an NCHW tile (a
     warp's 32 x 16-byte loads). Chosen from the SASS of benches/sass_triton.py (registers, spills,
     instructions per element), not yet timed on a GPU. Interpreter: small tiles, so that tests on
     small shapes still cover several class blocks, the masked tail, ragged row tiles, the
@@ -93,8 +93,8 @@ _LIMITS = (
     _TileLimits(tile_elements=128, contiguous_bytes=64, max_block_classes=16, block_rows=16, resident_max_classes=48,
                 resident_elements=1024, prepass_block=64, num_stages=1)
     if INTERPRETED
-    else _TileLimits(tile_elements=8192, contiguous_bytes=512, max_block_classes=2048, block_rows=16,
-                     resident_max_classes=2048, resident_elements=8192, prepass_block=1024, num_stages=2)
+    else _TileLimits(tile_elements=4096, contiguous_bytes=512, max_block_classes=2048, block_rows=16,
+                     resident_max_classes=2048, resident_elements=4096, prepass_block=1024, num_stages=2)
 )
 
 
@@ -206,7 +206,9 @@ def _tile_config(layout: _RowLayout, num_classes: int, element_size: int, acc_si
                                 max(1, limits.tile_elements // block_rows))
     else:
         block_rows = min(rows, limits.block_rows)
-        if not resident:
+        if resident:
+            block_rows = min(block_rows, _prev_power_of_2(max(1, limits.resident_elements // lanes)))
+        else:
             block_classes = min(triton.next_power_of_2(num_classes), limits.max_block_classes,
                                 max(1, limits.tile_elements // limits.block_rows))
     if not resident:
@@ -215,7 +217,8 @@ def _tile_config(layout: _RowLayout, num_classes: int, element_size: int, acc_si
         lanes = block_classes
     class_contiguous = all(st[1] == 1 for st in strides)
     row_align = _pow2_divisor([v for st in strides for v in (st[0], st[2])]) if class_contiguous else 1
-    num_warps = _prev_power_of_2(max(1, min(16, block_rows * lanes // 512)))  # <= 16 values per thread
+    # <= 16 values per thread: ptxas then fits every launch in 255 registers without spills.
+    num_warps = min(16, triton.next_power_of_2(triton.cdiv(block_rows * lanes, 512)))
     return _TileConfig(block_rows, block_classes, tail, resident, has_body, num_warps, row_align,
                        _pow2_divisor([num_classes]), limits.num_stages)
 
