@@ -19,6 +19,7 @@ spells `int ignore_index` as `SymInt ignore_index` and `bool[4] grad_mask` as `b
 the calls are the same. Both registrations use the inferred form, so the two modes agree.
 """
 
+import contextlib
 import functools
 from dataclasses import dataclass
 from typing import Optional
@@ -26,38 +27,74 @@ from typing import Optional
 import torch
 import triton
 from torch import Tensor
+from torch.fx.experimental.proxy_tensor import get_proxy_mode
 from .._compat import size_hint
 
 from .._registration import OpFamily, register_autograd, register_fake_kernels
 from .._validation import accumulation_dtype, check_calibrate_args, check_cross_entropy_args, check_target_values
 from . import kernels
 
+try:  # the one definition shared with the CUDA backend
+    from .._gpu_plan import MIN_BLOCKS_PER_SM, PARTIALS_BUDGET_FRACTION
+except ImportError:  # PLACEHOLDER until the `cuda` branch's _gpu_plan.py is merged (same names and values)
+    PARTIALS_BUDGET_FRACTION, MIN_BLOCKS_PER_SM = 0.01, 1
+
+try:  # the shared rules (the `fix` branch adds them to _validation.py)
+    from .._validation import check_grad_mask, check_gradient_arg
+except ImportError:  # PLACEHOLDER until that branch is merged: the same checks, same names and messages
+    from .._validation import _check_same_device, _check_tensor, _describe
+
+    def check_grad_mask(grad_mask):
+        entries = list(grad_mask) if isinstance(grad_mask, (list, tuple)) else None
+        if entries is None or len(entries) != 4 or not all(isinstance(m, bool) for m in entries):
+            raise ValueError(f"grad_mask must be a list of 4 bools [logits, alpha, beta, confidence], got {grad_mask!r}")
+        return entries
+
+    def check_gradient_arg(name, grad, logits, shape):
+        _check_tensor(name, grad)
+        _check_same_device(logits, **{name: grad})
+        if tuple(grad.shape) != tuple(shape):
+            raise ValueError(f"{name} must have shape {tuple(shape)}, got {_describe(grad)}")
+
 INTERPRETED = not isinstance(kernels._cross_entropy_kernel, triton.runtime.JITFunction)
 
 LOSS_PER_ROW, LOSS_PER_PROGRAM, NO_LOSS = 0, 1, 2
 
 
+def _launch(kernel, grid):
+    """Every launch goes through here: benches/sass_triton.py replaces it to record (and compile for
+    sm_90a) exactly the launches this module plans, instead of re-deriving them."""
+    return torch.library.wrap_triton(kernel)[grid]
+
+
 @dataclass(frozen=True)
 class _TileLimits:
-    """Tile sizes. GPU: 8 KB of accumulators per tile (2048 fp32 values, 8 per thread with 8 warps;
-    ptxas for sm_90 reports no spills and 100-130 registers for C = 150 to 8142, because the class
-    dim is blocked, never held whole) and 512 contiguous bytes per class row of an NCHW tile (a
-    warp's 32 x 16-byte loads). Chosen from register counts and byte arithmetic, not yet timed on
-    a GPU. Interpreter: small tiles, so that tests on small shapes still cover several class
-    blocks, ragged last blocks and the persistent loop."""
+    """Tile sizes. GPU: class-contiguous rows in tiles of 16 rows (so a da/db partial row is read
+    and written once per 16 rows, not per 1-2); a streaming tile of 4096 fp32 values (16 per thread
+    with 8 warps); C up to `resident_max_classes` kept whole in registers (one exp2 per element),
+    at most `resident_elements` per tile (2-16 rows: da/db stay in registers across tiles
+    there, so partial rows are written once per program, not per tile); 512 contiguous bytes per class row of an NCHW tile (a
+    warp's 32 x 16-byte loads). Chosen from the SASS of benches/sass_triton.py (registers, spills,
+    instructions per element), not yet timed on a GPU. Interpreter: small tiles, so that tests on
+    small shapes still cover several class blocks, the masked tail, ragged row tiles, the
+    persistent loop and both the resident and the streaming kernel."""
 
-    tile_bytes: int
+    tile_elements: int
     contiguous_bytes: int
     max_block_classes: int
-    max_block_rows: int
+    block_rows: int
+    resident_max_classes: int
+    resident_elements: int
     prepass_block: int
+    num_stages: int
 
 
 _LIMITS = (
-    _TileLimits(tile_bytes=1024, contiguous_bytes=64, max_block_classes=16, max_block_rows=16, prepass_block=64)
+    _TileLimits(tile_elements=128, contiguous_bytes=64, max_block_classes=16, block_rows=16, resident_max_classes=48,
+                resident_elements=1024, prepass_block=64, num_stages=1)
     if INTERPRETED
-    else _TileLimits(tile_bytes=8192, contiguous_bytes=512, max_block_classes=2048, max_block_rows=32,
-                     prepass_block=1024)
+    else _TileLimits(tile_elements=4096, contiguous_bytes=512, max_block_classes=2048, block_rows=16,
+                     resident_max_classes=2048, resident_elements=4096, prepass_block=1024, num_stages=2)
 )
 
 
@@ -99,8 +136,14 @@ def _row_layout(shape, *strides) -> Optional[_RowLayout]:
 @dataclass(frozen=True)
 class _TileConfig:
     block_rows: int
-    block_classes: int
+    block_classes: int  # body block width (the only block of calibrate when there is no body)
+    tail_classes: int  # masked tail width >= C mod block_classes; 0: none
+    resident: bool  # every class of a tile in registers: one sweep
+    has_body: bool
     num_warps: int
+    row_align: int  # power of two dividing every row offset (class-contiguous layouts), <= 16
+    class_align: int  # power of two dividing C, <= 16 (masks constant over vectors)
+    num_stages: int
 
 
 def _hint(size) -> int:
@@ -110,24 +153,74 @@ def _hint(size) -> int:
     return size_hint(size)
 
 
+def _pow2_divisor(values, cap=16) -> int:
+    """The largest power of two <= cap dividing every value (0 divides nothing away)."""
+    d = cap
+    for v in values:
+        while d > 1 and v % d:
+            d //= 2
+    return d
+
+
+def _prev_power_of_2(n: int) -> int:
+    return 1 << (max(n, 1).bit_length() - 1)
+
+
+def _resident_split(num_classes: int):
+    """(has_body, body, tail) covering C with the fewest padded lanes: one masked block of
+    next_pow2(C), or an unmasked body of the largest power of two <= C plus a masked tail
+    (det-lvis C = 1231: 1024 + 256 = 4% padding instead of 2048 = 40%)."""
+    single = triton.next_power_of_2(num_classes)
+    body = _prev_power_of_2(num_classes)
+    if body == num_classes:
+        return False, single, single
+    tail = triton.next_power_of_2(num_classes - body)
+    if body + tail < single:
+        return True, body, tail
+    return False, single, single
+
+
 def _tile_config(layout: _RowLayout, num_classes: int, element_size: int, acc_size: int) -> _TileConfig:
-    """BLOCK_R x BLOCK_C from the memory layout of the logits (the first tensor of the layout)."""
-    _, stride_class, stride_row = (_hint(s) for s in layout.strides[0])
+    """Tiles from the memory layout of the logits (the first tensor of the layout); alignment
+    from every tensor of the layout (the kernels address them with the same offsets)."""
     limits = _LIMITS
-    tile_elements = limits.tile_bytes // acc_size
+    strides = [tuple(_hint(s) for s in t) for t in layout.strides]
+    _, stride_class, stride_row = strides[0]
     rows_per_image = _hint(layout.rows_per_image)
+    num_classes = _hint(num_classes)
     rows = triton.next_power_of_2(max(rows_per_image, 1))
-    classes = triton.next_power_of_2(_hint(num_classes))
-    if rows_per_image > 1 and stride_row < stride_class:
+    pixel_contiguous = rows_per_image > 1 and stride_row < stride_class
+    resident = num_classes <= limits.resident_max_classes
+    if resident:
+        has_body, block_classes, tail = _resident_split(num_classes)
+        lanes = block_classes * has_body + tail
+    else:
+        has_body, lanes = True, 0
+    if pixel_contiguous:
         # Pixel-contiguous (NCHW): a warp reads `contiguous_bytes` of one class row per load.
         block_rows = min(rows, limits.contiguous_bytes // element_size)
-        block_classes = min(classes, limits.max_block_classes, max(1, tile_elements // block_rows))
+        if resident:
+            block_rows = min(block_rows, _prev_power_of_2(max(1, limits.resident_elements // lanes)))
+        else:
+            block_classes = min(triton.next_power_of_2(num_classes), limits.max_block_classes,
+                                max(1, limits.tile_elements // block_rows))
     else:
-        # Class-contiguous (rows of C classes): blocks of up to 2048 classes; a small C packs rows.
-        block_classes = min(classes, limits.max_block_classes, tile_elements)
-        block_rows = min(rows, limits.max_block_rows, max(1, tile_elements // block_classes))
-    num_warps = max(1, min(8, block_rows * block_classes // 256))
-    return _TileConfig(block_rows, block_classes, num_warps)
+        block_rows = min(rows, limits.block_rows)
+        if resident:
+            block_rows = min(block_rows, _prev_power_of_2(max(1, limits.resident_elements // lanes)))
+        else:
+            block_classes = min(triton.next_power_of_2(num_classes), limits.max_block_classes,
+                                max(1, limits.tile_elements // limits.block_rows))
+    if not resident:
+        rest = num_classes % block_classes
+        tail = triton.next_power_of_2(rest) if rest else 0
+        lanes = block_classes
+    class_contiguous = all(st[1] == 1 for st in strides)
+    row_align = _pow2_divisor([v for st in strides for v in (st[0], st[2])]) if class_contiguous else 1
+    # <= 16 values per thread: ptxas then fits every launch in 255 registers without spills.
+    num_warps = min(16, triton.next_power_of_2(triton.cdiv(block_rows * lanes, 512)))
+    return _TileConfig(block_rows, block_classes, tail, resident, has_body, num_warps, row_align,
+                       _pow2_divisor([num_classes]), limits.num_stages)
 
 
 @functools.lru_cache(maxsize=None)
@@ -140,21 +233,30 @@ def _num_sms(device: torch.device) -> int:
 def _num_programs(num_tiles: int, device: torch.device, class_partials_bytes: int, logits_bytes: int) -> int:
     """One program per tile, unless da/db partial rows are written: then a persistent grid.
 
-    Each program owns a partial row of C floats for da and for db. With one program per tile,
-    (N, C) logits would need about N x C partials (as much as the logits); a persistent grid of P
-    programs needs P x C. P is what fits in 4% of the logits' bytes (the stage-2 memory budget),
-    at least one program per SM (every SM busy) and at most four (a few waves amortise the
-    partials; more only adds partial traffic). On an H100 (132 SMs): seg-ade (8 x 150 x 512 x 512)
-    gets 528 programs of ~16 tiles (partials 0.6 MB, 0.1% of bf16 logits); cls-inat (4096 x 8142)
-    gets 132 programs of 31 rows (8.6 MB: 6.5% of fp32 logits, 13% of bf16 ones, the price of
-    determinism without atomics).
+    Each program owns a partial row of C floats for da and for db; a persistent grid of P programs
+    needs P x C of them. P is what fits in PARTIALS_BUDGET_FRACTION of the logits' bytes (the
+    shared GPU budget, disalign_ops/_gpu_plan.py), capped at four per SM (a few waves amortise the
+    partials), but never fewer than MIN_BLOCKS_PER_SM per SM (the floor wins, as in the CUDA planner): on 132 SMs seg-ade gets 528 programs
+    (0.1% of bf16 logits); the (N, C) benchmark shapes, whose N is small for their C, get 132, which
+    is over the budget (cls-inat 4096 x 8142: 8.6 MB, 12.9% of bf16 logits) because a deterministic
+    reduction without atomics needs one partial row per resident program.
     """
     if class_partials_bytes == 0:
         return num_tiles
-    resident = _num_sms(device)
-    within_budget = (_hint(logits_bytes) // 25) // _hint(class_partials_bytes)
+    resident = MIN_BLOCKS_PER_SM * _num_sms(device)
+    within_budget = int(_hint(logits_bytes) * PARTIALS_BUDGET_FRACTION) // _hint(class_partials_bytes)
     # sym_min keeps the program count exact (never more programs than tiles) for symbolic sizes.
-    return torch.sym_min(num_tiles, max(resident, min(4 * resident, within_budget)))
+    return torch.sym_min(num_tiles, max(resident, min(4 * _num_sms(device), within_budget)))
+
+
+def _on_device(t: Tensor):
+    """Launch on the tensor's device, not the current one (Triton launches on the current device).
+    Plain tensors only: fake/functional tensors (tracing) have no device to enter, and the
+    compiled graph guards the device itself."""
+    if t.device.type != "cuda" or type(t) is not torch.Tensor or torch.compiler.is_compiling() \
+            or get_proxy_mode() is not None:
+        return contextlib.nullcontext()
+    return torch.cuda.device(t.device)
 
 
 @dataclass
@@ -177,6 +279,11 @@ class _Canonical:
 
 
 def _canonicalize(logits_shaped: list) -> _Canonical:
+    if logits_shaped[0].numel() == 0:
+        # Nothing to launch; `.contiguous()` of an empty tensor keeps odd strides, so no layout is
+        # derived from them (issue 10: AttributeError for randn(2, 3, 4, 0).transpose(2, 3)).
+        strides = tuple((0, 1, 1) for _ in logits_shaped)
+        return _Canonical(list(logits_shaped), _RowLayout(1, 0, strides), list(logits_shaped))
     layout = _row_layout(logits_shaped[0].shape, *(t.stride() for t in logits_shaped))
     if layout is not None:
         return _Canonical(list(logits_shaped), layout, list(logits_shaped))
@@ -226,8 +333,12 @@ class _TilePlan:
         self.programs = _num_programs(self.num_tiles, logits.device, partial_bytes,
                                       logits.numel() * logits.element_size())
         # Per-program partial rows of da and/or db in one buffer; the kernels write before they read.
+        # Rows padded to 16 values, so that every program's row starts 16-byte aligned (vector loads).
         slots = int(self.wanted[1]) + int(self.wanted[2])
-        self.class_partials = logits.new_empty((slots, self.programs, self.num_classes), dtype=acc)
+        self.partial_stride = (self.num_classes + 15) // 16 * 16
+        self.class_partials = torch.empty_strided(
+            (slots, self.programs, self.num_classes), (self.programs * self.partial_stride, self.partial_stride, 1),
+            dtype=acc, device=logits.device)
         num_rows = layout.images * layout.rows_per_image
         self.grad_confidence_rows = (logits.new_empty((num_rows,), dtype=confidence.dtype)
                                      if self.wanted[3] else None)
@@ -241,7 +352,8 @@ class _TilePlan:
 
     def grad_operands(self):
         """The kernels' (grad_confidence_ptr, class_partials_ptr) arguments."""
-        return self.grad_confidence_rows, self.class_partials if self.wanted[1] or self.wanted[2] else None
+        partials = self.class_partials if self.wanted[1] or self.wanted[2] else None
+        return self.grad_confidence_rows, partials, self.partial_stride
 
     def grid_args(self):
         return self.num_tiles, self.tiles_per_image, self.canonical.layout.rows_per_image, self.num_classes
@@ -250,6 +362,12 @@ class _TilePlan:
         return dict(GRAD_LOGITS=self.wanted[0], GRAD_ALPHA=self.wanted[1], GRAD_BETA=self.wanted[2],
                     GRAD_CONFIDENCE=self.wanted[3], BLOCK_R=self.config.block_rows,
                     BLOCK_C=self.config.block_classes, num_warps=self.config.num_warps)
+
+    def loss_meta(self):
+        """The loss kernel's further constexprs: tail, resident sweep, alignment, pipelining."""
+        c = self.config
+        return dict(self.meta(), TAIL_C=c.tail_classes, RESIDENT=c.resident, HAS_BODY=c.has_body,
+                    ROW_ALIGN=c.row_align, CLASS_ALIGN=c.class_align, NUM_STAGES=c.num_stages)
 
     def gradients(self, alpha, beta, confidence):
         """[dlogits, dalpha, dbeta, dconfidence] after the launch; partial rows summed in a fixed
@@ -278,7 +396,7 @@ def _launch_cross_entropy(logits, target_rows, alpha, beta, confidence, weight, 
     loss_size = {LOSS_PER_ROW: target_rows.numel(), LOSS_PER_PROGRAM: plan.programs, NO_LOSS: 0}[loss_mode]
     loss = logits.new_empty((loss_size,), dtype=acc)
     if plan.programs > 0:
-        torch.library.wrap_triton(kernels._cross_entropy_kernel)[(plan.programs,)](
+        _launch(kernels._cross_entropy_kernel, (plan.programs,))(
             *plan.operand(0),
             target_rows, alpha.contiguous(), beta.contiguous(), _flat_rows(confidence), _contiguous(weight),
             grad_scale, grad_scale_stride,
@@ -286,42 +404,32 @@ def _launch_cross_entropy(logits, target_rows, alpha, beta, confidence, weight, 
             *plan.grad_logits_operand(), *plan.grad_operands(),
             *plan.grid_args(), ignore_index,
             HAS_CONFIDENCE=confidence is not None, HAS_WEIGHT=weight is not None, LOSS_MODE=loss_mode,
-            ACC_FP64=acc == torch.float64, **plan.meta(),
+            ACC_FP64=acc == torch.float64, **plan.loss_meta(),
         )
     return (loss, *plan.gradients(alpha, beta, confidence))
 
 
 def _target_stats(target_rows, weight, num_classes, ignore_index, acc):
-    """(sum of w[y] over valid rows, number of out-of-range targets) as device scalars, no sync.
-
-    Both per-block results share one buffer so that one reduction launch sums them.
-    """
+    """Sum of w[y] over valid rows (NaN when a target is out of range) as a device scalar, no sync."""
     num_rows = target_rows.numel()
     block = min(_LIMITS.prepass_block, triton.next_power_of_2(max(_hint(num_rows), 1)))
     blocks = triton.cdiv(num_rows, block)
-    stats = target_rows.new_empty((2, blocks), dtype=acc)
+    stats = target_rows.new_empty((blocks,), dtype=acc)
     if blocks > 0:
-        torch.library.wrap_triton(kernels._target_stats_kernel)[(blocks,)](
+        _launch(kernels._target_stats_kernel, (blocks,))(
             target_rows, _contiguous(weight), stats,
             num_rows, num_classes, ignore_index,
             HAS_WEIGHT=weight is not None, ACC_FP64=acc == torch.float64, BLOCK=block,
         )
-    weight_sum, bad_count = stats.sum(dim=1)
-    return weight_sum, bad_count
+    return stats.sum()
 
 
-def _report_bad_targets(target, num_classes, ignore_index, bad_count) -> None:
-    """Out-of-range targets: an IndexError naming the value on CPU (a free synchronous check);
-    on CUDA a device-side assert (asynchronous, like F.cross_entropy's), because reading the value
-    back would cost a host sync per call. The kernels never read out of bounds either way."""
+def _check_targets_on_cpu(target, num_classes, ignore_index) -> None:
+    """Out-of-range targets: an IndexError naming the value on the CPU (a free synchronous check).
+    On CUDA nothing is checked here (that would sync): the kernels poison such rows with NaN, and
+    DISALIGN_CHECK_TARGETS=1 makes the front-end check them first (disalign_ops.api)."""
     if target.device.type == "cpu":
         check_target_values(target, num_classes, ignore_index)
-    else:
-        torch._assert_async(
-            bad_count == 0,
-            f"disalign_triton.cross_entropy: target has values outside [0, {num_classes}) that are not "
-            f"ignore_index={ignore_index}",
-        )
 
 
 def cross_entropy(
@@ -336,19 +444,27 @@ def cross_entropy(
     grad_mask: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     num_classes = check_cross_entropy_args(logits, target, alpha, beta, confidence, weight, ignore_index, reduction)
+    check_grad_mask(grad_mask)
     if reduction == "none" and any(grad_mask):
         raise ValueError(
             f"grad_mask must be all False for reduction='none' (gradients come from cross_entropy_backward), "
             f"got {list(grad_mask)}"
         )
+    _check_targets_on_cpu(target, num_classes, ignore_index)
     acc = accumulation_dtype(logits.dtype)
     target_rows = _flat_rows(target)
-    weight_sum, bad_count = _target_stats(target_rows, weight, num_classes, ignore_index, acc)
-    _report_bad_targets(target, num_classes, ignore_index, bad_count)
+    with _on_device(logits):
+        return _cross_entropy(logits, target, target_rows, alpha, beta, confidence, weight, ignore_index, reduction,
+                              grad_mask, acc)
+
+
+def _cross_entropy(logits, target, target_rows, alpha, beta, confidence, weight, ignore_index, reduction, grad_mask,
+                   acc):
     if reduction == "none":
         loss_rows, *grads = _launch_cross_entropy(logits, target_rows, alpha, beta, confidence, weight, ignore_index,
                                                   LOSS_PER_ROW, None, 0, [False] * 4)
         return (loss_rows.view(target.shape), *grads)
+    weight_sum = _target_stats(target_rows, weight, logits.shape[1], ignore_index, acc)
     # The gradients of the reduced loss for grad_output = 1: dL/dloss[i] is 1/sum(w[y]) for "mean".
     grad_scale = (1.0 / weight_sum if reduction == "mean" else torch.ones_like(weight_sum)).reshape(1)
     partial_losses, *grads = _launch_cross_entropy(logits, target_rows, alpha, beta, confidence, weight,
@@ -369,14 +485,15 @@ def cross_entropy_backward(
     grad_mask: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     num_classes = check_cross_entropy_args(logits, target, alpha, beta, confidence, weight, ignore_index, "none")
-    if tuple(grad_loss.shape) != tuple(target.shape):
-        raise ValueError(f"grad_loss must have the shape of target {tuple(target.shape)}, got {tuple(grad_loss.shape)}")
-    if target.device.type == "cpu":  # free there; on CUDA the forward already asserted on these targets
-        check_target_values(target, num_classes, ignore_index)
+    check_grad_mask(grad_mask)
+    check_gradient_arg("grad_loss", grad_loss, logits, target.shape)
+    _check_targets_on_cpu(target, num_classes, ignore_index)
     acc = accumulation_dtype(logits.dtype)
+    # In the accumulation dtype, never the logits' (a loss scale of 65536 is inf in float16).
     grad_rows = grad_loss.to(acc).contiguous().view(-1)
-    _, *grads = _launch_cross_entropy(logits, _flat_rows(target), alpha, beta, confidence, weight, ignore_index,
-                                      NO_LOSS, grad_rows, 1, grad_mask)
+    with _on_device(logits):
+        _, *grads = _launch_cross_entropy(logits, _flat_rows(target), alpha, beta, confidence, weight, ignore_index,
+                                          NO_LOSS, grad_rows, 1, grad_mask)
     return tuple(grads)
 
 
@@ -389,13 +506,14 @@ def calibrate(logits: Tensor, alpha: Tensor, beta: Tensor, confidence: Optional[
     tiles_per_image = triton.cdiv(layout.rows_per_image, config.block_rows)
     grid = (layout.images * tiles_per_image, triton.cdiv(num_classes, config.block_classes))
     if logits.numel() > 0:
-        torch.library.wrap_triton(kernels._calibrate_kernel)[grid](
-            canonical.tensors[0], *layout.strides[0], alpha.contiguous(), beta.contiguous(), _flat_rows(confidence),
-            canonical.tensors[1], *layout.strides[1],
-            tiles_per_image, layout.rows_per_image, num_classes,
-            HAS_CONFIDENCE=confidence is not None, ACC_FP64=logits.dtype == torch.float64,
-            BLOCK_R=config.block_rows, BLOCK_C=config.block_classes, num_warps=config.num_warps,
-        )
+        with _on_device(logits):
+            _launch(kernels._calibrate_kernel, grid)(
+                canonical.tensors[0], *layout.strides[0], alpha.contiguous(), beta.contiguous(), _flat_rows(confidence),
+                canonical.tensors[1], *layout.strides[1],
+                tiles_per_image, layout.rows_per_image, num_classes,
+                HAS_CONFIDENCE=confidence is not None, ACC_FP64=logits.dtype == torch.float64,
+                BLOCK_R=config.block_rows, BLOCK_C=config.block_classes, num_warps=config.num_warps,
+            )
     return canonical.finish(1)
 
 
@@ -403,17 +521,18 @@ def calibrate_backward(
     grad: Tensor, logits: Tensor, alpha: Tensor, beta: Tensor, confidence: Optional[Tensor], grad_mask: list[bool]
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     check_calibrate_args(logits, alpha, beta, confidence)
-    if tuple(grad.shape) != tuple(logits.shape):
-        raise ValueError(f"grad must have the shape of logits {tuple(logits.shape)}, got {tuple(grad.shape)}")
+    check_grad_mask(grad_mask)
+    check_gradient_arg("grad", grad, logits, logits.shape)
     plan = _TilePlan(logits, alpha, beta, confidence, grad_mask, inputs=[grad])
     if plan.programs > 0:
-        torch.library.wrap_triton(kernels._calibrate_backward_kernel)[(plan.programs,)](
-            *plan.operand(1), *plan.operand(0),
-            alpha.contiguous(), beta.contiguous(), _flat_rows(confidence),
-            *plan.grad_logits_operand(), *plan.grad_operands(),
-            *plan.grid_args(),
-            HAS_CONFIDENCE=confidence is not None, ACC_FP64=logits.dtype == torch.float64, **plan.meta(),
-        )
+        with _on_device(logits):
+            _launch(kernels._calibrate_backward_kernel, (plan.programs,))(
+                *plan.operand(1), *plan.operand(0),
+                alpha.contiguous(), beta.contiguous(), _flat_rows(confidence),
+                *plan.grad_logits_operand(), *plan.grad_operands(),
+                *plan.grid_args(),
+                HAS_CONFIDENCE=confidence is not None, ACC_FP64=logits.dtype == torch.float64, **plan.meta(),
+            )
     return tuple(plan.gradients(alpha, beta, confidence))
 
 
