@@ -34,10 +34,8 @@ from .._registration import OpFamily, register_autograd, register_fake_kernels
 from .._validation import accumulation_dtype, check_calibrate_args, check_cross_entropy_args, check_target_values
 from . import kernels
 
-try:  # the one definition shared with the CUDA backend
-    from .._gpu_plan import MIN_BLOCKS_PER_SM, PARTIALS_BUDGET_FRACTION
-except ImportError:  # PLACEHOLDER until the `cuda` branch's _gpu_plan.py is merged (same names and values)
-    PARTIALS_BUDGET_FRACTION, MIN_BLOCKS_PER_SM = 0.01, 1
+from .._gpu_plan import MIN_BLOCKS_PER_SM  # the one definition shared with the CUDA backend
+from .._gpu_plan import PARTIALS_FRACTION_OF_LOGITS as PARTIALS_BUDGET_FRACTION
 
 try:  # the shared rules (the `fix` branch adds them to _validation.py)
     from .._validation import check_grad_mask, check_gradient_arg
