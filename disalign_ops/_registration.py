@@ -88,25 +88,32 @@ def _scaled_by_upstream(grad: torch.Tensor, grad_loss: torch.Tensor, last_use: b
     """grad * grad_loss as a tensor the caller owns, where grad is the forward's gradient buffer
     (for grad_output = 1) and grad_loss the 0-d upstream gradient in the accumulation dtype.
 
-    The product is taken in the accumulation dtype and rounded once to grad's dtype: grad_loss is
-    never cast to a half dtype first (65536, GradScaler's default scale, is inf in float16, and
-    bfloat16 would round the upstream value itself).
+    Precision: the product is taken in the accumulation dtype and rounded once to grad's dtype;
+    grad_loss is never rounded to a half dtype first (65536, GradScaler's default scale, is inf in
+    float16; bfloat16 would round the upstream value itself). On the CPU a 0-d grad_loss is a
+    scalar operand, read at its own precision. On CUDA, elementwise kernels load a 0-d operand at
+    the result's dtype, so grad_loss goes in as a 1-element tensor: it then takes part in type
+    promotion, the kernel computes in float32 (or float64) and writes grad's dtype, without a
+    temporary (CUDA casts while loading) and without a host sync.
 
     Ownership: the buffer is handed over only by the last backward through the node (the graph is
     not retained, so autograd frees the saved buffer right after and nothing can read it again).
-    It is then scaled in place: no second N x C allocation, and for grad_output == 1 on the CPU
-    (plain loss.backward(), readable without a device sync) not even a pass over it; on CUDA the
-    in-place multiply reads grad_loss on the device, without a host sync. A backward that retains
-    the graph (retain_graph=True, repeated autograd.grad) returns a new product instead, so the
-    saved buffer stays intact for the next one and no two backwards return the same storage, which
-    in-place hooks or a caller's g.mul_() could corrupt. While tracing (torch.compile, make_fx)
-    the product is out of place; the compiler plans buffers itself.
+    It is then scaled in place: no second N x C allocation (issue 9's full-mode memory target), and
+    for grad_output == 1 on the CPU (plain loss.backward(), readable without a sync) not even a
+    pass over it. A backward that retains the graph (retain_graph=True, repeated autograd.grad)
+    writes a new tensor instead, so the saved buffer stays intact for the next one and no two
+    backwards return the same storage, which in-place hooks or a caller's g.mul_() could corrupt.
+    The saved buffer's version counter is bumped only when autograd no longer checks it. While
+    tracing (torch.compile, make_fx) the product is written out of place, in the accumulation
+    dtype, for the compiler to fuse and plan.
     """
-    if not last_use or _tracing():
-        return grad * grad_loss
-    if grad_loss.device.type == "cpu" and type(grad_loss) is torch.Tensor and bool(grad_loss == 1):
+    if _tracing():
+        return (grad.to(torch.promote_types(grad.dtype, grad_loss.dtype)) * grad_loss).to(grad.dtype)
+    on_cpu = grad_loss.device.type == "cpu"
+    if last_use and on_cpu and type(grad_loss) is torch.Tensor and bool(grad_loss == 1):
         return grad
-    return grad.mul_(grad_loss)
+    out = grad if last_use else torch.empty_like(grad)
+    return torch.mul(grad, grad_loss if on_cpu else grad_loss.reshape(1), out=out)
 
 
 def _graph_retained() -> bool:
