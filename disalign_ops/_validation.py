@@ -1,8 +1,10 @@
 """The one set of input rules (SPEC section 4), shared by every backend and by the fake kernels.
 
-Only metadata is checked here (shapes, dtypes, devices, enums), so the same function runs on real,
-meta and fake tensors. Target values are data: each backend checks them where it reads them (the
-eager path below, the C++ kernels, the Triton kernels' out-of-range flag).
+Only metadata is checked here (shapes, dtypes, devices, enums, grad_mask, the incoming gradient of
+the backward ops), so the same function runs on real, meta and fake tensors. Target values are
+data: check_target_values reads them for the eager path and, with DISALIGN_CHECK_TARGETS=1, for
+every backend before the launch; otherwise the kernels handle them (CPU: IndexError; CUDA: NaN
+rows).
 """
 
 from __future__ import annotations
@@ -134,8 +136,8 @@ def check_grad_mask(grad_mask) -> list[bool]:
 def check_target_values(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
     """Data check of the targets for backends that cannot raise from inside their kernels.
 
-    Reads the target tensor (a device sync on GPU): the eager path calls it always, the op backends
-    on CPU and, with DISALIGN_CHECK_TARGETS=1, the front end before any launch.
+    Reads the target tensor (a device sync on GPU): the eager path calls it always, the front end
+    (api.py) for every backend with DISALIGN_CHECK_TARGETS=1, and backends that read targets on the CPU.
     """
     invalid = (target != ignore_index) & ((target < 0) | (target >= num_classes))
     if bool(invalid.any()):
