@@ -139,11 +139,11 @@ def test_direct_backward_call_checks_the_gradient_dtype(backend, op):
 def test_direct_call_rejects_a_grad_mask_of_the_wrong_length(backend, op, mask):
     x = _direct_args(backend.device)
     if op == "cross_entropy":
-        call = lambda: _op(backend, op)(x.logits, x.target, x.alpha, x.beta, x.confidence, x.weight, -100, "mean", mask)  # noqa: E731
+        args = (x.logits, x.target, x.alpha, x.beta, x.confidence, x.weight, -100, "mean", mask)
     else:
-        call = lambda: _op(backend, op)(torch.ones_like(x.logits), x.logits, x.alpha, x.beta, x.confidence, mask)  # noqa: E731
+        args = (torch.ones_like(x.logits), x.logits, x.alpha, x.beta, x.confidence, mask)
     with pytest.raises(ValueError, match="grad_mask must have 4 entries|grad_mask must be a list of 4"):
-        call()
+        _op(backend, op)(*args)
 
 
 def test_fake_kernels_check_grad_mask_and_gradient():
@@ -156,7 +156,9 @@ def test_fake_kernels_check_grad_mask_and_gradient():
         check_grad_mask([True] * 5)
     x = make_inputs((4, 5), dtype=torch.float32, device="meta")
     with pytest.raises(ValueError, match="grad must have shape"):
-        torch.ops.disalign.calibrate_backward(torch.ones(3, 5, device="meta"), x.logits, x.alpha, x.beta, None, [True] * 4)
+        torch.ops.disalign.calibrate_backward(
+            torch.ones(3, 5, device="meta"), x.logits, x.alpha, x.beta, None, [True] * 4
+        )
 
 
 @pytest.mark.parametrize(
