@@ -2,7 +2,8 @@
 // (csrc/cpu, csrc/cuda); fake kernels and autograd are registered in Python
 // (disalign_ops/_registration.py), following pytorch/extension-cpp.
 //
-// grad_mask is [logits, alpha, beta, confidence]; a gradient that is not asked for comes back as an
+// grad_mask is [logits, alpha, beta, confidence] (bool[], not bool[4], so that a wrong length
+// reaches the binding's check, which names it); a gradient that is not asked for comes back as an
 // empty (0-element) tensor.
 #include <Python.h>
 #include <torch/library.h>
@@ -22,17 +23,17 @@ TORCH_LIBRARY(disalign, m) {
   // Returns (loss, grad_logits, grad_alpha, grad_beta, grad_confidence).
   m.def(
       "cross_entropy(Tensor logits, Tensor target, Tensor alpha, Tensor beta, Tensor? confidence, "
-      "Tensor? weight, int ignore_index, str reduction, bool[4] grad_mask) "
+      "Tensor? weight, int ignore_index, str reduction, bool[] grad_mask) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Gradients of reduction="none" for a per-row grad_loss (shape of target).
   // Returns (grad_logits, grad_alpha, grad_beta, grad_confidence).
   m.def(
       "cross_entropy_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor alpha, "
-      "Tensor beta, Tensor? confidence, Tensor? weight, int ignore_index, bool[4] grad_mask) "
+      "Tensor beta, Tensor? confidence, Tensor? weight, int ignore_index, bool[] grad_mask) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
   // zhat = (1 + s*alpha) * z + s*beta (paper eq. 6), in the logits' dtype and strides.
   m.def("calibrate(Tensor logits, Tensor alpha, Tensor beta, Tensor? confidence) -> Tensor");
   m.def(
       "calibrate_backward(Tensor grad, Tensor logits, Tensor alpha, Tensor beta, Tensor? confidence, "
-      "bool[4] grad_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+      "bool[] grad_mask) -> (Tensor, Tensor, Tensor, Tensor)");
 }

@@ -6,8 +6,15 @@ brings kernels.
 
 Autograd: for reduction "mean"/"sum" the forward op already computed the gradients of the scalar
 loss (grad_output = 1) in its single pass over the logits; backward only scales them by
-grad_output. For reduction "none" backward runs the op's backward kernel with the per-row
-grad_output.
+grad_output (see _scaled_by_upstream for who owns the result). For reduction "none" backward runs
+the op's backward kernel with the per-row grad_output.
+
+First derivatives only: the backward formulas are kernels, not differentiable torch code, so a
+backward that is asked to build a graph of the gradient (create_graph=True, gradgradcheck, a
+gradient penalty) raises instead of returning a gradient whose own derivative would be wrong.
+backend="eager" (plain PyTorch autograd) gives second derivatives.
+
+`weight` is not differentiable (as in F.cross_entropy): a weight that requires grad is an error.
 """
 
 from __future__ import annotations
@@ -17,7 +24,13 @@ from dataclasses import dataclass
 import torch
 from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
-from ._validation import accumulation_dtype, check_calibrate_args, check_cross_entropy_args
+from ._validation import (
+    accumulation_dtype,
+    check_calibrate_args,
+    check_cross_entropy_args,
+    check_grad_mask,
+    check_gradient_arg,
+)
 
 
 @dataclass(frozen=True)
@@ -42,6 +55,7 @@ def _grad_outputs(mask, logits, alpha, beta, confidence):
 
 def _fake_cross_entropy(logits, target, alpha, beta, confidence, weight, ignore_index, reduction, grad_mask):
     check_cross_entropy_args(logits, target, alpha, beta, confidence, weight, ignore_index, reduction)
+    check_grad_mask(grad_mask)
     shape = target.shape if reduction == "none" else ()
     loss = logits.new_empty(shape, dtype=accumulation_dtype(logits.dtype))
     return (loss,) + _grad_outputs(grad_mask, logits, alpha, beta, confidence)
@@ -49,6 +63,8 @@ def _fake_cross_entropy(logits, target, alpha, beta, confidence, weight, ignore_
 
 def _fake_cross_entropy_backward(grad_loss, logits, target, alpha, beta, confidence, weight, ignore_index, grad_mask):
     check_cross_entropy_args(logits, target, alpha, beta, confidence, weight, ignore_index, "none")
+    check_gradient_arg("grad_loss", grad_loss, logits, target.shape)
+    check_grad_mask(grad_mask)
     return _grad_outputs(grad_mask, logits, alpha, beta, confidence)
 
 
@@ -59,24 +75,60 @@ def _fake_calibrate(logits, alpha, beta, confidence):
 
 def _fake_calibrate_backward(grad, logits, alpha, beta, confidence, grad_mask):
     check_calibrate_args(logits, alpha, beta, confidence)
+    check_gradient_arg("grad", grad, logits, logits.shape)
+    check_grad_mask(grad_mask)
     return _grad_outputs(grad_mask, logits, alpha, beta, confidence)
 
 
-def _scaled_by_upstream(grad, grad_loss):
-    """grad * grad_loss. An upstream gradient of exactly 1 (plain loss.backward()) returns the
-    forward's buffer itself, which autograd then moves into .grad: no second N x C pass and
-    allocation. The value is read only from a plain CPU tensor outside any tracing (torch.compile,
-    AOT/fake/functional tracing, make_fx); on CUDA reading it would synchronise."""
-    readable = (
-        type(grad_loss) is torch.Tensor
-        and grad_loss.device.type == "cpu"
-        and not grad_loss.requires_grad
-        and not torch.compiler.is_compiling()
-        and get_proxy_mode() is None
-    )
-    if readable and bool(grad_loss == 1):
+def _tracing() -> bool:
+    return torch.compiler.is_compiling() or get_proxy_mode() is not None
+
+
+def _scaled_by_upstream(grad: torch.Tensor, grad_loss: torch.Tensor, last_use: bool) -> torch.Tensor:
+    """grad * grad_loss as a tensor the caller owns, where grad is the forward's gradient buffer
+    (for grad_output = 1) and grad_loss the 0-d upstream gradient in the accumulation dtype.
+
+    Precision: the product is taken in the accumulation dtype and rounded once to grad's dtype;
+    grad_loss is never rounded to a half dtype first (65536, GradScaler's default scale, is inf in
+    float16; bfloat16 would round the upstream value itself). On the CPU a 0-d grad_loss is a
+    scalar operand, read at its own precision. On CUDA, elementwise kernels load a 0-d operand at
+    the result's dtype, so grad_loss goes in as a 1-element tensor: it then takes part in type
+    promotion, the kernel computes in float32 (or float64) and writes grad's dtype, without a
+    temporary (CUDA casts while loading) and without a host sync.
+
+    Ownership: the buffer is handed over only by the last backward through the node (the graph is
+    not retained, so autograd frees the saved buffer right after and nothing can read it again).
+    It is then scaled in place: no second N x C allocation (issue 9's full-mode memory target), and
+    for grad_output == 1 on the CPU (plain loss.backward(), readable without a sync) not even a
+    pass over it. A backward that retains the graph (retain_graph=True, repeated autograd.grad)
+    writes a new tensor instead, so the saved buffer stays intact for the next one and no two
+    backwards return the same storage, which in-place hooks or a caller's g.mul_() could corrupt.
+    The saved buffer's version counter is bumped only when autograd no longer checks it. While
+    tracing (torch.compile, make_fx) the product is written out of place, in the accumulation
+    dtype, for the compiler to fuse and plan.
+    """
+    if _tracing():
+        return (grad.to(torch.promote_types(grad.dtype, grad_loss.dtype)) * grad_loss).to(grad.dtype)
+    on_cpu = grad_loss.device.type == "cpu"
+    if last_use and on_cpu and type(grad_loss) is torch.Tensor and bool(grad_loss == 1):
         return grad
-    return grad * grad_loss.to(grad.dtype)
+    out = grad if last_use else torch.empty_like(grad)
+    return torch.mul(grad, grad_loss if on_cpu else grad_loss.reshape(1), out=out)
+
+
+def _graph_retained() -> bool:
+    """Whether the running backward keeps the graph (retain_graph=True) for later backwards."""
+    return torch._C._autograd._get_current_graph_task_keep_graph()
+
+
+def _refuse_double_backward(op: str) -> None:
+    # Backward runs with grad mode on exactly when the caller asked for a graph of the gradient.
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"disalign {op}: double backward is not supported (the gradient was requested with "
+            "create_graph=True, e.g. by gradgradcheck or a gradient penalty); the fused backward computes "
+            "first derivatives only. Use backend='eager' for second derivatives."
+        )
 
 
 def _as_optional_grads(mask, grads):
@@ -95,6 +147,11 @@ def register_autograd(ops: OpFamily) -> None:
 
     def cross_entropy_setup(ctx, inputs, output):
         logits, target, alpha, beta, confidence, weight, ignore_index, reduction, grad_mask = inputs
+        if weight is not None and weight.requires_grad:
+            raise RuntimeError(
+                "disalign cross_entropy is not differentiable with respect to argument 'weight' (as "
+                "F.cross_entropy); this input cannot have requires_grad=True: pass weight.detach()"
+            )
         ctx.reduction = reduction
         ctx.ignore_index = ignore_index
         ctx.grad_mask = list(grad_mask)
@@ -109,6 +166,7 @@ def register_autograd(ops: OpFamily) -> None:
     def cross_entropy_backward(ctx, grad_loss, *unused_grads):
         if grad_loss is None:  # the loss got no gradient (materialize_grads is off): neither do the inputs
             return (None,) * 9
+        _refuse_double_backward("cross_entropy")
         logits_needs, _, alpha_needs, beta_needs, conf_needs = ctx.needs_input_grad[:5]
         wanted = [logits_needs, alpha_needs, beta_needs, conf_needs]
         if ctx.reduction == "none":
@@ -124,7 +182,10 @@ def register_autograd(ops: OpFamily) -> None:
                     f"False in the forward call (grad_mask={ctx.grad_mask}, needed={wanted}); call the op through "
                     "disalign_ops.disalign_cross_entropy, which sets grad_mask from requires_grad"
                 )
-            grads = tuple(_scaled_by_upstream(g, grad_loss) if w else None for w, g in zip(wanted, ctx.saved_tensors))
+            last_use = not _graph_retained()
+            grads = tuple(
+                _scaled_by_upstream(g, grad_loss, last_use) if w else None for w, g in zip(wanted, ctx.saved_tensors)
+            )
         grads = _as_optional_grads(wanted, grads)
         return grads[0], None, grads[1], grads[2], grads[3], None, None, None, None
 
@@ -132,6 +193,7 @@ def register_autograd(ops: OpFamily) -> None:
         ctx.save_for_backward(*inputs)
 
     def calibrate_backward(ctx, grad):
+        _refuse_double_backward("calibrate")
         logits, alpha, beta, confidence = ctx.saved_tensors
         wanted = list(ctx.needs_input_grad[:4])
         grads = ops.calibrate_backward(grad, logits, alpha, beta, confidence, wanted)

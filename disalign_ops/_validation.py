@@ -1,11 +1,15 @@
 """The one set of input rules (SPEC section 4), shared by every backend and by the fake kernels.
 
-Only metadata is checked here (shapes, dtypes, devices, enums), so the same function runs on real,
-meta and fake tensors. Target values are data: each backend checks them where it reads them (the
-eager path below, the C++ kernels, the Triton kernels' out-of-range flag).
+Only metadata is checked here (shapes, dtypes, devices, enums, grad_mask, the incoming gradient of
+the backward ops), so the same function runs on real, meta and fake tensors. Target values are
+data: check_target_values reads them for the eager path and, with DISALIGN_CHECK_TARGETS=1, for
+every backend before the launch; otherwise the kernels handle them (CPU: IndexError; CUDA: NaN
+rows).
 """
 
 from __future__ import annotations
+
+import operator
 
 import torch
 
@@ -85,17 +89,55 @@ def check_cross_entropy_args(
         if tuple(weight.shape) != (num_classes,):
             raise ValueError(f"weight must have shape (C,) = ({num_classes},) to match logits, got {_describe(weight)}")
     _check_same_device(logits, target=target, weight=weight)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise InputTypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if not isinstance(ignore_index, torch.SymInt):  # a traced int is checked where it was a concrete one
+        as_int_index(ignore_index)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     return num_classes
 
 
+INT64_RANGE = (-(2**63), 2**63 - 1)
+
+
+def as_int_index(ignore_index) -> int:
+    """ignore_index as a Python int: an int or an integer-like (numpy integer, 0-d integer tensor),
+    as F.cross_entropy accepts; it must fit in int64, the type every kernel compares targets in."""
+    if isinstance(ignore_index, (bool, float)) or (
+        isinstance(ignore_index, torch.Tensor) and (ignore_index.dim() != 0 or ignore_index.dtype == torch.bool)
+    ):
+        raise InputTypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    try:
+        value = operator.index(ignore_index)
+    except TypeError:
+        raise InputTypeError(f"ignore_index must be an int, got {ignore_index!r}") from None
+    if not INT64_RANGE[0] <= value <= INT64_RANGE[1]:
+        raise ValueError(f"ignore_index must fit in int64 [-2**63, 2**63 - 1], got {value}")
+    return value
+
+
+def check_gradient_arg(name: str, grad, logits, shape) -> None:
+    """The incoming gradient of a backward op: a floating-point tensor of `shape` on the logits' device."""
+    _check_tensor(name, grad)
+    _check_same_device(logits, **{name: grad})
+    if tuple(grad.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {_describe(grad)}")
+
+
+def check_grad_mask(grad_mask) -> list[bool]:
+    """grad_mask of the ops: four bools, [logits, alpha, beta, confidence]."""
+    entries = list(grad_mask) if isinstance(grad_mask, (list, tuple)) else None
+    if entries is None or len(entries) != 4:
+        raise ValueError(f"grad_mask must be a list of 4 bools [logits, alpha, beta, confidence], got {grad_mask!r}")
+    if not all(isinstance(m, bool) for m in entries):
+        raise InputTypeError(f"grad_mask entries must be bools [logits, alpha, beta, confidence], got {grad_mask!r}")
+    return entries
+
+
 def check_target_values(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
     """Data check of the targets for backends that cannot raise from inside their kernels.
 
-    Reads the target tensor (a device sync on GPU), so only the eager path calls it.
+    Reads the target tensor (a device sync on GPU): the eager path calls it always, the front end
+    (api.py) for every backend with DISALIGN_CHECK_TARGETS=1, and backends that read targets on the CPU.
     """
     invalid = (target != ignore_index) & ((target < 0) | (target >= num_classes))
     if bool(invalid.any()):

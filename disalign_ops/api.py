@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from . import reference
 from ._registration import OpFamily
-from ._validation import check_calibrate_args, check_cross_entropy_args, check_target_values, grad_mask
+from ._validation import as_int_index, check_calibrate_args, check_cross_entropy_args, check_target_values, grad_mask
 from .backends import resolve_backend
 
 
@@ -18,6 +20,12 @@ def _reject_positional(function: str, positional: tuple[str, ...], extra: tuple,
             f"{function}() takes {len(positional)} positional arguments ({', '.join(positional)}) but "
             f"{len(positional) + len(extra)} were given; arguments after beta are keyword-only: pass {keywords}"
         )
+
+
+def _check_targets_requested() -> bool:
+    """DISALIGN_CHECK_TARGETS=1: check target values before every op launch (one host sync on GPU),
+    so a bad target raises IndexError as on the CPU instead of giving NaN rows. Read per call."""
+    return os.environ.get("DISALIGN_CHECK_TARGETS") == "1"
 
 
 def op_family(backend: str) -> OpFamily:
@@ -53,18 +61,29 @@ def disalign_cross_entropy(
         alpha, beta: (C,) magnitude and margin of eq. 6 (``alpha = a' - 1`` for the eq. 5 form).
         confidence: keyword-only; per-row s in [0, 1], the shape of ``target``; None means s = 1.
         weight: keyword-only; (C,) class weights (not differentiable, as in ``F.cross_entropy``).
-        ignore_index, reduction: keyword-only; as in ``F.cross_entropy``.
+        ignore_index, reduction: keyword-only; as in ``F.cross_entropy`` (ignore_index: an int or an
+            integer-like such as a numpy integer or a 0-d integer tensor, within int64).
         backend: keyword-only; None (automatic, ``DISALIGN_BACKEND`` overrides), "eager", "native", "triton".
 
     Returns:
         The loss: a scalar for "mean"/"sum", the shape of ``target`` for "none".
+
+    Raises:
+        IndexError: a target outside [0, C) that is not ``ignore_index``, on the CPU (every backend),
+            with the eager backend, and on any device when ``DISALIGN_CHECK_TARGETS=1`` (checked here
+            before the launch, one host sync; not while torch.compile traces). Otherwise the CUDA
+            kernels give such a row a NaN loss and NaN gradients.
+        RuntimeError: ``weight.requires_grad`` (not differentiable), or a backward with
+            ``create_graph=True`` on the native/Triton backends (first derivatives only).
     """
     _reject_positional("disalign_cross_entropy", ("logits", "target", "alpha", "beta"), positional, "confidence= or weight=")
+    if not isinstance(ignore_index, torch.SymInt):
+        ignore_index = as_int_index(ignore_index)
     num_classes = check_cross_entropy_args(logits, target, alpha, beta, confidence, weight, ignore_index, reduction)
     name = resolve_backend(backend, logits.device)
+    if (name == "eager" or _check_targets_requested()) and not torch.compiler.is_compiling():
+        check_target_values(target, num_classes, ignore_index)
     if name == "eager":
-        if not torch.compiler.is_compiling():
-            check_target_values(target, num_classes, ignore_index)
         return reference.cross_entropy(logits, target, alpha, beta, confidence, weight, ignore_index, reduction)
     mask = grad_mask(logits, alpha, beta, confidence) if reduction != "none" else [False] * 4
     ops = op_family(name)

@@ -1,5 +1,13 @@
-"""Shared fixtures and helpers of the op tests: the backends under test, input builders in every
-logits layout, and loss/gradient evaluation for comparison against disalign_ops.reference."""
+"""Shared fixtures and helpers of the op tests: the backends under test on every device, input
+builders in every logits layout, and loss/gradient evaluation for comparison against
+disalign_ops.reference.
+
+Device axis (as torchvision's cpu_and_cuda()): the `device` fixture runs a test on the CPU and on
+CUDA, the CUDA case skipping without a GPU; the `backend` fixture depends on it, so every
+backend-parametrised test runs each op backend on each device the machine has. The backend value
+is its name (a str) carrying `.device`; build inputs with make_inputs(..., device=backend.device)
+or move them with on_device. A test module that is about one device overrides the axis with
+@pytest.mark.parametrize("device", ["cuda"])."""
 
 from __future__ import annotations
 
@@ -16,8 +24,23 @@ if not torch.cuda.is_available():
 
 import disalign_ops  # noqa: E402
 
-# Every op-based backend that runs on this machine's CPU ("native"; "triton" under TRITON_INTERPRET=1).
-OP_BACKENDS = [name for name in disalign_ops.available_backends("cpu") if name != "eager"]
+CUDA_AVAILABLE = torch.cuda.is_available()
+
+
+def cpu_and_cuda():
+    """The devices of the device axis; the CUDA case is marked needs_cuda and skips without a GPU."""
+    return ("cpu", pytest.param("cuda", marks=pytest.mark.needs_cuda))
+
+
+def _devices_here():
+    return ["cpu"] + (["cuda"] if CUDA_AVAILABLE else [])
+
+
+# Every op-based backend that runs on one of this machine's devices ("native"; "triton" on CUDA, or
+# on the CPU under TRITON_INTERPRET=1).
+OP_BACKENDS = [
+    name for name in ("native", "triton") if any(name in disalign_ops.available_backends(d) for d in _devices_here())
+]
 # The Triton interpreter runs each kernel program in Python: tests marked large_shape skip it.
 SLOW_BACKENDS = {"triton"}
 
@@ -95,6 +118,19 @@ class LossInputs:
     def with_(self, **changes) -> "LossInputs":
         return replace(self, **changes)
 
+    def to(self, device) -> "LossInputs":
+        names = ("logits", "target", "alpha", "beta", "confidence", "weight")
+        return replace(self, **{name: on_device(getattr(self, name), device) for name in names})
+
+
+def on_device(t, device):
+    """t on `device` with the same sizes, strides and storage offset (Tensor.to would densify)."""
+    if t is None or t.device == torch.device(device):
+        return t
+    storage_len = t.untyped_storage().nbytes() // t.element_size()
+    base = t.detach().as_strided((storage_len,), (1,), 0).to(device)
+    return base.as_strided(t.shape, t.stride(), t.storage_offset())
+
 
 def make_inputs(
     shape=(6, 5),
@@ -107,9 +143,11 @@ def make_inputs(
     target_dtype=torch.int64,
     param_dtype=None,
     seed=0,
+    device="cpu",
 ) -> LossInputs:
     """Random DisAlign loss inputs; alpha/beta/confidence/weight in param_dtype (default: float32 for
-    half logits, else the logits' dtype), some targets set to ignore_index."""
+    half logits, else the logits' dtype), some targets set to ignore_index. Drawn on the CPU (the
+    same values on every device), then moved to `device` with their strides."""
     torch.manual_seed(seed)
     layout = layout or ("nc" if len(shape) == 2 else "nchw")
     logits = make_logits(layout, shape, dtype)
@@ -118,7 +156,7 @@ def make_inputs(
     rows = (shape[0],) + tuple(shape[2:])
     target = torch.randint(0, classes, rows)
     target[torch.rand(rows) < ignored_fraction] = ignore_index
-    return LossInputs(
+    inputs = LossInputs(
         logits=logits,
         target=target.to(target_dtype),
         alpha=(0.5 * torch.randn(classes)).to(param_dtype),
@@ -127,6 +165,7 @@ def make_inputs(
         weight=(0.25 + torch.rand(classes)).to(param_dtype) if weight else None,
         ignore_index=ignore_index,
     )
+    return inputs.to(device)
 
 
 def differentiable_view(t: torch.Tensor):
@@ -167,6 +206,8 @@ def loss_and_grads(fn, inputs: LossInputs, reduction: str, wrt=GRAD_INPUTS, grad
 
 
 def backend_loss(backend: str):
+    backend = str(backend)
+
     def fn(logits, target, alpha, beta, confidence, weight, ignore_index, reduction):
         return disalign_ops.disalign_cross_entropy(
             logits, target, alpha, beta, confidence=confidence, weight=weight, ignore_index=ignore_index,
@@ -205,15 +246,66 @@ def assert_matches(actual: Result, expected: Result, dtype: torch.dtype, equal_n
         torch.testing.assert_close(got, grad, equal_nan=equal_nan, msg=lambda m: f"grad of {name}: {m}", **tol)
 
 
+def upstream(inputs: LossInputs, reduction: str) -> torch.Tensor:
+    """A non-trivial upstream gradient for the loss (per row for reduction="none"), on its device."""
+    dtype = torch.float64 if inputs.logits.dtype == torch.float64 else torch.float32
+    device = inputs.logits.device
+    if reduction != "none":
+        return torch.tensor(0.75, dtype=dtype, device=device)
+    return torch.randn(inputs.target.shape, generator=torch.Generator().manual_seed(1), dtype=dtype).to(device)
+
+
+def compare(backend: str, inputs: LossInputs, reduction: str, wrt=GRAD_INPUTS, equal_nan=False) -> Result:
+    """The backend against the reference on the backend's device (inputs are moved there), with a
+    non-trivial upstream gradient; returns the backend's result."""
+    inputs = inputs.to(getattr(backend, "device", inputs.logits.device))
+    grad_output = upstream(inputs, reduction)
+    expected = loss_and_grads(reference_loss, inputs, reduction, wrt, grad_output)
+    actual = loss_and_grads(backend_loss(backend), inputs, reduction, wrt, grad_output)
+    assert actual.loss.device == inputs.logits.device
+    assert_matches(actual, expected, inputs.logits.dtype, equal_nan=equal_nan)
+    return actual
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "large_shape: too large for the Triton interpreter; skipped for triton")
+    config.addinivalue_line("markers", "needs_cuda: the CUDA case of the device axis; skipped without a GPU")
+
+
+def pytest_collection_modifyitems(config, items):
+    if CUDA_AVAILABLE:
+        return
+    skip = pytest.mark.skip(reason="no CUDA device")
+    for item in items:
+        if item.get_closest_marker("needs_cuda"):
+            item.add_marker(skip)
+
+
+class Backend(str):
+    """An op backend's name (pass it as backend=) and the device its test runs on."""
+
+    device: str
+
+    def __new__(cls, name: str, device: str):
+        self = super().__new__(cls, name)
+        self.device = device
+        return self
+
+
+@pytest.fixture(params=cpu_and_cuda())
+def device(request):
+    if request.param == "cuda" and not CUDA_AVAILABLE:
+        pytest.skip("no CUDA device")
+    return request.param
 
 
 @pytest.fixture(params=OP_BACKENDS)
-def backend(request):
-    if request.param in SLOW_BACKENDS and request.node.get_closest_marker("large_shape"):
+def backend(request, device):
+    if request.param not in disalign_ops.available_backends(device):
+        pytest.skip(f"{request.param} does not run on {device} here")
+    if device == "cpu" and request.param in SLOW_BACKENDS and request.node.get_closest_marker("large_shape"):
         pytest.skip(f"{request.param}: shape too large for the interpreter")
-    return request.param
+    return Backend(request.param, device)
 
 
 def check_indexing_beyond_2_to_31(backend, layout, device):

@@ -16,6 +16,7 @@ from conftest import (
     assert_matches,
     backend_loss,
     check_indexing_beyond_2_to_31,
+    compare,
     loss_and_grads,
     make_inputs,
     reference_loss,
@@ -25,20 +26,7 @@ NC_LAYOUTS = [name for name, (kind, _) in LAYOUTS.items() if kind == "nc"]
 SPATIAL_LAYOUTS = [name for name, (kind, _) in LAYOUTS.items() if kind == "spatial"]
 
 
-def _upstream(inputs, reduction):
-    """A non-trivial upstream gradient for the loss (per row for reduction="none")."""
-    dtype = torch.float64 if inputs.logits.dtype == torch.float64 else torch.float32
-    if reduction != "none":
-        return torch.tensor(0.75, dtype=dtype)
-    return torch.randn(inputs.target.shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
-
-
-def _compare(backend, inputs, reduction, wrt=GRAD_INPUTS, equal_nan=False):
-    grad_output = _upstream(inputs, reduction)
-    expected = loss_and_grads(reference_loss, inputs, reduction, wrt, grad_output)
-    actual = loss_and_grads(backend_loss(backend), inputs, reduction, wrt, grad_output)
-    assert_matches(actual, expected, inputs.logits.dtype, equal_nan=equal_nan)
-    return actual
+_compare = compare
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -46,7 +34,7 @@ def _compare(backend, inputs, reduction, wrt=GRAD_INPUTS, equal_nan=False):
 @pytest.mark.parametrize("with_confidence", [True, False], ids=["confidence", "no_confidence"])
 @pytest.mark.parametrize("layout", NC_LAYOUTS)
 def test_nc_matches_reference(backend, layout, with_confidence, with_weight, reduction):
-    inputs = make_inputs((13, 7), layout=layout, confidence=with_confidence, weight=with_weight)
+    inputs = make_inputs((13, 7), layout=layout, confidence=with_confidence, weight=with_weight, device=backend.device)
     _compare(backend, inputs, reduction)
 
 
@@ -55,7 +43,9 @@ def test_nc_matches_reference(backend, layout, with_confidence, with_weight, red
 @pytest.mark.parametrize("with_confidence", [True, False], ids=["confidence", "no_confidence"])
 @pytest.mark.parametrize("layout", SPATIAL_LAYOUTS)
 def test_nchw_matches_reference(backend, layout, with_confidence, with_weight, reduction):
-    inputs = make_inputs((3, 6, 4, 5), layout=layout, confidence=with_confidence, weight=with_weight)
+    inputs = make_inputs(
+        (3, 6, 4, 5), layout=layout, confidence=with_confidence, weight=with_weight, device=backend.device
+    )
     _compare(backend, inputs, reduction)
 
 
@@ -63,14 +53,14 @@ def test_nchw_matches_reference(backend, layout, with_confidence, with_weight, r
 @pytest.mark.parametrize("shape", [(3, 6, 7), (2, 4, 3, 2, 3)], ids=["1d", "3d"])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_other_spatial_ranks_match_reference(backend, shape, layout, reduction):
-    _compare(backend, make_inputs(shape, layout=layout), reduction)
+    _compare(backend, make_inputs(shape, layout=layout, device=backend.device), reduction)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("shape", [(9, 7), (2, 5, 3, 4)], ids=["nc", "nchw"])
 def test_float64_equals_f_cross_entropy_of_calibrated_logits(backend, shape, reduction):
     """The SPEC's defining identity, written out independently of disalign_ops.reference."""
-    inputs = make_inputs(shape, dtype=torch.float64)
+    inputs = make_inputs(shape, dtype=torch.float64, device=backend.device)
 
     def calibrated_cross_entropy(logits, target, alpha, beta, confidence, weight, ignore_index, reduction):
         view = (1, -1) + (1,) * (logits.dim() - 2)
@@ -87,14 +77,17 @@ def test_float64_equals_f_cross_entropy_of_calibrated_logits(backend, shape, red
 @pytest.mark.parametrize("shape", [(5, 4), (2, 3, 2, 3)], ids=["nc", "nchw"])
 @pytest.mark.parametrize("with_confidence", [True, False], ids=["confidence", "no_confidence"])
 def test_gradcheck(backend, shape, reduction, with_confidence):
-    inputs = make_inputs(shape, dtype=torch.float64, confidence=with_confidence, ignored_fraction=0.2, seed=3)
+    inputs = make_inputs(
+        shape, dtype=torch.float64, confidence=with_confidence, ignored_fraction=0.2, seed=3, device=backend.device
+    )
     tensors = [t.detach().clone().requires_grad_() for t in (inputs.logits, inputs.alpha, inputs.beta)]
     if with_confidence:
         tensors.append(inputs.confidence.detach().clone().requires_grad_())
 
     def loss(logits, alpha, beta, confidence=None):
         return disalign_ops.disalign_cross_entropy(
-            logits, inputs.target, alpha, beta, confidence, inputs.weight, reduction=reduction, backend=backend
+            logits, inputs.target, alpha, beta, confidence=confidence, weight=inputs.weight, reduction=reduction,
+            backend=backend,
         )
 
     assert torch.autograd.gradcheck(loss, tensors)
@@ -104,19 +97,19 @@ def test_gradcheck(backend, shape, reduction, with_confidence):
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("shape", [(33, 19), (2, 11, 5, 7)], ids=["nc", "nchw"])
 def test_reduced_precision_matches_reference(backend, dtype, shape, reduction):
-    _compare(backend, make_inputs(shape, dtype=dtype), reduction)
+    _compare(backend, make_inputs(shape, dtype=dtype, device=backend.device), reduction)
 
 
 def test_half_logits_with_half_parameters(backend):
     """Every input in float16: loss in float32, each gradient in its input's dtype."""
-    inputs = make_inputs((17, 9), dtype=torch.float16, param_dtype=torch.float16)
+    inputs = make_inputs((17, 9), dtype=torch.float16, param_dtype=torch.float16, device=backend.device)
     result = _compare(backend, inputs, "mean")
     assert result.loss.dtype == torch.float32
     assert all(g.dtype == torch.float16 for g in result.grads.values())
 
 
 def test_float32_logits_with_float64_parameters(backend):
-    inputs = make_inputs((17, 9), dtype=torch.float32, param_dtype=torch.float64)
+    inputs = make_inputs((17, 9), dtype=torch.float32, param_dtype=torch.float64, device=backend.device)
     result = _compare(backend, inputs, "sum")
     assert result.grads["logits"].dtype == torch.float32
     assert result.grads["alpha"].dtype == torch.float64
@@ -125,7 +118,7 @@ def test_float32_logits_with_float64_parameters(backend):
 @pytest.mark.parametrize("magnitude", [1e4, -1e4])
 @pytest.mark.parametrize("shape", [(8, 6), (2, 6, 3, 3)], ids=["nc", "nchw"])
 def test_huge_float32_logits_are_finite_and_correct(backend, shape, magnitude):
-    inputs = make_inputs(shape, dtype=torch.float32)
+    inputs = make_inputs(shape, dtype=torch.float32, device=backend.device)
     logits = inputs.logits / inputs.logits.abs().amax() * magnitude
     inputs = inputs.with_(logits=logits, alpha=inputs.alpha * 0.1, beta=inputs.beta * 100)
     result = _compare(backend, inputs, "mean")
@@ -138,7 +131,7 @@ def test_huge_float32_logits_are_finite_and_correct(backend, shape, magnitude):
 
 @pytest.mark.parametrize("shape", [(8, 6), (2, 6, 3, 3)], ids=["nc", "nchw"])
 def test_float16_logits_near_max_accumulate_in_float32(backend, shape):
-    inputs = make_inputs(shape, dtype=torch.float16, seed=5)
+    inputs = make_inputs(shape, dtype=torch.float16, seed=5, device=backend.device)
     logits = (inputs.logits.float() / inputs.logits.float().abs().amax() * 6.0e4).half()
     assert torch.isfinite(logits).all()
     inputs = inputs.with_(logits=logits, alpha=torch.zeros_like(inputs.alpha), beta=torch.zeros_like(inputs.beta))
@@ -150,7 +143,7 @@ def test_float16_logits_near_max_accumulate_in_float32(backend, shape):
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("shape", [(6, 4), (2, 4, 3, 3)], ids=["nc", "nchw"])
 def test_nan_logits_propagate_like_f_cross_entropy(backend, shape, reduction):
-    inputs = make_inputs(shape, dtype=torch.float32, ignored_fraction=0.0)
+    inputs = make_inputs(shape, dtype=torch.float32, ignored_fraction=0.0, device=backend.device)
     logits = inputs.logits.clone()
     logits[1, 2] = float("nan")  # one element of row (or image) 1
     inputs = inputs.with_(logits=logits)
@@ -164,7 +157,7 @@ def test_nan_logits_propagate_like_f_cross_entropy(backend, shape, reduction):
 @pytest.mark.parametrize("shape", [(6, 4), (2, 4, 3, 3)], ids=["nc", "nchw"])
 def test_all_targets_ignored(backend, shape, reduction):
     """As F.cross_entropy: "mean" gives nan, "sum" 0, "none" zeros; every gradient is zero."""
-    inputs = make_inputs(shape, ignored_fraction=1.0)
+    inputs = make_inputs(shape, ignored_fraction=1.0, device=backend.device)
     assert (inputs.target == inputs.ignore_index).all()
     result = _compare(backend, inputs, reduction, equal_nan=True)
     if reduction == "mean":
@@ -177,30 +170,30 @@ def test_all_targets_ignored(backend, shape, reduction):
 
 @pytest.mark.parametrize("ignore_index", [0, 3, 255])
 def test_ignore_index_values(backend, ignore_index):
-    inputs = make_inputs((2, 5, 4, 4), ignore_index=ignore_index, ignored_fraction=0.3)
+    inputs = make_inputs((2, 5, 4, 4), ignore_index=ignore_index, ignored_fraction=0.3, device=backend.device)
     _compare(backend, inputs, "mean")
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("shape", [(0, 5), (0, 5, 3, 3), (2, 5, 0, 3)], ids=["n0", "b0", "h0"])
 def test_empty_batches(backend, shape, reduction):
-    result = _compare(backend, make_inputs(shape), reduction, equal_nan=True)
+    result = _compare(backend, make_inputs(shape, device=backend.device), reduction, equal_nan=True)
     for name, grad in result.grads.items():
         assert (grad == 0).all(), name
 
 
 @pytest.mark.parametrize("shape", [(9, 6), (2, 6, 3, 4)], ids=["nc", "nchw"])
 def test_int32_targets_equal_int64(backend, shape):
-    inputs = make_inputs(shape)
+    inputs = make_inputs(shape, device=backend.device)
     as_int64 = loss_and_grads(backend_loss(backend), inputs, "mean")
     as_int32 = loss_and_grads(backend_loss(backend), inputs.with_(target=inputs.target.int()), "mean")
     assert_matches(as_int32, as_int64, torch.float64)
 
 
 def test_zero_weights_and_single_class(backend):
-    inputs = make_inputs((8, 1), ignored_fraction=0.3)
+    inputs = make_inputs((8, 1), ignored_fraction=0.3, device=backend.device)
     _compare(backend, inputs, "mean")
-    inputs = make_inputs((12, 5))
+    inputs = make_inputs((12, 5), device=backend.device)
     weight = inputs.weight.clone()
     weight[inputs.target[0]] = 0
     _compare(backend, inputs.with_(weight=weight), "sum")
@@ -210,7 +203,7 @@ def test_zero_weights_and_single_class(backend):
 def test_stage2_gradients_equal_full_gradients(backend, layout):
     """Logits frozen (stage 2) gives the same alpha/beta/confidence gradients, bit for bit, and none for the logits."""
     shape = (70, 9) if layout == "nc" else (2, 9, 6, 6)
-    inputs = make_inputs(shape, dtype=torch.float32, layout=layout)
+    inputs = make_inputs(shape, dtype=torch.float32, layout=layout, device=backend.device)
     full = loss_and_grads(backend_loss(backend), inputs, "mean")
     stage2 = loss_and_grads(backend_loss(backend), inputs, "mean", wrt=("alpha", "beta", "confidence"))
     assert "logits" not in stage2.grads
@@ -222,7 +215,7 @@ def test_stage2_gradients_equal_full_gradients(backend, layout):
 
 
 def test_no_grad_forward_matches(backend):
-    inputs = make_inputs((2, 6, 5, 5))
+    inputs = make_inputs((2, 6, 5, 5), device=backend.device)
     with torch.no_grad():
         actual = loss_and_grads(backend_loss(backend), inputs, "mean", wrt=())
     expected = loss_and_grads(reference_loss, inputs, "mean", wrt=())
@@ -239,7 +232,7 @@ def _run_twice_identical(backend, inputs, reduction):
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("shape", [(64 * 70 + 5, 37), (3, 37, 40, 41)], ids=["nc", "nchw"])
 def test_deterministic_across_runs_and_thread_counts(backend, shape, reduction):
-    inputs = make_inputs(shape, dtype=torch.float32)
+    inputs = make_inputs(shape, dtype=torch.float32, device=backend.device)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
@@ -259,11 +252,11 @@ def test_deterministic_across_runs_and_thread_counts(backend, shape, reduction):
 @pytest.mark.parametrize("shape", [(1000, 300), (2, 150, 32, 33)], ids=["nc", "nchw"])
 def test_larger_shapes_match_reference(backend, shape, reduction):
     """Many chunks and blocks per chunk, partial blocks at image boundaries."""
-    _compare(backend, make_inputs(shape, dtype=torch.float32, ignore_index=255), reduction)
+    _compare(backend, make_inputs(shape, dtype=torch.float32, ignore_index=255, device=backend.device), reduction)
 
 
 @pytest.mark.skipif(os.environ.get("DISALIGN_BIG_TESTS") != "1", reason="needs ~7 GiB; set DISALIGN_BIG_TESTS=1")
 @pytest.mark.large_shape
 @pytest.mark.parametrize("layout", ["pixels", "classes"])
 def test_more_than_2_to_31_elements(backend, layout):
-    check_indexing_beyond_2_to_31(backend, layout, "cpu")
+    check_indexing_beyond_2_to_31(backend, layout, backend.device)

@@ -1,8 +1,12 @@
-"""The native backend's CUDA kernels (csrc/cuda) against the eager reference on the GPU: every logits
-layout and dtype, all reductions, gradient subsets, edge cases, large class counts (block per row,
-class chunks), bitwise determinism, out-of-range targets and more than 2^31 elements.
+"""The op backends on CUDA (the native CUDA kernels of csrc/cuda, and compiled Triton) against the
+eager reference: every logits layout and dtype at shapes that exercise the CUDA tilings (partial
+tiles, a block per row, class chunks), gradient subsets, numerics, bitwise determinism, the CUDA
+bad-target policy (NaN rows without a sync; DISALIGN_CHECK_TARGETS=1 raises) and more than 2^31
+elements.
 
-Skipped without a CUDA device or when the extension was built without CUDA (DISALIGN_CUDA=1)."""
+The module pins the device axis of conftest to CUDA: every test skips without a GPU, and a backend
+that does not run on CUDA here (native built without DISALIGN_CUDA=1) skips. The CPU-and-CUDA tests
+of every backend live in the other modules (conftest's `backend` fixture)."""
 
 from __future__ import annotations
 
@@ -15,61 +19,24 @@ from conftest import (
     LAYOUTS,
     REDUCTIONS,
     TOLERANCES,
-    LossInputs,
-    assert_matches,
     backend_loss,
     check_indexing_beyond_2_to_31,
+    compare,
     differentiable_view,
     loss_and_grads,
     make_inputs,
-    reference_loss,
+    upstream,
 )
 
+pytestmark = [pytest.mark.needs_cuda, pytest.mark.parametrize("device", ["cuda"])]
 
-def _skip_reason():
-    if not torch.cuda.is_available():
-        return "no CUDA device"
-    if "native" not in disalign_ops.available_backends("cuda"):
-        return "disalign_ops._C was built without CUDA kernels (build with DISALIGN_CUDA=1)"
-    return None
-
-
-pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
-
-NATIVE = backend_loss("native")
 # Shapes per layout kind: partial tiles, several tiles per image, C below and above a warp.
 NC_SHAPES = [(67, 1000), (301, 37), (5, 3)]
 SPATIAL_SHAPES = [(2, 19, 17, 17), (3, 150, 9, 11)]
 
 
-def _to_cuda(t: torch.Tensor | None) -> torch.Tensor | None:
-    """t on the GPU with the same sizes, strides and storage offset (Tensor.to would densify)."""
-    if t is None:
-        return None
-    storage_len = t.untyped_storage().nbytes() // t.element_size()
-    base = t.detach().as_strided((storage_len,), (1,), 0).cuda()
-    return base.as_strided(t.shape, t.stride(), t.storage_offset())
-
-
-def cuda_inputs(*args, **kwargs) -> LossInputs:
-    inputs = make_inputs(*args, **kwargs)
-    return inputs.with_(**{name: _to_cuda(getattr(inputs, name)) for name in GRAD_INPUTS + ("target", "weight")})
-
-
-def _upstream(inputs: LossInputs, reduction: str) -> torch.Tensor:
-    dtype = torch.float64 if inputs.logits.dtype == torch.float64 else torch.float32
-    if reduction != "none":
-        return torch.tensor(0.75, dtype=dtype, device="cuda")
-    return torch.randn(inputs.target.shape, generator=torch.Generator().manual_seed(1), dtype=dtype).cuda()
-
-
-def _compare(inputs: LossInputs, reduction: str, wrt=GRAD_INPUTS, equal_nan=False):
-    grad_output = _upstream(inputs, reduction)
-    expected = loss_and_grads(reference_loss, inputs, reduction, wrt, grad_output)
-    actual = loss_and_grads(NATIVE, inputs, reduction, wrt, grad_output)
-    assert actual.loss.device.type == "cuda"
-    assert_matches(actual, expected, inputs.logits.dtype, equal_nan=equal_nan)
-    return actual
+def cuda_inputs(*args, **kwargs):
+    return make_inputs(*args, device="cuda", **kwargs)
 
 
 def _layout_cases():
@@ -81,17 +48,17 @@ def _layout_cases():
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("layout, shape", list(_layout_cases()))
-def test_matches_reference_in_every_layout_and_dtype(layout, shape, dtype, reduction):
-    _compare(cuda_inputs(shape, dtype=dtype, layout=layout, ignore_index=255), reduction)
+def test_matches_reference_in_every_layout_and_dtype(backend, layout, shape, dtype, reduction):
+    compare(backend, cuda_inputs(shape, dtype=dtype, layout=layout, ignore_index=255), reduction)
 
 
 @pytest.mark.parametrize("with_weight", [True, False], ids=["weight", "no_weight"])
 @pytest.mark.parametrize("with_confidence", [True, False], ids=["confidence", "no_confidence"])
 @pytest.mark.parametrize("shape", [(67, 1000), (2, 19, 17, 17)], ids=["nc", "nchw"])
-def test_optional_confidence_and_weight(shape, with_confidence, with_weight):
+def test_optional_confidence_and_weight(backend, shape, with_confidence, with_weight):
     inputs = cuda_inputs(shape, dtype=torch.float64, confidence=with_confidence, weight=with_weight)
     for reduction in REDUCTIONS:
-        _compare(inputs, reduction)
+        compare(backend, inputs, reduction)
 
 
 @pytest.mark.parametrize(
@@ -100,13 +67,13 @@ def test_optional_confidence_and_weight(shape, with_confidence, with_weight):
     ids=["stage2", "alpha", "beta", "confidence", "logits", "none"],
 )
 @pytest.mark.parametrize("shape", [(67, 1000), (2, 19, 17, 17)], ids=["nc", "nchw"])
-def test_gradient_subsets_equal_full_gradients(shape, wrt):
+def test_gradient_subsets_equal_full_gradients(backend, shape, wrt):
     """Stage 2 (logits frozen) and any other subset: the same gradient bits as when every gradient is
     computed. (The loss may differ in its last bits: its per-block partials follow the grid, which
     depends on the shared memory the requested gradients need.)"""
     inputs = cuda_inputs(shape, dtype=torch.float32)
-    full = loss_and_grads(NATIVE, inputs, "mean")
-    subset = loss_and_grads(NATIVE, inputs, "mean", wrt=wrt)
+    full = loss_and_grads(backend_loss(backend), inputs, "mean")
+    subset = loss_and_grads(backend_loss(backend), inputs, "mean", wrt=wrt)
     assert subset.grads.keys() == set(wrt)
     torch.testing.assert_close(full.loss, subset.loss, rtol=1e-6, atol=0)
     for name in wrt:
@@ -126,42 +93,42 @@ def test_gradient_subsets_equal_full_gradients(shape, wrt):
     ids=["inat-fp32", "inat-bf16", "lvis-fp16", "chunked-rows-fp64", "chunked-transposed", "chunked-nchw"],
 )
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_large_class_counts(layout, shape, dtype, reduction):
-    _compare(cuda_inputs(shape, dtype=dtype, layout=layout), reduction)
+def test_large_class_counts(backend, layout, shape, dtype, reduction):
+    compare(backend, cuda_inputs(shape, dtype=dtype, layout=layout), reduction)
 
 
-def test_float32_logits_with_float64_parameters_and_int32_targets():
+def test_float32_logits_with_float64_parameters_and_int32_targets(backend):
     inputs = cuda_inputs((67, 300), dtype=torch.float32, param_dtype=torch.float64, target_dtype=torch.int32)
-    _compare(inputs, "mean")
+    compare(backend, inputs, "mean")
 
 
 @pytest.mark.parametrize("magnitude", [1e4, -1e4])
 @pytest.mark.parametrize("shape", [(67, 1000), (2, 19, 17, 17)], ids=["nc", "nchw"])
-def test_huge_logits_give_finite_correct_losses(shape, magnitude):
+def test_huge_logits_give_finite_correct_losses(backend, shape, magnitude):
     inputs = cuda_inputs(shape, dtype=torch.float32)
     with torch.no_grad():
         inputs.logits.add_(magnitude)
-    result = _compare(inputs, "mean")
+    result = compare(backend, inputs, "mean")
     assert torch.isfinite(result.loss)
 
 
-def test_float16_near_its_max_accumulates_in_float32():
+def test_float16_near_its_max_accumulates_in_float32(backend):
     inputs = cuda_inputs((67, 100), dtype=torch.float16)
     logits = torch.full_like(inputs.logits, 6.0e4)
     logits[:, 0] = 6.5e4
-    result = _compare(inputs.with_(logits=logits), "mean")
+    result = compare(backend, inputs.with_(logits=logits), "mean")
     assert torch.isfinite(result.loss)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("shape", [(67, 300), (2, 19, 6, 6)], ids=["nc", "nchw"])
-def test_nan_and_inf_propagate_like_the_reference(shape, reduction):
+def test_nan_and_inf_propagate_like_the_reference(backend, shape, reduction):
     inputs = cuda_inputs(shape, dtype=torch.float32)
     logits = inputs.logits.clone()
     logits.view(-1)[3] = float("nan")
     logits.view(-1)[-7] = float("inf")
     logits.view(-1)[11] = float("-inf")
-    _compare(inputs.with_(logits=logits), reduction, equal_nan=True)
+    compare(backend, inputs.with_(logits=logits), reduction, equal_nan=True)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -170,9 +137,9 @@ def test_nan_and_inf_propagate_like_the_reference(shape, reduction):
     [((0, 5), 0.0), ((2, 5, 0, 3), 0.0), ((40, 7), 1.0), ((2, 7, 5, 5), 1.0)],
     ids=["n0", "h0", "nc-all-ignored", "nchw-all-ignored"],
 )
-def test_empty_and_all_ignored(shape, ignored_fraction, reduction):
+def test_empty_and_all_ignored(backend, shape, ignored_fraction, reduction):
     """As F.cross_entropy: "mean" gives nan, "sum" 0, "none" zeros; every gradient is zero."""
-    result = _compare(cuda_inputs(shape, ignored_fraction=ignored_fraction), reduction, equal_nan=True)
+    result = compare(backend, cuda_inputs(shape, ignored_fraction=ignored_fraction), reduction, equal_nan=True)
     if reduction == "mean":
         assert torch.isnan(result.loss)
     for name, grad in result.grads.items():
@@ -183,10 +150,10 @@ def test_empty_and_all_ignored(shape, ignored_fraction, reduction):
 @pytest.mark.parametrize(
     "shape", [(4096, 1000), (600, 8142), (4, 150, 64, 64), (2000, 5)], ids=["imagenet", "inat", "ade", "tiny-c"]
 )
-def test_bitwise_deterministic(shape, reduction):
+def test_bitwise_deterministic(backend, shape, reduction):
     inputs = cuda_inputs(shape, dtype=torch.float32)
-    first = loss_and_grads(NATIVE, inputs, reduction, grad_output=_upstream(inputs, reduction))
-    second = loss_and_grads(NATIVE, inputs, reduction, grad_output=_upstream(inputs, reduction))
+    first = loss_and_grads(backend_loss(backend), inputs, reduction, grad_output=upstream(inputs, reduction))
+    second = loss_and_grads(backend_loss(backend), inputs, reduction, grad_output=upstream(inputs, reduction))
     assert torch.equal(first.loss, second.loss)
     for name in GRAD_INPUTS:
         assert torch.equal(first.grads[name], second.grads[name]), name
@@ -201,20 +168,20 @@ def _with_bad_target(shape, value):
 
 @pytest.mark.parametrize("value", [-1, 7, 10**12])
 @pytest.mark.parametrize("shape", [(50, 7), (2, 7, 5, 5)], ids=["nc", "nchw"])
-def test_out_of_range_target_gives_nan_without_sync(shape, value, monkeypatch):
+def test_out_of_range_target_gives_nan_without_sync(backend, shape, value, monkeypatch):
     """Default: no device sync; the bad row's loss and gradients are NaN, nothing is read out of bounds
     and the CUDA context stays usable."""
     monkeypatch.delenv("DISALIGN_CHECK_TARGETS", raising=False)
     inputs = _with_bad_target(shape, value)
-    mean = loss_and_grads(NATIVE, inputs, "mean")
+    mean = loss_and_grads(backend_loss(backend), inputs, "mean")
     assert torch.isnan(mean.loss)
-    per_row = loss_and_grads(NATIVE, inputs, "none", wrt=())
+    per_row = loss_and_grads(backend_loss(backend), inputs, "none", wrt=())
     assert torch.isnan(per_row.loss.view(-1)[5])
     good = inputs.target.view(-1) != inputs.ignore_index
     good[5] = False
     assert torch.isfinite(per_row.loss.view(-1)[good]).all()
     # Poisoned, not skipped: the bad row's whole dlogits row and the class / confidence gradients are NaN.
-    full = loss_and_grads(NATIVE, inputs, "sum")
+    full = loss_and_grads(backend_loss(backend), inputs, "sum")
     assert torch.isnan(full.grads["logits"].movedim(1, -1).reshape(-1, inputs.logits.shape[1])[5]).all()
     assert torch.isnan(full.grads["alpha"]).all() and torch.isnan(full.grads["beta"]).all()
     torch.cuda.synchronize()
@@ -222,11 +189,11 @@ def test_out_of_range_target_gives_nan_without_sync(shape, value, monkeypatch):
 
 
 @pytest.mark.parametrize("value", [-1, 7, 10**12])
-def test_out_of_range_target_raises_naming_the_value_when_checked(value, monkeypatch):
+def test_out_of_range_target_raises_naming_the_value_when_checked(backend, value, monkeypatch):
     monkeypatch.setenv("DISALIGN_CHECK_TARGETS", "1")
     inputs = _with_bad_target((50, 7), value)
     with pytest.raises(IndexError, match=f"target contains {value}"):
-        loss_and_grads(NATIVE, inputs, "mean")
+        loss_and_grads(backend_loss(backend), inputs, "mean")
     assert torch.ones(3, device="cuda").sum().item() == 3
 
 
@@ -249,7 +216,7 @@ def _calibrate_and_grads(fn, inputs, grad_output):
 @pytest.mark.parametrize("grad_layout", ["like_output", "contiguous", "transposed_batch"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("layout, shape", list(_layout_cases()))
-def test_calibrate_and_its_gradients_match_reference(layout, shape, dtype, grad_layout):
+def test_calibrate_and_its_gradients_match_reference(backend, layout, shape, dtype, grad_layout):
     inputs = cuda_inputs(shape, dtype=dtype, layout=layout)
 
     def grad_output(out):
@@ -262,7 +229,7 @@ def test_calibrate_and_its_gradients_match_reference(layout, shape, dtype, grad_
 
     expected, expected_grads = _calibrate_and_grads(disalign_ops.reference.calibrate, inputs, grad_output)
     actual, grads = _calibrate_and_grads(
-        lambda *args: disalign_ops.calibrate(*args[:3], confidence=args[3], backend="native"), inputs, grad_output
+        lambda *args: disalign_ops.calibrate(*args[:3], confidence=args[3], backend=backend), inputs, grad_output
     )
     tol = TOLERANCES[dtype]
     assert actual.dtype == dtype and actual.device.type == "cuda"
@@ -274,18 +241,22 @@ def test_calibrate_and_its_gradients_match_reference(layout, shape, dtype, grad_
         torch.testing.assert_close(grads[name], grad, msg=lambda m: f"grad of {name}: {m}", **tol)
 
 
+def _ops(backend):
+    return torch.ops.disalign if backend == "native" else torch.ops.disalign_triton
+
+
 @pytest.mark.parametrize("op", ["cross_entropy", "calibrate"])
-def test_opcheck(op):
+def test_opcheck(backend, op):
     inputs = cuda_inputs((2, 7, 5, 4), dtype=torch.float32)
     alpha = inputs.alpha.detach().clone().requires_grad_()
     beta = inputs.beta.detach().clone().requires_grad_()
     if op == "cross_entropy":
         for reduction, mask in (("mean", [True, True, True, True]), ("none", [False] * 4)):
             args = (inputs.logits, inputs.target, alpha, beta, inputs.confidence, inputs.weight, 255, reduction, mask)
-            torch.library.opcheck(torch.ops.disalign.cross_entropy.default, args)
+            torch.library.opcheck(_ops(backend).cross_entropy.default, args)
     else:
         args = (inputs.logits.detach().clone().requires_grad_(), alpha, beta, inputs.confidence)
-        torch.library.opcheck(torch.ops.disalign.calibrate.default, args)
+        torch.library.opcheck(_ops(backend).calibrate.default, args)
 
 
 def _free_gpu_bytes():
@@ -294,8 +265,8 @@ def _free_gpu_bytes():
 
 
 @pytest.mark.parametrize("layout", ["classes", "pixels"])
-def test_more_than_2_to_31_elements(layout):
+def test_more_than_2_to_31_elements(backend, layout):
     """Stage 2 on 2^31 + 2^20 bfloat16 elements: 64-bit indexing (see conftest)."""
     if _free_gpu_bytes() < 3 * (2**31 + 2**20) * 2:
         pytest.skip("needs ~13 GiB of free GPU memory")
-    check_indexing_beyond_2_to_31("native", layout, "cuda")
+    check_indexing_beyond_2_to_31(backend, layout, "cuda")

@@ -30,7 +30,7 @@ OPCHECK_INPUTS = _opcheck_inputs()
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("case", OPCHECK_INPUTS, ids=[c[0] for c in OPCHECK_INPUTS])
 def test_opcheck_cross_entropy(backend, case, reduction):
-    _, inputs = case
+    inputs = case[1].to(backend.device)
     ops = op_family(backend)
     mask = [False] * 4 if reduction == "none" else [True, True, True, inputs.confidence is not None]
     args = (
@@ -42,10 +42,10 @@ def test_opcheck_cross_entropy(backend, case, reduction):
 
 @pytest.mark.parametrize("case", OPCHECK_INPUTS, ids=[c[0] for c in OPCHECK_INPUTS])
 def test_opcheck_cross_entropy_backward(backend, case):
-    _, inputs = case
+    inputs = case[1].to(backend.device)
     ops = op_family(backend)
     acc = torch.float64 if inputs.logits.dtype == torch.float64 else torch.float32
-    grad_loss = torch.randn(inputs.target.shape, dtype=acc)
+    grad_loss = torch.randn(inputs.target.shape, dtype=acc).to(backend.device)
     for mask in ([True, True, True, True], [False, True, False, True]):
         args = (
             grad_loss, inputs.logits, inputs.target, inputs.alpha, inputs.beta, inputs.confidence, inputs.weight,
@@ -56,7 +56,7 @@ def test_opcheck_cross_entropy_backward(backend, case):
 
 @pytest.mark.parametrize("case", OPCHECK_INPUTS, ids=[c[0] for c in OPCHECK_INPUTS])
 def test_opcheck_calibrate(backend, case):
-    _, inputs = case
+    inputs = case[1].to(backend.device)
     ops = op_family(backend)
     args = (_leaf(inputs.logits), _leaf(inputs.alpha), _leaf(inputs.beta), _leaf(inputs.confidence))
     torch.library.opcheck(ops.calibrate.default, args)
@@ -64,9 +64,9 @@ def test_opcheck_calibrate(backend, case):
 
 @pytest.mark.parametrize("case", OPCHECK_INPUTS, ids=[c[0] for c in OPCHECK_INPUTS])
 def test_opcheck_calibrate_backward(backend, case):
-    _, inputs = case
+    inputs = case[1].to(backend.device)
     ops = op_family(backend)
-    grad = torch.randn(inputs.logits.shape).to(inputs.logits.dtype)
+    grad = torch.randn(inputs.logits.shape).to(backend.device, inputs.logits.dtype)
     for mask in ([True, True, True, True], [False, True, True, False]):
         args = (grad, inputs.logits, inputs.alpha, inputs.beta, inputs.confidence, mask)
         torch.library.opcheck(ops.calibrate_backward.default, args)
@@ -74,21 +74,24 @@ def test_opcheck_calibrate_backward(backend, case):
 
 def _loss_step(logits, target, alpha, beta, confidence, weight, backend, reduction):
     loss = disalign_ops.disalign_cross_entropy(
-        logits, target, alpha, beta, confidence, weight, ignore_index=-100, reduction=reduction, backend=backend
+        logits, target, alpha, beta, confidence=confidence, weight=weight, ignore_index=-100, reduction=reduction,
+        backend=backend,
     )
-    return loss if reduction != "none" else (loss * torch.linspace(0.5, 1.5, loss.numel()).view(loss.shape)).sum()
+    if reduction != "none":
+        return loss
+    return (loss * torch.linspace(0.5, 1.5, loss.numel()).view(loss.shape).to(loss)).sum()
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("stage2", [False, True], ids=["full", "stage2"])
 def test_compile_fullgraph_cross_entropy_forward_and_backward(backend, stage2, reduction):
     torch._dynamo.reset()
-    inputs = make_inputs((2, 5, 3, 4), dtype=torch.float32)
+    inputs = make_inputs((2, 5, 3, 4), dtype=torch.float32, device=backend.device)
 
     def run(fn):
         logits = _leaf(inputs.logits, not stage2)
         params = [_leaf(t) for t in (inputs.alpha, inputs.beta, inputs.confidence)]
-        loss = fn(logits, inputs.target, *params, inputs.weight, backend, reduction)
+        loss = fn(logits, inputs.target, *params, inputs.weight, str(backend), reduction)
         loss.backward()
         grads = [p.grad for p in params] + ([] if stage2 else [logits.grad])
         return loss.detach(), grads
@@ -102,10 +105,12 @@ def test_compile_fullgraph_cross_entropy_forward_and_backward(backend, stage2, r
 
 def test_compile_fullgraph_calibrate(backend):
     torch._dynamo.reset()
-    inputs = make_inputs((6, 5), dtype=torch.float32)
+    inputs = make_inputs((6, 5), dtype=torch.float32, device=backend.device)
+    name = str(backend)
 
     def head(logits, alpha, beta, confidence):
-        return disalign_ops.calibrate(logits, alpha, beta, confidence, backend=backend).softmax(dim=1)[:, 0].sum()
+        zhat = disalign_ops.calibrate(logits, alpha, beta, confidence=confidence, backend=name)
+        return zhat.softmax(dim=1)[:, 0].sum()
 
     def run(fn):
         leaves = [_leaf(t) for t in (inputs.logits, inputs.alpha, inputs.beta, inputs.confidence)]

@@ -55,3 +55,23 @@ def test_extreme_imbalance_stays_finite():
 def test_bad_input_names_the_argument(counts, rho, match):
     with pytest.raises(ValueError, match=match):
         da.generalized_reweight(counts, rho)
+
+
+@pytest.mark.parametrize("counts", [["a", "b"], [object()], "abc"], ids=["strings", "objects", "str"])
+def test_non_numeric_counts_name_the_argument(counts):
+    with pytest.raises(ValueError, match="class_counts must be"):
+        da.generalized_reweight(counts, 1.0)
+
+
+def test_rho_may_be_a_0d_tensor_or_a_numpy_number():
+    import numpy as np
+
+    expected = da.generalized_reweight([5, 2, 1], 0.7)
+    torch.testing.assert_close(da.generalized_reweight([5, 2, 1], torch.tensor(0.7)), expected)
+    torch.testing.assert_close(da.generalized_reweight([5, 2, 1], np.float64(0.7)), expected)
+
+
+@pytest.mark.parametrize("rho", [torch.tensor([1.0]), torch.tensor(True), "1", None], ids=["1d", "bool", "str", "none"])
+def test_bad_rho_says_what_it_got(rho):
+    with pytest.raises(ValueError, match="rho must be a finite number >= 0"):
+        da.generalized_reweight([5, 2, 1], rho)

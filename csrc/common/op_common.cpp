@@ -215,6 +215,13 @@ void check_loss_backward_inputs(const at::Tensor& grad_loss, const LossInputs& i
       shape_str(in.target.sizes()), ", got shape ", shape_str(grad_loss.sizes()));
 }
 
+GradMask parse_grad_mask(const c10::List<bool>& grad_mask) {
+  TORCH_CHECK_VALUE(
+      grad_mask.size() == 4, "grad_mask must have 4 entries [logits, alpha, beta, confidence], got ",
+      grad_mask.size());
+  return {grad_mask[0], grad_mask[1], grad_mask[2], grad_mask[3]};
+}
+
 Reduction parse_reduction(c10::string_view reduction, GradMask grad_mask) {
   Reduction mode = Reduction::kSum;
   if (reduction == "none") {
@@ -250,11 +257,17 @@ LayoutPlan plan_layout(
   if (auto plan = try_layout(inputs, out, rows_without_spatial_dims)) {
     return *plan;
   }
+  // An empty tensor counts as contiguous whatever its strides (contiguous() returns it as is), so
+  // give empty operands fresh default strides: nothing is read or written anyway.
+  const auto dense = [](const at::Tensor& t) {
+    return t.numel() == 0 ? at::empty(t.sizes(), t.options()) : t.contiguous();
+  };
   std::vector<at::Tensor> contiguous_inputs;
   for (const auto& t : inputs) {
-    contiguous_inputs.push_back(t.contiguous());
+    contiguous_inputs.push_back(dense(t));
   }
-  at::Tensor contiguous_out = out.defined() && !out.is_contiguous() ? at::empty(out.sizes(), out.options()) : out;
+  at::Tensor contiguous_out =
+      out.defined() && (!out.is_contiguous() || out.numel() == 0) ? at::empty(out.sizes(), out.options()) : out;
   auto plan = try_layout(contiguous_inputs, contiguous_out, rows_without_spatial_dims);
   TORCH_INTERNAL_ASSERT(plan, "contiguous operands must have a kernel layout");
   return *plan;

@@ -16,6 +16,7 @@
 
 #include "common/layout.h"
 
+#include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
@@ -72,6 +73,9 @@ void check_calibrate_inputs(const CalibrateInputs& in);
 void check_calibrate_backward_inputs(const at::Tensor& grad, const CalibrateInputs& in);
 void check_loss_inputs(const LossInputs& in);
 void check_loss_backward_inputs(const at::Tensor& grad_loss, const LossInputs& in);
+
+// grad_mask as the schemas pass it (bool[]), checked to have its four entries.
+GradMask parse_grad_mask(const c10::List<bool>& grad_mask);
 
 // The reduction of a cross_entropy call; with "none" it computes no gradients, so grad_mask must
 // be all false (cross_entropy_backward computes them).
@@ -199,7 +203,8 @@ struct Ops {
       const std::optional<at::Tensor>& weight,
       int64_t ignore_index,
       c10::string_view reduction,
-      GradMask grad_mask) {
+      const c10::List<bool>& grad_mask_list) {
+    const GradMask grad_mask = parse_grad_mask(grad_mask_list);
     const LossInputs in{logits, target, alpha, beta, confidence, weight, ignore_index};
     check_loss_inputs(in);
     const Reduction mode = parse_reduction(reduction, grad_mask);
@@ -216,7 +221,8 @@ struct Ops {
       const std::optional<at::Tensor>& confidence,
       const std::optional<at::Tensor>& weight,
       int64_t ignore_index,
-      GradMask grad_mask) {
+      const c10::List<bool>& grad_mask_list) {
+    const GradMask grad_mask = parse_grad_mask(grad_mask_list);
     const LossInputs in{logits, target, alpha, beta, confidence, weight, ignore_index};
     check_loss_backward_inputs(grad_loss, in);
     return as_tuple(Kernels::loss(in, Reduction::kNone, grad_loss, grad_mask).second);
@@ -238,7 +244,8 @@ struct Ops {
       const at::Tensor& alpha,
       const at::Tensor& beta,
       const std::optional<at::Tensor>& confidence,
-      GradMask grad_mask) {
+      const c10::List<bool>& grad_mask_list) {
+    const GradMask grad_mask = parse_grad_mask(grad_mask_list);
     const CalibrateInputs in{logits, alpha, beta, confidence};
     check_calibrate_backward_inputs(grad, in);
     return as_tuple(Kernels::calibrate_backward(grad, in, grad_mask));
