@@ -28,31 +28,20 @@ import torch
 import triton
 from torch import Tensor
 from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
 from .._compat import size_hint
-
-from .._registration import OpFamily, register_autograd, register_fake_kernels
-from .._validation import accumulation_dtype, check_calibrate_args, check_cross_entropy_args, check_target_values
-from . import kernels
-
 from .._gpu_plan import MIN_BLOCKS_PER_SM  # the one definition shared with the CUDA backend
 from .._gpu_plan import PARTIALS_FRACTION_OF_LOGITS as PARTIALS_BUDGET_FRACTION
-
-try:  # the shared rules (the `fix` branch adds them to _validation.py)
-    from .._validation import check_grad_mask, check_gradient_arg
-except ImportError:  # PLACEHOLDER until that branch is merged: the same checks, same names and messages
-    from .._validation import _check_same_device, _check_tensor, _describe
-
-    def check_grad_mask(grad_mask):
-        entries = list(grad_mask) if isinstance(grad_mask, (list, tuple)) else None
-        if entries is None or len(entries) != 4 or not all(isinstance(m, bool) for m in entries):
-            raise ValueError(f"grad_mask must be a list of 4 bools [logits, alpha, beta, confidence], got {grad_mask!r}")
-        return entries
-
-    def check_gradient_arg(name, grad, logits, shape):
-        _check_tensor(name, grad)
-        _check_same_device(logits, **{name: grad})
-        if tuple(grad.shape) != tuple(shape):
-            raise ValueError(f"{name} must have shape {tuple(shape)}, got {_describe(grad)}")
+from .._registration import OpFamily, register_autograd, register_fake_kernels
+from .._validation import (
+    accumulation_dtype,
+    check_calibrate_args,
+    check_cross_entropy_args,
+    check_grad_mask,
+    check_gradient_arg,
+    check_target_values,
+)
+from . import kernels
 
 INTERPRETED = not isinstance(kernels._cross_entropy_kernel, triton.runtime.JITFunction)
 
