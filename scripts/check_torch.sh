@@ -31,9 +31,11 @@ SECONDS=0
 step "venv $venv"
 [[ -x "$venv/bin/python" ]] || "${PYTHON:-python3}" -m venv "$venv"
 py="$(cd "$venv" && pwd)/bin/python"
-"$py" -m pip install --quiet --upgrade pip "setuptools>=64" wheel ninja
+"$py" -m pip install --quiet --upgrade pip
 step "pip install torch==$version"
-"$py" -m pip install --quiet "torch==$version" numpy pytest expecttest hypothesis pytest-benchmark
+# One resolve, so the build tools stay within what this torch accepts (torch 2.11: setuptools<82).
+"$py" -m pip install --quiet "torch==$version" "setuptools>=64" wheel ninja numpy pytest expecttest hypothesis \
+  pytest-benchmark
 "$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/disalign-check-XXXXXX")

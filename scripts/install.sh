@@ -12,9 +12,10 @@
 #    fall back to its pure-Python backends without a word).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m pip install --quiet --upgrade pip "setuptools>=64" wheel ninja
+python -m pip install --quiet --upgrade pip
+# One resolve, so the build tools stay within what the chosen torch accepts (torch 2.11: setuptools<82).
 python -m pip install --quiet "torch==${DISALIGN_TORCH_VERSION:-2.14.1}" \
-  "torchvision==${DISALIGN_TORCHVISION_VERSION:-0.29.1}"
+  "torchvision==${DISALIGN_TORCHVISION_VERSION:-0.29.1}" "setuptools>=64" wheel ninja
 # shellcheck source=scripts/cuda_env.sh
 source scripts/cuda_env.sh python
 python -m pip install --quiet --no-build-isolation -e ".[test,triton,train]"
