@@ -94,7 +94,8 @@ def test_gradcheck(backend, shape, reduction, with_confidence):
 
     def loss(logits, alpha, beta, confidence=None):
         return disalign_ops.disalign_cross_entropy(
-            logits, inputs.target, alpha, beta, confidence, inputs.weight, reduction=reduction, backend=backend
+            logits, inputs.target, alpha, beta, confidence=confidence, weight=inputs.weight, reduction=reduction,
+            backend=backend,
         )
 
     assert torch.autograd.gradcheck(loss, tensors)

@@ -74,7 +74,8 @@ def test_opcheck_calibrate_backward(backend, case):
 
 def _loss_step(logits, target, alpha, beta, confidence, weight, backend, reduction):
     loss = disalign_ops.disalign_cross_entropy(
-        logits, target, alpha, beta, confidence, weight, ignore_index=-100, reduction=reduction, backend=backend
+        logits, target, alpha, beta, confidence=confidence, weight=weight, ignore_index=-100, reduction=reduction,
+        backend=backend,
     )
     return loss if reduction != "none" else (loss * torch.linspace(0.5, 1.5, loss.numel()).view(loss.shape)).sum()
 
