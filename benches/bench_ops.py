@@ -1,4 +1,4 @@
-"""Forward+backward benchmark of the DisAlign loss (docs/contract.md section 5).
+"""Forward+backward benchmark of the DisAlign loss (SPEC section 5).
 
 Backends, each timed on the same inputs for one forward and one backward pass (reduction "mean"):
 
@@ -86,7 +86,7 @@ MIB = 2**20
 
 @dataclass(frozen=True)
 class ShapeSpec:
-    """One benchmark shape of docs/contract.md section 5 and the long-tail profile of its task."""
+    """One benchmark shape of SPEC section 5 and the long-tail profile of its task."""
 
     task: str  # "cls", "seg" or "det"
     cuda_dims: tuple  # logits shape on CUDA: (N, C) or (B, C, H, W)
@@ -428,7 +428,7 @@ def format_first_calls(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-# docs/contract.md section 5 targets: (device type, backends, shapes, modes, row field, comparison, limit).
+# SPEC section 5 targets: (device type, backends, shapes, modes, row field, comparison, limit).
 # Speed-ups are checked in both modes, the bandwidth bound and stage-2 memory in stage 2 only.
 SPEC_TARGETS = [
     ("cpu", ("native",), ("seg-ade", "det-lvis"), MODES, "speedup_vs_eager", ">=", 5.0),
@@ -452,7 +452,7 @@ FIELD_LABELS = {
 
 
 def check_targets(rows: list[dict], device_type: str) -> list[dict]:
-    """Each target (docs/contract.md section 5) that applies to a measured row, with the measured value and whether it is met."""
+    """Each SPEC target that applies to a measured row, with the measured value and whether it is met."""
     checks = []
     for target_device, backends, shapes, modes, field, comparison, limit in SPEC_TARGETS:
         for r in rows:
