@@ -106,7 +106,7 @@ def test_compile_fullgraph_calibrate(backend):
     inputs = make_inputs((6, 5), dtype=torch.float32)
 
     def head(logits, alpha, beta, confidence):
-        return disalign_ops.calibrate(logits, alpha, beta, confidence, backend=backend).softmax(dim=1)[:, 0].sum()
+        return disalign_ops.calibrate(logits, alpha, beta, confidence=confidence, backend=backend).softmax(dim=1)[:, 0].sum()
 
     def run(fn):
         leaves = [_leaf(t) for t in (inputs.logits, inputs.alpha, inputs.beta, inputs.confidence)]
