@@ -17,7 +17,7 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(disalign, m) {
-  // Loss of SPEC section 2. reduction is "none", "mean" or "sum". For "mean"/"sum" the gradients
+  // Loss of docs/contract.md section 2. reduction is "none", "mean" or "sum". For "mean"/"sum" the gradients
   // of the scalar loss (for grad_output = 1) are computed in the same pass over the logits for the
   // inputs set in grad_mask; for "none" grad_mask must be all false (see cross_entropy_backward).
   // Returns (loss, grad_logits, grad_alpha, grad_beta, grad_confidence).

@@ -3,9 +3,11 @@
 Each name is looked up by what the installed torch has, never by its version string.
 """
 
-try:  # torch >= 2.13 (and some 2.12 builds)
-    from torch.fx.experimental.symbolic_shapes import optimization_hint as size_hint
-except ImportError:  # torch 2.11: the same read of a symbolic size's example value, without a guard
-    from torch.fx.experimental.symbolic_shapes import hint_int as size_hint
+import torch.fx.experimental.symbolic_shapes as _symbolic_shapes
+
+# The example value of a symbolic size, read without adding a guard. newer torch (2.14) calls it
+# `optimization_hint`; torch 2.11 `size_hint` (its `hint_int` is the same, but deprecated: it warns
+# with a FutureWarning on every call).
+size_hint = getattr(_symbolic_shapes, "optimization_hint", None) or _symbolic_shapes.size_hint
 
 __all__ = ["size_hint"]

@@ -1,4 +1,4 @@
-"""The one set of input rules (SPEC section 4), shared by every backend and by the fake kernels.
+"""The one set of input rules (docs/contract.md section 4), shared by every backend and by the fake kernels.
 
 Only metadata is checked here (shapes, dtypes, devices, enums, grad_mask, the incoming gradient of
 the backward ops), so the same function runs on real, meta and fake tensors. Target values are
@@ -19,7 +19,7 @@ REDUCTIONS = ("none", "mean", "sum")
 
 
 class InputTypeError(TypeError, ValueError):
-    """A wrong type or dtype: a TypeError by Python convention and a ValueError, as SPEC section 4 lists."""
+    """A wrong type or dtype: a TypeError by Python convention and a ValueError, as docs/contract.md section 4 lists."""
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -1,4 +1,4 @@
-"""Public functional API (SPEC section 3): one entry point per operation, any backend."""
+"""Public functional API (docs/contract.md section 3): one entry point per operation, any backend."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def disalign_cross_entropy(
     reduction: str = "mean",
     backend: str | None = None,
 ) -> torch.Tensor:
-    """Class-weighted cross entropy of the DisAlign-calibrated logits, fused (SPEC section 2).
+    """Class-weighted cross entropy of the DisAlign-calibrated logits, fused (docs/contract.md section 2).
 
     Equals ``F.cross_entropy((1 + s*alpha)*z + s*beta, target, weight=weight, ...)`` without
     materialising the calibrated logits. ``logits`` is (N, C) or (N, C, d1, ...); ``target`` and

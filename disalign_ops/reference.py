@@ -1,4 +1,4 @@
-"""The eager reference: the one definition of the math (SPEC section 2) every backend is tested against.
+"""The eager reference: the one definition of the math (docs/contract.md section 2) every backend is tested against.
 
 This is the PyTorch expression users write today, upcast to the accumulation dtype (float32 for
 half inputs, float64 for float64), so that it also defines the dtype contract: the loss comes back in

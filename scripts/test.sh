@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# The test command (CI runs exactly this): installs, compile-checks the CUDA sources with nvcc where
-# nvcc exists, then runs the test suite. Triton tests run on the CPU through the interpreter.
+# The test command (CI's main job, through .ci/run): installs (scripts/install.sh: torch 2.14.1, the
+# extension with its CUDA half where nvcc exists), checks the CUDA side with .ci/check_cuda.sh (ptxas
+# spills; SASS/PTX targets of the built library), then runs the whole test suite. Triton tests run
+# on the CPU through the interpreter; GPU tests skip without a GPU. Each step prints its duration.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/install.sh
-bash .ci/check_cuda.sh
-python -m pytest tests/ "$@"
+timed() { local start=$SECONDS; "$@"; echo "test.sh: '$*' took $((SECONDS - start)) s"; }
+timed bash scripts/install.sh
+timed bash .ci/check_cuda.sh
+timed python -m pytest tests/ "$@"

@@ -1,4 +1,4 @@
-"""SPEC section 4: bad input raises a clear Python exception naming the argument and the offending
+"""docs/contract.md section 4: bad input raises a clear Python exception naming the argument and the offending
 shape or value, through the public API and through direct calls of each backend's operators
 (which bypass the Python checks and must still never read or write out of bounds)."""
 

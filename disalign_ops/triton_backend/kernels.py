@@ -1,4 +1,4 @@
-"""Triton kernels of the DisAlign loss and calibration (SPEC section 2), Liger-Kernel style.
+"""Triton kernels of the DisAlign loss and calibration (docs/contract.md section 2), Liger-Kernel style.
 
 Layout: every kernel sees the logits as a (B, C, S) view with strides (stride_image, stride_class,
 stride_row): B "images", C classes, S rows per image (pixels for segmentation logits, samples or
