@@ -163,7 +163,7 @@ setup(
         "test": ["pytest", "pytest-benchmark", "expecttest", "hypothesis"],
         "triton": ["triton"],
         # The trainers (python/disalign_train) only.
-        "train": ["tqdm", "matplotlib", "scikit-learn", "pillow", "pycocotools"],
+        "train": ["tqdm", "matplotlib", "scikit-learn", "pillow", "pycocotools", "torchvision"],
     },
     entry_points={"console_scripts": ["disalign-train=disalign_train.cli:main"]},
 )

@@ -8,4 +8,7 @@ cd "$(dirname "$0")/.."
 timed() { local start=$SECONDS; "$@"; echo "test.sh: '$*' took $((SECONDS - start)) s"; }
 timed bash scripts/install.sh
 timed bash .ci/check_cuda.sh
+# Report only (issue 9's instruction budget of the GPU kernels, read from SASS; no GPU needed).
+timed python benches/sass_budget.py --out "${TMPDIR:-/tmp}/disalign-sass-budget" \
+  || echo "test.sh: benches/sass_budget.py failed (report only, not a test)"
 timed python -m pytest tests/ "$@"

@@ -50,7 +50,10 @@ LOSS_PER_ROW, LOSS_PER_PROGRAM, NO_LOSS = 0, 1, 2
 
 def _launch(kernel, grid):
     """Every launch goes through here: benches/sass_triton.py replaces it to record (and compile for
-    sm_90a) exactly the launches this module plans, instead of re-deriving them."""
+    sm_90a) exactly the launches this module plans, instead of re-deriving them. Interpreted kernels
+    (the custom_op path) launch directly: torch 2.11's wrap_triton accepts only @triton.jit functions."""
+    if INTERPRETED:
+        return kernel[grid]
     return torch.library.wrap_triton(kernel)[grid]
 
 
