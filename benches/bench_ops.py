@@ -1,4 +1,4 @@
-"""Forward+backward benchmark of the DisAlign loss (SPEC section 5).
+"""Forward+backward benchmark of the DisAlign loss (docs/contract.md section 5).
 
 Backends, each timed on the same inputs for one forward and one backward pass (reduction "mean"):
 
@@ -102,7 +102,7 @@ ROW_KEYS = ("device", "shape", "mode", "dtype", "backend", "ms", "fraction_of_co
 
 @dataclass(frozen=True)
 class ShapeSpec:
-    """One benchmark shape of SPEC section 5 and the long-tail profile of its task."""
+    """One benchmark shape of docs/contract.md section 5 and the long-tail profile of its task."""
 
     task: str  # "cls", "seg" or "det"
     cuda_dims: tuple  # logits shape on CUDA: (N, C) or (B, C, H, W)
@@ -358,7 +358,7 @@ def format_first_calls(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-# SPEC section 5: (device type, level, backends, shapes, modes, row field, comparison, limit). "target" is
+# docs/contract.md section 5: (device type, level, backends, shapes, modes, row field, comparison, limit). "target" is
 # the raised target of 2026-12, "minimum" the older floor the SPEC still states. Speed-ups are checked in
 # both modes, the bandwidth and stage-2 memory in stage 2 only; every dtype measured is checked.
 GPU = ("native", "triton")

@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = [ROOT / "tests" / "cuda_plan" / "plan_main.cpp", ROOT / "csrc" / "cuda" / "plan.cpp"]
 
-# The GPU benchmark shapes of SPEC section 5 as (batch, classes, spatial, pixels layout).
+# The GPU benchmark shapes of docs/contract.md section 5 as (batch, classes, spatial, pixels layout).
 BENCH_SHAPES = {
     "cls-imagenet": (4096, 1000, 1, False),
     "cls-inat": (4096, 8142, 1, False),

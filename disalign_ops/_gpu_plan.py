@@ -3,17 +3,17 @@ in disalign_ops/triton_backend). Pure Python without imports: setup.py reads thi
 the package is importable) and passes each constant to the C++/CUDA compiler as a macro, so the
 native kernels and the Triton launcher use the same values from this single definition.
 
-Stage 2 (SPEC section 5) reduces dalpha / dbeta over all rows. Deterministic reductions rule out
+Stage 2 (docs/contract.md section 5) reduces dalpha / dbeta over all rows. Deterministic reductions rule out
 floating-point atomics, so every block / program accumulates its rows into its own partial row of C
 values per wanted gradient, and a second kernel sums those rows in a fixed order. The partial rows are
 the stage-2 kernels' only extra memory beyond their outputs.
 """
 
-# The partial rows may take at most this fraction of the logits' bytes (the SPEC's stage-2 target:
+# The partial rows may take at most this fraction of the logits' bytes (docs/contract.md section 5, the stage-2 target:
 # extra memory < 1% of the logits) ...
 PARTIALS_FRACTION_OF_LOGITS = 0.01
 
-# ... except that the grid never drops below this many resident blocks per SM (SPEC/issue 9: at least
+# ... except that the grid never drops below this many resident blocks per SM (docs/contract.md section 5 and issue 9: at least
 # one per SM on every benchmark shape; fewer leaves SMs, i.e. bandwidth, idle). The floor wins where
 # the two conflict: with one partial row per block and 132 SMs, (N, C) logits need
 # N >= 132 * 2 * 4 / (elem_size * PARTIALS_FRACTION_OF_LOGITS) rows (52800 for bf16, 26400 for fp32) to

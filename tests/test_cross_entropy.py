@@ -1,4 +1,4 @@
-"""disalign_cross_entropy of every op backend against the eager reference (SPEC section 2) and
+"""disalign_cross_entropy of every op backend against the eager reference (docs/contract.md section 2) and
 F.cross_entropy itself: reductions, optional inputs, layouts, dtypes, edge cases, determinism."""
 
 import os
@@ -59,7 +59,7 @@ def test_other_spatial_ranks_match_reference(backend, shape, layout, reduction):
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("shape", [(9, 7), (2, 5, 3, 4)], ids=["nc", "nchw"])
 def test_float64_equals_f_cross_entropy_of_calibrated_logits(backend, shape, reduction):
-    """The SPEC's defining identity, written out independently of disalign_ops.reference."""
+    """The contract's defining identity (docs/contract.md section 2), written out independently of disalign_ops.reference."""
     inputs = make_inputs(shape, dtype=torch.float64, device=backend.device)
 
     def calibrated_cross_entropy(logits, target, alpha, beta, confidence, weight, ignore_index, reduction):
