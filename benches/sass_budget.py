@@ -14,7 +14,8 @@ Triton backend's list of launches where it provides one.
 
 Report only (exit 0 whatever the counts): CI runs it. Without nvcc it prints a SKIPPED line and exits 0.
 Last line: `stage-2 loops within budget: K of N`, N counting the CUDA stage-2 kernels per (benchmark
-shape, dtype), each judged on the sum of its hot loops, plus the Triton stage-2 launches.
+shape, dtype), each judged on the sum of its hot loops, plus the Triton stage-2 launches that loop
+over the logits (the target prepass is listed, not counted).
 """
 
 from __future__ import annotations
@@ -189,6 +190,12 @@ def markdown(rows: list[dict], others: list[dict], triton: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
+def triton_logit_loops(triton_rows: list[dict]) -> list[dict]:
+    """The Triton stage-2 launches that loop over the logits. The target prepass reads only targets
+    (no loop over logit elements, 0 per element): counting it as "within budget" would flatter K."""
+    return [r for r in triton_rows if r.get("mode") == "stage2" and r.get("loops")]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(HERE / "results"), help="directory of sass_budget.json / .md")
@@ -219,12 +226,12 @@ def main(argv=None) -> int:
               su.BUDGET_EXP2_PER_ELEMENT, "cuda": rows, "other_kernels": others, "triton": triton,
               "triton_status": triton_status,
               "stage2_within_budget": [sum(r["within_budget"] for r in stage2)
-                                       + sum(bool(r["within_budget"]) for r in triton if r.get("mode") == "stage2"),
-                                       len(stage2) + sum(r.get("mode") == "stage2" for r in triton)],
+                                       + sum(bool(r["within_budget"]) for r in triton_logit_loops(triton)),
+                                       len(stage2) + len(triton_logit_loops(triton))],
               "full_within_budget": [sum(r["within_budget"] for r in full), len(full)]}
     (out / "sass_budget.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "sass_budget.md").write_text(table)
-    t2 = [r for r in triton if r.get("mode") == "stage2"]
+    t2 = triton_logit_loops(triton)
     print(f"CUDA full-mode kernels within budget: {sum(r['within_budget'] for r in full)} of {len(full)}")
     print(f"CUDA stage-2 kernels within budget: {sum(r['within_budget'] for r in stage2)} of {len(stage2)}")
     print(f"Triton stage-2 launches within budget: {sum(bool(r['within_budget']) for r in t2)} of {len(t2)}")
