@@ -56,12 +56,21 @@ print(json.dumps(report))
 """
 
 
+# An editable install (`pip install -e`, as CI's main job does) puts a finder on sys.meta_path that
+# resolves disalign_ops.* submodules in the source checkout when the copy lacks them (the copy's
+# missing _C would be found there): the child drops it, so the copy is all it sees.
+ISOLATE = r"""
+import sys
+sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
+"""
+
+
 def _run(code: str, pythonpath: str, env_extra=None) -> dict:
     env = dict(os.environ)
     env.pop("DISALIGN_BACKEND", None)
     env["PYTHONPATH"] = os.pathsep.join([pythonpath, TESTS_DIR])
     env.update(env_extra or {})
-    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=pythonpath, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", ISOLATE + code], env=env, cwd=pythonpath, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
     return json.loads(done.stdout.strip().splitlines()[-1])
