@@ -31,7 +31,7 @@ from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
 from .._compat import size_hint
 from .._gpu_plan import MIN_BLOCKS_PER_SM  # the one definition shared with the CUDA backend
-from .._gpu_plan import PARTIALS_FRACTION_OF_LOGITS as PARTIALS_BUDGET_FRACTION
+from .._gpu_plan import PARTIALS_FRACTION_OF_LOGITS
 from .._registration import OpFamily, register_autograd, register_fake_kernels
 from .._validation import (
     accumulation_dtype,
@@ -224,7 +224,7 @@ def _num_programs(num_tiles: int, device: torch.device, class_partials_bytes: in
     """One program per tile, unless da/db partial rows are written: then a persistent grid.
 
     Each program owns a partial row of C floats for da and for db; a persistent grid of P programs
-    needs P x C of them. P is what fits in PARTIALS_BUDGET_FRACTION of the logits' bytes (the
+    needs P x C of them. P is what fits in PARTIALS_FRACTION_OF_LOGITS of the logits' bytes (the
     shared GPU budget, disalign_ops/_gpu_plan.py), capped at four per SM (a few waves amortise the
     partials), but never fewer than MIN_BLOCKS_PER_SM per SM (the floor wins, as in the CUDA planner): on 132 SMs seg-ade gets 528 programs
     (0.1% of bf16 logits); the (N, C) benchmark shapes, whose N is small for their C, get 132, which
@@ -234,7 +234,7 @@ def _num_programs(num_tiles: int, device: torch.device, class_partials_bytes: in
     if class_partials_bytes == 0:
         return num_tiles
     resident = MIN_BLOCKS_PER_SM * _num_sms(device)
-    within_budget = int(_hint(logits_bytes) * PARTIALS_BUDGET_FRACTION) // _hint(class_partials_bytes)
+    within_budget = int(_hint(logits_bytes) * PARTIALS_FRACTION_OF_LOGITS) // _hint(class_partials_bytes)
     # sym_min keeps the program count exact (never more programs than tiles) for symbolic sizes.
     return torch.sym_min(num_tiles, max(resident, min(4 * _num_sms(device), within_budget)))
 
