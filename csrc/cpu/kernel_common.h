@@ -1,0 +1,148 @@
+// What the per-ISA CPU kernels share: vector loads and stores of any logits dtype, block shapes,
+// operand addressing, the prefetch of a block's class runs, and the deterministic chunk loop.
+// Included only by disalign_kernels.cpp, which is compiled once per instruction set (setup.py), so
+// everything here lands in that copy's namespace.
+#pragma once
+
+#include "cpu/disalign_kernels.h"
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+namespace disalign::cpu::CPU_CAPABILITY {
+namespace {
+
+using at::vec::Vectorized;
+
+// Loads and stores of logits-dtype elements as vectors of the accumulation type.
+template <typename scalar_t>
+struct Io {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  static constexpr int64_t kWidth = Vec::size();
+
+  static Vec load(const scalar_t* data, int64_t count) {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      return count == kWidth ? Vec::loadu(data) : Vec::loadu(data, count);
+    } else {
+      if (count == kWidth) {
+        Vec out;
+        at::vec::load_to_float(data, out);
+        return out;
+      }
+      return at::vec::convert<acc_t>(Vectorized<scalar_t>::loadu(data, count));
+    }
+  }
+
+  static void store(scalar_t* data, const Vec& value, int64_t count) {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      value.store(data, count);
+    } else {
+      at::vec::convert<scalar_t>(value).store(data, count);
+    }
+  }
+};
+
+// Block shapes, the same for every kernel. Classes layout (class stride 1): a block is kBlockRows
+// rows, vectors run along the classes. Pixels layout (pixel stride 1): a block is kPixelVectors
+// vectors of consecutive pixels of one image (lanes are rows), the sweeps run over the classes.
+constexpr int kBlockRows = 4;
+constexpr int kPixelVectors = 4;
+
+template <typename acc_t>
+constexpr int64_t pixels_per_block() {
+  return kPixelVectors * Vectorized<acc_t>::size();
+}
+
+// Blocks never cross an image, so the rows of a block are evenly spaced in memory.
+inline int64_t block_rows_within_image(const Geometry& geometry, int64_t max_rows, int64_t row, int64_t end) {
+  const int64_t image_end = (row / geometry.spatial + 1) * geometry.spatial;
+  return std::min({max_rows, end - row, image_end - row});
+}
+
+template <typename acc_t>
+inline int64_t block_rows(Layout layout, const Geometry& geometry, int64_t row, int64_t end) {
+  const int64_t max_rows = layout == Layout::kClassesContiguous ? kBlockRows : pixels_per_block<acc_t>();
+  return block_rows_within_image(geometry, max_rows, row, end);
+}
+
+inline int64_t row_offset(const Geometry& geometry, const Strides& strides, int64_t row) {
+  const int64_t image = row / geometry.spatial;
+  return image * strides.batch + (row - image * geometry.spatial) * strides.spatial;
+}
+
+
+// Hints run `c` (class c's kPixels elements) of the next block of the same image into the cache
+// while this block is swept: in the pixels layout each class of a block is its own short stream,
+// too many for the hardware prefetcher.
+template <int64_t kPixels, typename scalar_t>
+inline void prefetch_next_run(const scalar_t* block, const Geometry& geometry, const Strides& strides,
+                              int64_t first_row, int64_t c) {
+  if (first_row + 2 * kPixels > (first_row / geometry.spatial + 1) * geometry.spatial) {
+    return;  // the next block is in another image (or absent)
+  }
+  const char* next = reinterpret_cast<const char*>(block + c * strides.cls + kPixels);
+  constexpr int64_t kBytes = kPixels * static_cast<int64_t>(sizeof(scalar_t));
+  for (int64_t byte = 0; byte < kBytes; byte += 64) {
+    __builtin_prefetch(next + byte);
+  }
+}
+
+// Runs block(first_row, rows, grad_alpha_partial, grad_beta_partial, scratch) -> double over the
+// blocks of every chunk (block.block_rows(geometry, row, end) rows each), chunks in parallel; a
+// chunk's block results are summed into sum_partials[chunk]. block.begin_chunk(scratch) and
+// block.end_chunk(scratch, grad_alpha_partial, grad_beta_partial) bracket each chunk. scratch: the
+// running thread's slot of the scratch (nullptr when none).
+template <typename acc_t, typename BlockFn>
+void for_each_chunk(
+    const Geometry& geometry,
+    const Chunking& chunking,
+    void* grad_alpha_partials,
+    void* grad_beta_partials,
+    double* sum_partials,
+    acc_t* scratch,
+    int64_t scratch_slots,
+    int64_t scratch_per_thread,
+    const BlockFn& block) {
+  const int64_t rows = geometry.rows();
+  const int64_t classes = geometry.classes;
+  at::parallel_for(0, chunking.count, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    acc_t* slot = nullptr;
+    if (scratch) {
+      // Run in parallel, thread t < min(threads, chunks) = scratch_slots; run inline (one thread,
+      // e.g. nested in another parallel region) any slot will do, as no other thread uses this call's.
+      const int64_t thread = std::min<int64_t>(at::get_thread_num(), scratch_slots - 1);
+      slot = scratch + thread * scratch_per_thread;
+    }
+    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+      acc_t* grad_alpha = grad_alpha_partials ? static_cast<acc_t*>(grad_alpha_partials) + chunk * classes : nullptr;
+      acc_t* grad_beta = grad_beta_partials ? static_cast<acc_t*>(grad_beta_partials) + chunk * classes : nullptr;
+      for (acc_t* partial : {grad_alpha, grad_beta}) {
+        if (partial) {
+          std::fill(partial, partial + classes, acc_t(0));
+        }
+      }
+      block.begin_chunk(slot);
+      const int64_t end = std::min(rows, (chunk + 1) * chunking.rows_per_chunk);
+      double sum = 0;
+      for (int64_t row = chunk * chunking.rows_per_chunk; row < end;) {
+        const int64_t block_rows = block.block_rows(geometry, row, end);
+        sum += block(row, block_rows, grad_alpha, grad_beta, slot);
+        row += block_rows;
+      }
+      block.end_chunk(slot, grad_alpha, grad_beta);
+      if (sum_partials) {
+        sum_partials[chunk] = sum;
+      }
+    }
+  });
+}
+
+}  // namespace
+}  // namespace disalign::cpu::CPU_CAPABILITY
