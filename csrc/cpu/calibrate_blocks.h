@@ -40,7 +40,7 @@ struct CalibrateBlocks {
         grad_confidence(static_cast<acc_t*>(a.grad_confidence)) {}
 
   int64_t block_rows(const Geometry& geometry, int64_t row, int64_t end) const {
-    return cpu::CPU_CAPABILITY::block_rows<acc_t>(args.layout, geometry, row, end);
+    return cpu::CPU_CAPABILITY::block_rows(args.layout, kPixels, geometry, row, end);
   }
   void begin_chunk(acc_t* /*scratch*/) const {}
   void end_chunk(acc_t* /*scratch*/, acc_t* /*grad_alpha*/, acc_t* /*grad_beta*/) const {}
@@ -135,7 +135,7 @@ struct CalibrateBlocks {
   // kFull: all kPixels rows of the block present; else the last vectors are partial or empty.
   template <bool kFull, bool kBackward>
   double pixel_block(int64_t first_row, int64_t rows, acc_t* grad_alpha, acc_t* grad_beta) const {
-    constexpr int V = kPixelVectors;
+    constexpr int V = pixel_vectors<acc_t>();
     const Geometry& geometry = args.geometry;
     const Strides& in = args.logits.strides;
     const Strides& upstream = args.grad.strides;
@@ -159,12 +159,6 @@ struct CalibrateBlocks {
     }
     const auto add = [](const Vec& x, const Vec& y) { return x + y; };
     for (int64_t c = 0; c < geometry.classes; ++c) {
-      if constexpr (kFull) {
-        prefetch_next_run<kPixels>(z_block, geometry, in, first_row, c);
-        if constexpr (kBackward) {
-          prefetch_next_run<kPixels>(g_block, geometry, upstream, first_row, c);
-        }
-      }
       const Vec a(alpha[c]);
       const Vec b(beta[c]);
       Vec da(0);

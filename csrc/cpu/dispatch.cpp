@@ -104,9 +104,10 @@ IsaKernels chosen_kernels() {
 // Chunking and reductions.
 
 Chunking chunking_for(int64_t rows) {
-  // Up to 64 chunks of a multiple of 64 rows (whole pixel blocks), a function of the row count only.
+  // Up to 64 chunks of a multiple of 128 rows (whole pixel blocks of every instruction set:
+  // kernel_common.h), a function of the row count only.
   constexpr int64_t kMaxChunks = 64;
-  constexpr int64_t kRowAlignment = 64;
+  constexpr int64_t kRowAlignment = 128;
   if (rows == 0) {
     return {0, kRowAlignment};
   }

@@ -63,8 +63,12 @@ struct LossBlocks {
   using IO = Io<scalar_t>;
   static constexpr int64_t kWidth = Vec::size();
   static constexpr int kRows = kBlockRows;
-  static constexpr int64_t kPixels = pixels_per_block<acc_t>();  // a class's run in a pixels block
-  static_assert(kPixels >= kRows, "Rows holds the per-row scalars of either block shape");
+  // Rows of a pixels block: long class runs while the block's scratch stays within
+  // kPixelScratchBytes (C <= 256 in float, e.g. seg-ade's 150 classes), else short ones.
+  static constexpr int64_t kPixels = pixels_per_block<acc_t, kPixelRunBytes>();
+  static constexpr int64_t kShortPixels = pixels_per_block<acc_t, kShortPixelRunBytes>();
+  static constexpr int64_t kPixelScratchBytes = 256 * 1024;
+  static_assert(kShortPixels >= kRows, "Rows holds the per-row scalars of every block shape");
 
   const LossArgs& args;
   const scalar_t* logits;
@@ -77,6 +81,7 @@ struct LossBlocks {
   acc_t* loss;
   acc_t* grad_confidence;
   bool wants_grad;
+  int64_t pixels;  // rows of a pixels block
 
   explicit LossBlocks(const LossArgs& a)
       : args(a),
@@ -90,21 +95,27 @@ struct LossBlocks {
         loss(static_cast<acc_t*>(a.loss)),
         grad_confidence(static_cast<acc_t*>(a.grad_confidence)),
         wants_grad(
-            a.grad_logits.data || a.grad_alpha_partials || a.grad_beta_partials || a.grad_confidence) {}
+            a.grad_logits.data || a.grad_alpha_partials || a.grad_beta_partials || a.grad_confidence),
+        pixels(pixels_per_block(a.geometry.classes)) {}
 
   static int64_t padded(int64_t classes) {
     return (classes + kWidth - 1) / kWidth * kWidth;
   }
   // Scratch of one thread: classes layout, kRows rows of zhat / e (classes padded to whole
-  // vectors); pixels layout, zhat / e and a copy of the logits (class c's kPixels at c * kPixels:
-  // a block's classes lie a whole image plane apart, which with a power-of-two plane maps them all
-  // to the same L1/L2 sets, so sweep 3 reads the copy), then the chunk's per-class vector sums of
-  // the alpha and beta gradients.
+  // vectors); pixels layout, zhat / e and a copy of the logits (class c's run at c * pixels: a
+  // block's classes lie a whole image plane apart, which with a power-of-two plane maps them all to
+  // the same L1/L2 sets, so sweep 3 reads the copy), then the chunk's per-class vector sums of the
+  // alpha and beta gradients.
+  static int64_t pixels_per_block(int64_t classes) {
+    const bool long_runs = 2 * classes * kPixels * static_cast<int64_t>(sizeof(acc_t)) <= kPixelScratchBytes;
+    return long_runs ? kPixels : kShortPixels;
+  }
   static int64_t scratch_elements(Layout layout, int64_t classes) {
-    return layout == Layout::kClassesContiguous ? kRows * padded(classes) : 2 * classes * (kPixels + kWidth);
+    return layout == Layout::kClassesContiguous ? kRows * padded(classes)
+                                                : 2 * classes * (pixels_per_block(classes) + kWidth);
   }
   int64_t block_rows(const Geometry& geometry, int64_t row, int64_t end) const {
-    return cpu::CPU_CAPABILITY::block_rows<acc_t>(args.layout, geometry, row, end);
+    return cpu::CPU_CAPABILITY::block_rows(args.layout, pixels, geometry, row, end);
   }
 
   // Per-row scalars of a block; rows past `rows` are padding: confidence and coefficient 0.
@@ -182,7 +193,7 @@ struct LossBlocks {
     }
   }
   acc_t* class_sums(acc_t* scratch) const {
-    return scratch + 2 * args.geometry.classes * kPixels;
+    return scratch + 2 * args.geometry.classes * pixels;
   }
 
   double operator()(int64_t first_row, int64_t rows, acc_t* grad_alpha, acc_t* grad_beta, acc_t* scratch) const {
@@ -203,10 +214,15 @@ struct LossBlocks {
                      : class_rows<1, false>(first_row, grad_alpha, grad_beta, scratch);
       }
     }
-    if (rows == kPixels) {
-      return out ? pixel_block<true, true>(first_row, rows, scratch) : pixel_block<true, false>(first_row, rows, scratch);
+    return pixels == kPixels ? pixel_blocks<kPixels>(first_row, rows, out, scratch)
+                             : pixel_blocks<kShortPixels>(first_row, rows, out, scratch);
+  }
+  template <int64_t P>
+  double pixel_blocks(int64_t first_row, int64_t rows, bool out, acc_t* scratch) const {
+    if (rows == P) {
+      return out ? pixel_block<P, true, true>(first_row, rows, scratch) : pixel_block<P, true, false>(first_row, rows, scratch);
     }
-    return out ? pixel_block<false, true>(first_row, rows, scratch) : pixel_block<false, false>(first_row, rows, scratch);
+    return out ? pixel_block<P, false, true>(first_row, rows, scratch) : pixel_block<P, false, false>(first_row, rows, scratch);
   }
 
   // Classes contiguous: R rows, vectors along the classes.
@@ -334,11 +350,11 @@ struct LossBlocks {
     return loss_sum;
   }
 
-  // Pixels contiguous: kPixelVectors vectors of consecutive pixels (lanes are rows), the sweeps run
-  // over the classes. kFull: all kPixels rows present; else the last vectors are partial or empty.
-  template <bool kFull, bool kGradLogits>
+  // Pixels contiguous: P consecutive pixels (lanes are rows), the sweeps run over the classes.
+  // kFull: all P rows present; else the last vectors are partial or empty.
+  template <int64_t P, bool kFull, bool kGradLogits>
   double pixel_block(int64_t first_row, int64_t rows, acc_t* scratch) const {
-    constexpr int V = kPixelVectors;
+    constexpr int V = static_cast<int>(P / kWidth);
     const Geometry& geometry = args.geometry;
     const Strides& in = args.logits.strides;
     const Strides& out_strides = args.grad_logits.strides;
@@ -346,7 +362,7 @@ struct LossBlocks {
     const scalar_t* z_block = logits + row_offset(geometry, in, first_row);
     scalar_t* out_block = kGradLogits ? grad_logits + row_offset(geometry, out_strides, first_row) : nullptr;
     acc_t* const e_block = scratch;
-    acc_t* const z_copy = scratch + classes * kPixels;
+    acc_t* const z_copy = scratch + classes * P;
     acc_t* const sums = class_sums(scratch);
     int64_t count[V];
     for (int k = 0; k < V; ++k) {
@@ -366,18 +382,15 @@ struct LossBlocks {
 
     // Sweep 1: the logits copied, zhat into the scratch, running max per lane.
     for (int64_t c = 0; c < classes; ++c) {
-      if constexpr (kFull) {
-        prefetch_next_run<kPixels>(z_block, geometry, in, first_row, c);
-      }
       const Vec a(alpha[c]);
       const Vec b(beta[c]);
       const scalar_t* z_at = z_block + c * in.cls;
       for (int k = 0; k < V; ++k) {
         const Vec z = load(z_at + k * kWidth, k);
-        z.store(z_copy + c * kPixels + k * kWidth);
+        z.store(z_copy + c * P + k * kWidth);
         const Vec zhat = calibrated(z, s[k], a, b);
         m[k] = at::vec::clamp_min(m[k], zhat);
-        zhat.store(e_block + c * kPixels + k * kWidth);
+        zhat.store(e_block + c * P + k * kWidth);
       }
     }
     // Sweep 2: exponentials in place, sums per lane.
@@ -386,31 +399,31 @@ struct LossBlocks {
       sum[k] = Vec(0);
     }
     for (int64_t c = 0; c < classes; ++c) {
-      acc_t* e_at = e_block + c * kPixels;
+      acc_t* e_at = e_block + c * P;
       for (int k = 0; k < V; ++k) {
         const Vec e = exp(Vec::loadu(e_at + k * kWidth) - m[k]);
         sum[k] += e;
         e.store(e_at + k * kWidth);
       }
     }
-    alignas(64) acc_t row_max[kPixels];
-    alignas(64) acc_t row_sum[kPixels];
+    alignas(64) acc_t row_max[P];
+    alignas(64) acc_t row_sum[P];
     for (int k = 0; k < V; ++k) {
       m[k].store(row_max + k * kWidth);
       poison(sum[k], m[k]).store(row_sum + k * kWidth);
     }
     const double loss_sum = row_losses(first_row, rows, r, row_max, row_sum, [&](int64_t i, int64_t t) {
-      return z_copy[t * kPixels + i];
+      return z_copy[t * P + i];
     });
     if (!wants_grad) {
       return loss_sum;
     }
 
-    alignas(64) acc_t row_factor[kPixels] = {};
+    alignas(64) acc_t row_factor[P] = {};
     for (int64_t i = 0; i < rows; ++i) {
       row_factor[i] = r.coefficient[i] / row_sum[i];
       if (r.target[i] != args.ignore_index) {
-        e_block[r.target[i] * kPixels + i] -= row_sum[i];
+        e_block[r.target[i] * P + i] -= row_sum[i];
       }
     }
     Vec factor[V];
@@ -423,8 +436,8 @@ struct LossBlocks {
     for (int64_t c = 0; c < classes; ++c) {
       const Vec a(alpha[c]);
       const Vec b(beta[c]);
-      const acc_t* e_at = e_block + c * kPixels;
-      const acc_t* z_at = z_copy + c * kPixels;
+      const acc_t* e_at = e_block + c * P;
+      const acc_t* z_at = z_copy + c * P;
       Vec da(0);
       Vec db(0);
       for (int k = 0; k < V; ++k) {
@@ -445,7 +458,7 @@ struct LossBlocks {
       (Vec::loadu(db_at) + db).store(db_at);
     }
     if (grad_confidence) {
-      alignas(64) acc_t values[kPixels];
+      alignas(64) acc_t values[P];
       for (int k = 0; k < V; ++k) {
         ds[k].store(values + k * kWidth);
       }
