@@ -37,6 +37,15 @@ step "pip install torch==$version"
 "$py" -m pip install --quiet "torch==$version" "setuptools>=64" wheel ninja numpy pytest expecttest hypothesis \
   pytest-benchmark
 "$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+# The Triton backend's tests run its kernels under TRITON_INTERPRET=1 here. Triton 3.6's
+# interpreter (torch 2.11's) turns 1-element arrays into Python ints, which NumPy 2.4 no longer
+# allows ("only 0-dimensional arrays can be converted to Python scalars"): probe it, and where it
+# fails, fall back to the newest NumPy before 2.4 for this venv.
+if ! "$py" scripts/probe_triton_interpreter.py; then
+  step "Triton's interpreter fails with this NumPy: installing numpy<2.4"
+  "$py" -m pip install --quiet "numpy<2.4"
+  "$py" scripts/probe_triton_interpreter.py
+fi
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/disalign-check-XXXXXX")
 trap 'rm -rf "$work"' EXIT
