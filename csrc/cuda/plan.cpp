@@ -208,11 +208,13 @@ int copy_unit(uintptr_t data, const Strides& st, const TileRequest& q, const Til
     } else {
       ok = ok && g.classes % per == 0 && plan.chunk_classes % per == 0 && (g.spatial == 1 || st.spatial % per == 0);
     }
-    if (ok) {
+    if (ok && (unit >= 8 || elem != 2)) {
       return unit;
     }
   }
-  return elem;
+  // 2-byte elements in 4- or 2-byte units: one cp.async per one or two elements, ~1.5-4 instructions
+  // per element and 2-4 bytes per request; line_copy.h moves 16 bytes per request instead.
+  return elem == 2 ? kCopyRealign : elem;
 }
 
 }  // namespace disalign::cuda
