@@ -39,8 +39,8 @@ size_t row_partial_entries(const TileRequest& q, const TilePlan& plan) {
 }
 
 size_t row_meta_bytes(const TileRequest& q, int tile_rows) {
-  // row_base x 3 (int64), s, max, gw / sum, gw (acc), y (int).
-  return static_cast<size_t>(tile_rows) * (3 * sizeof(int64_t) + 4 * q.acc + sizeof(int));
+  // row_base x 3 (int64), s, max, gw / sum, gw, gw * s / sum (acc), y (int).
+  return static_cast<size_t>(tile_rows) * (3 * sizeof(int64_t) + 5 * q.acc + sizeof(int));
 }
 
 int64_t partial_rows(int64_t logits_bytes, int64_t row_bytes, int multiprocessors, int64_t wanted_blocks) {
