@@ -57,13 +57,31 @@ def build(out_dir: str | os.PathLike | None = None, cxx: str | None = None) -> P
 
 def plans(exe: Path, requests: list[dict], device: Device = H200, registers: int = 64) -> list[dict]:
     """Plans for requests with keys batch, classes, spatial, pixels, elem, acc and the optional flags
-    calibrate, want_alpha, want_beta, want_loss, mean (stage 2 of cross entropy by default)."""
+    calibrate, want_alpha, want_beta, want_loss, mean (stage 2 of cross entropy by default). With
+    `operand` = (data address, (batch, classes, spatial) element strides) the plan also carries the
+    planner's copy unit for that operand ("copy_unit": bytes, or COPY_REALIGN), else -1."""
     lines = []
     for r in requests:
         fields = [r["batch"], r["classes"], r["spatial"], int(r["pixels"]), r["elem"], r.get("acc", 4),
                   int(r.get("calibrate", False)), int(r.get("want_alpha", True)), int(r.get("want_beta", True)),
                   int(r.get("want_loss", True)), int(r.get("mean", True)), device.multiprocessors,
                   device.max_shared_per_block, device.shared_per_sm, r.get("registers", registers)]
+        if "operand" in r:
+            address, strides = r["operand"]
+            fields += [address, *strides]
         lines.append(" ".join(str(f) for f in fields))
     out = subprocess.run([str(exe)], input="\n".join(lines) + "\n", capture_output=True, text=True, check=True)
+    return [json.loads(line) for line in out.stdout.splitlines()]
+
+
+# copy_unit's value for lines copied by csrc/cuda/line_copy.h (plan.h kCopyRealign).
+COPY_REALIGN = 0
+
+
+def line_copies(exe: Path, cases: list[tuple[int, int, int]]) -> list[dict]:
+    """The kernel's realigned line copy (csrc/cuda/line_copy.h) emulated on the CPU for lines of
+    (address mod 16, elements, element bytes): the head / body / tail split and what the emulation
+    found (see tests/cuda_plan/plan_main.cpp, `copy` lines)."""
+    text = "".join(f"copy {a} {n} {e}\n" for a, n, e in cases)
+    out = subprocess.run([str(exe)], input=text, capture_output=True, text=True, check=True)
     return [json.loads(line) for line in out.stdout.splitlines()]

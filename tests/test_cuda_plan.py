@@ -135,3 +135,61 @@ def test_partial_budget_comes_from_the_shared_constant(planner):
     per_block = 2 * p["ws_slices"] * p["acc_stride"] * req["acc"]
     budget_rows = int((1 << 20) * 1000 * 2 * fraction) // per_block
     assert p["blocks"] == min(p["num_tiles"], p["blocks_per_sm"] * 132, max(132, budget_rows))
+
+
+# Misaligned 2-byte lines (csrc/cuda/line_copy.h, the kernel's kCopyRealign copies, run on the CPU):
+# (address mod 16, elements, element bytes). det-lvis rows (1231 bf16) start at every even phase;
+# slices start anywhere; lines shorter than 16 bytes or than their head have no body.
+LINES = [(a, n, 2) for a in range(0, 16, 2) for n in (0, 1, 3, 7, 8, 9, 15, 16, 17, 23, 24, 150, 1231)]
+LINES += [(a, n, 4) for a in (0, 4, 8, 12) for n in (1, 3, 4, 5, 9, 1231)]
+
+
+def test_line_copy_split_and_emulation(planner):
+    """Head / body / tail of each line, and the item walk both ways: every element copied, nothing
+    read or written outside the line (global) or its padded shared line, 16-byte accesses aligned,
+    and at most 2V - 1 + V elements per line go one by one."""
+    results = cuda_plan.line_copies(planner, LINES)
+    for (addr, n, elem), r in zip(LINES, results):
+        vec = 16 // elem
+        head = min(n, (16 - addr % 16) % 16 // elem)
+        assert (r["head"], r["blocks"], r["tail"]) == (head, (n - head) // vec, n - head - (n - head) // vec * vec)
+        assert r["head"] + r["blocks"] * vec + r["tail"] == n and 0 <= r["tail"] < vec
+        assert r["items"] == -(-n // vec)
+        assert r["mismatch_to_shared"] == r["mismatch_to_global"] == r["clobbered"] == 0, (addr, n, r)
+        assert r["outside"] == 0 and r["misaligned16"] == 0, (addr, n, r)
+        # Global side: whole body blocks only, 16 bytes each; the rest element by element.
+        assert r["elements_to_global"] == n - r["blocks"] * vec
+        assert r["elements_to_shared"] <= min(n, 3 * vec - 1)
+        if n * elem < 16:
+            assert r["blocks"] == 0 and r["elements_to_shared"] == n
+        if head == 0:  # aligned lines: one load per vector, no realignment
+            assert r["vector_loads_to_shared"] == r["blocks"] and r["vector_loads_to_global"] == r["blocks"]
+        else:  # two 16-byte loads per realigned vector
+            assert r["vector_loads_to_global"] == 2 * r["blocks"]
+            assert r["vector_loads_to_shared"] == 2 * max(0, r["blocks"] - 1)
+
+
+def _unit(planner, shape, dtype, address, strides):
+    req = _request(shape, dtype, operand=(address, strides))
+    (p,) = cuda_plan.plans(planner, [req], cuda_plan.H200)
+    return p["copy_unit"]
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_planner_chooses_the_realigned_copy_for_misaligned_2_byte_lines(planner, dtype):
+    """2-byte types along a stride-1 axis without an aligned 8-byte unit (odd C as det-lvis, odd
+    H*W, offset slices, odd row strides) are copied by line_copy.h; aligned ones keep cp.async in
+    16-byte units; a non-unit stride along the line stays element by element; fp32 keeps its units."""
+    elem = ELEMS[dtype][0]
+    realign_or = (lambda unit: cuda_plan.COPY_REALIGN) if elem == 2 else (lambda unit: unit)
+    base = 1 << 20  # 256-byte aligned, as a fresh allocation
+    # (N, C) rows, classes contiguous.
+    assert _unit(planner, (8192, 1232, 1, False), dtype, base, (1232, 1, 1)) == 16
+    assert _unit(planner, (8192, 1231, 1, False), dtype, base, (1231, 1, 1)) == realign_or(4 if elem == 4 else 2)
+    assert _unit(planner, (4096, 1000, 1, False), dtype, base + elem, (1000, 1, 1)) == realign_or(elem)  # slice [:, 1:]
+    assert _unit(planner, (4096, 1000, 1, False), dtype, base, (1002, 1, 1)) == realign_or(8)  # padded rows
+    assert _unit(planner, (64, 1000, 1, False), dtype, base, (1000 * 3, 3, 1)) == elem  # classes not contiguous
+    # NCHW, pixels contiguous: odd H*W, an image slice.
+    assert _unit(planner, (8, 150, 64 * 64, True), dtype, base, (150 * 4096, 4096, 1)) == 16
+    assert _unit(planner, (2, 19, 17 * 17, True), dtype, base, (19 * 289, 289, 1)) == realign_or(elem)
+    assert _unit(planner, (8, 150, 64 * 64, True), dtype, base + 3 * elem, (150 * 4096, 4096, 1)) == realign_or(elem)

@@ -8,6 +8,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace disalign::cuda {
 
@@ -62,10 +63,26 @@ __device__ __forceinline__ double from_acc<double, double>(double v) {
   return v;
 }
 
+// The two bf16 halves of a 32-bit word as floats: bf16 is the top half of a float, so each is one
+// shift or mask (nvcc's conversion spends PRMT + shift on the high half).
+__device__ __forceinline__ void unpack_bf16x2(uint32_t w, float& lo, float& hi) {
+  lo = __uint_as_float(w << 16);
+  hi = __uint_as_float(w & 0xffff0000u);
+}
+
 // N consecutive elements at p (16-byte aligned when N elements are 16 bytes) into registers.
 template <int N, typename acc_t, typename scalar_t>
 __device__ __forceinline__ void load_n(const scalar_t* p, acc_t (&out)[N]) {
-  if constexpr (N * sizeof(scalar_t) % 16 == 0) {
+  if constexpr (std::is_same_v<scalar_t, __nv_bfloat16> && std::is_same_v<acc_t, float> && N % 8 == 0) {
+#pragma unroll
+    for (int v = 0; v < N / 8; ++v) {
+      const uint4 raw = reinterpret_cast<const uint4*>(p)[v];
+      unpack_bf16x2(raw.x, out[8 * v + 0], out[8 * v + 1]);
+      unpack_bf16x2(raw.y, out[8 * v + 2], out[8 * v + 3]);
+      unpack_bf16x2(raw.z, out[8 * v + 4], out[8 * v + 5]);
+      unpack_bf16x2(raw.w, out[8 * v + 6], out[8 * v + 7]);
+    }
+  } else if constexpr (N * sizeof(scalar_t) % 16 == 0) {
 #pragma unroll
     for (int v = 0; v < N * static_cast<int>(sizeof(scalar_t)) / 16; ++v) {
       const uint4 raw = reinterpret_cast<const uint4*>(p)[v];

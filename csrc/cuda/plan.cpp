@@ -39,8 +39,8 @@ size_t row_partial_entries(const TileRequest& q, const TilePlan& plan) {
 }
 
 size_t row_meta_bytes(const TileRequest& q, int tile_rows) {
-  // row_base x 3 (int64), s, max, gw / sum, gw (acc), y (int).
-  return static_cast<size_t>(tile_rows) * (3 * sizeof(int64_t) + 4 * q.acc + sizeof(int));
+  // row_base x 3 (int64), s, max, gw / sum, gw, gw * s / sum (acc), y (int).
+  return static_cast<size_t>(tile_rows) * (3 * sizeof(int64_t) + 5 * q.acc + sizeof(int));
 }
 
 int64_t partial_rows(int64_t logits_bytes, int64_t row_bytes, int multiprocessors, int64_t wanted_blocks) {
@@ -208,11 +208,13 @@ int copy_unit(uintptr_t data, const Strides& st, const TileRequest& q, const Til
     } else {
       ok = ok && g.classes % per == 0 && plan.chunk_classes % per == 0 && (g.spatial == 1 || st.spatial % per == 0);
     }
-    if (ok) {
+    if (ok && (unit >= 8 || elem != 2)) {
       return unit;
     }
   }
-  return elem;
+  // 2-byte elements in 4- or 2-byte units: one cp.async per one or two elements, ~1.5-4 instructions
+  // per element and 2-4 bytes per request; line_copy.h moves 16 bytes per request instead.
+  return elem == 2 ? kCopyRealign : elem;
 }
 
 }  // namespace disalign::cuda

@@ -122,8 +122,14 @@ int64_t partial_rows(int64_t logits_bytes, int64_t row_bytes, int multiprocessor
 // The plan; blocks_per_sm(shared_bytes) is the kernel's occupancy for that dynamic shared size.
 TilePlan plan_tiles(const TileRequest& q, const DeviceLimits& dev, const std::function<int(int)>& blocks_per_sm);
 
-// The widest unit (bytes) in which an operand's tile lines can be copied: 16-byte vectors along a
-// stride-1 axis when every line start is aligned, down to one element.
+// copy_unit's answer for lines copied by line_copy.h: 16-byte accesses to each line's aligned body,
+// realigned in registers, head and tail element by element.
+constexpr int kCopyRealign = 0;
+
+// How an operand's tile lines are copied: the widest unit (bytes) of cp.async / vector stores along
+// a stride-1 axis when every line start is aligned to it (16, 8, 4); for 2-byte types along a
+// stride-1 axis where no 8-byte unit fits (odd C or H*W, odd strides, misaligned slices),
+// kCopyRealign; otherwise one element.
 int copy_unit(uintptr_t data, const Strides& st, const TileRequest& q, const TilePlan& plan);
 
 }  // namespace disalign::cuda

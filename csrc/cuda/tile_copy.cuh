@@ -1,9 +1,13 @@
 // Copies of kernel tiles between global and shared memory: global -> shared with cp.async (16-, 8-
 // or 4-byte units where the planner found the contiguous axis aligned, csrc/cuda/plan.cpp copy_unit),
-// shared -> global with vector stores. Torch-free.
+// shared -> global with vector stores; lines of a 2-byte type whose contiguous axis has stride 1 but
+// not the alignment (odd C, odd H*W, odd strides, slices) with 16-byte global accesses realigned in
+// registers (kCopyRealign, line_copy.h). Torch-free.
 #pragma once
 
 #include "cuda/device_math.cuh"
+#include "cuda/line_copy.h"
+#include "cuda/plan.h"
 #include "common/layout.h"
 
 #include <cuda_pipeline.h>
@@ -42,6 +46,20 @@ __device__ __forceinline__ void copy_unit_to_global(void* global, const void* sh
   }
 }
 
+// line_copy.h's memory accesses on the device: 16-byte vectors, single elements of `Elem`.
+template <typename Elem>
+struct DeviceLineMem {
+  __device__ __forceinline__ Vec16 load16(const unsigned char* p) const {
+    return *reinterpret_cast<const Vec16*>(p);
+  }
+  __device__ __forceinline__ void store16(unsigned char* p, const Vec16& v) const {
+    *reinterpret_cast<Vec16*>(p) = v;
+  }
+  __device__ __forceinline__ void copy(unsigned char* dst, const unsigned char* src) const {
+    *reinterpret_cast<Elem*>(dst) = *reinterpret_cast<const Elem*>(src);
+  }
+};
+
 // One operand's part of a tile: which rows (their base offsets in row_base), which classes.
 struct TileSpan {
   const int64_t* row_base;  // per tile row: b*strides.batch + s*strides.spatial
@@ -52,8 +70,10 @@ struct TileSpan {
 
 // Copies the tile's lines between global and shared memory in units of `unit` bytes along the
 // contiguous axis (unit > sizeof(scalar_t) only where the planner found that axis of stride 1 and
-// aligned, and then the unit divides the line's element count). Lines are rows (classes contiguous)
-// or classes (pixels contiguous). Global -> shared copies are asynchronous: the caller waits (wait_tile).
+// aligned, and then the unit divides the line's element count), or with line_copy.h's items
+// (unit == kCopyRealign). Lines are rows (classes contiguous) or classes (pixels contiguous).
+// Global -> shared copies in units are asynchronous; the caller waits (wait_tile), whose barrier
+// also publishes the realigned items' plain stores.
 template <bool PIXELS, bool TO_SHARED, typename scalar_t>
 __device__ void copy_tile(
     scalar_t* shared,
@@ -62,9 +82,12 @@ __device__ void copy_tile(
     const Strides& strides,
     const TileSpan& span,
     int unit) {
-  const int per_unit = unit / static_cast<int>(sizeof(scalar_t));
+  constexpr int kElem = static_cast<int>(sizeof(scalar_t));
+  const bool realign = unit == kCopyRealign;
+  const int per_unit = realign ? kVec<scalar_t> : unit / kElem;
   const int lines = PIXELS ? span.classes : span.rows;
-  const int units_per_line = (PIXELS ? span.rows : span.classes) / per_unit;
+  const int n = PIXELS ? span.rows : span.classes;  // elements per line
+  const int units_per_line = realign ? line_items(n, kElem) : n / per_unit;
   const int64_t along = PIXELS ? strides.spatial : strides.cls;
   const int total = lines * units_per_line;
   if (total == 0) {
@@ -78,12 +101,19 @@ __device__ void copy_tile(
   for (int i = threadIdx.x; i < total; i += kBlock) {
     const int64_t line_base = PIXELS ? span.row_base[0] + (span.first_class + line) * strides.cls
                                      : span.row_base[line] + span.first_class * strides.cls;
-    scalar_t* g = global + line_base + static_cast<int64_t>(k) * per_unit * along;
-    scalar_t* s = shared + line * line_stride + k * per_unit;
-    if (TO_SHARED) {
-      copy_unit_to_shared(s, g, unit);
+    if (realign) {  // along == 1 (the planner's condition)
+      DeviceLineMem<scalar_t> mem;
+      copy_line_item<TO_SHARED>(
+          reinterpret_cast<unsigned char*>(shared + line * line_stride), reinterpret_cast<unsigned char*>(global + line_base),
+          n, kElem, k, mem);
     } else {
-      copy_unit_to_global(g, s, unit);
+      scalar_t* g = global + line_base + static_cast<int64_t>(k) * per_unit * along;
+      scalar_t* s = shared + line * line_stride + k * per_unit;
+      if (TO_SHARED) {
+        copy_unit_to_shared(s, g, unit);
+      } else {
+        copy_unit_to_global(g, s, unit);
+      }
     }
     k += k_step;
     line += line_step;

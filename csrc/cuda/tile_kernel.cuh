@@ -5,12 +5,14 @@
 // once (tile_copy.cuh), so the logits are read from HBM exactly once. Lines of the shared tile are
 // rows (kClassesContiguous: (N, C), NHWC) or classes (kPixelsContiguous: NCHW, transposed (N, C)),
 // 16-byte aligned, so every hot loop reads 16-byte vectors (8 half / bf16, 4 float elements):
-//   1. row max of zhat;
-//   2. exponentials e = exp(zhat - max), their sum (and sum e * (a*z + b) for ds), with e kept in
-//      shared memory (e_cached) for the sweep: one exponential per element;
-//   3. the sweep: dzhat = w_y * upstream * (e / sum - [j == y]), grad_logits (staged in place in the
-//      tile, stored coalesced), and the alpha / beta gradients accumulated in registers, then in
-//      per-block accumulators.
+//   1. row max of zhat, with u = a*z + b kept in the exponentials' buffer (e_cached);
+//   2. exponentials e = exp(zhat - max) from that u, their sum (and sum e * u for ds), with e kept
+//      in shared memory (e_cached) for the sweep: one exponential per element; then the row's
+//      thread subtracts the sum from its target's e, which puts the one-hot term into e;
+//   3. the sweep: dzhat = w_y * upstream * e / sum, grad_logits (staged in place in the tile,
+//      stored coalesced), and the alpha / beta gradients accumulated in registers, then in
+//      per-block accumulators. Without the cache (chunked plans) passes 2 and 3 recompute u and e
+//      and the sweep subtracts the one-hot term per element.
 // Classes contiguous: the row passes give each row G = 256 / T threads walking its class vectors;
 // the sweep walks columns (a thread owns a class vector, alpha / beta / the accumulators stay in
 // registers across the rows). Pixels contiguous: a thread owns a vector of pixels (their s, max,
@@ -134,7 +136,8 @@ __global__ void __launch_bounds__(kBlock, kTileBlocksPerSM) tile_kernel(const Ti
   acc_t* row_max = row_s + T;
   acc_t* row_gwp = row_max + T;  // upstream * w[y] / sum of exponentials
   acc_t* row_gw = row_gwp + T;   // upstream * w[y]
-  int* row_y = reinterpret_cast<int*>(row_gw + T);
+  acc_t* row_gwps = row_gw + T;  // upstream * w[y] * s / sum of exponentials
+  int* row_y = reinterpret_cast<int*>(row_gwps + T);
 
   const bool want_alpha = p.alpha_partials != nullptr;
   const bool want_beta = p.beta_partials != nullptr;
@@ -281,11 +284,15 @@ __global__ void __launch_bounds__(kBlock, kTileBlocksPerSM) tile_kernel(const Ti
             for (int jl = member; jl < classes; jl += G) {  // SASS_LOOP(ce-pixels-max, V)
               const acc_t a = sa[jl];
               const acc_t b = sb[jl];
-              acc_t z[V];
+              acc_t z[V], u[V];
               load_n<V>(tile + jl * LS + p0, z);
 #pragma unroll
               for (int i = 0; i < V; ++i) {
-                mx[i] = fmax(mx[i], calibrated(z[i], px_s[i], a, b));
+                u[i] = affine_u(z[i], a, b);
+                mx[i] = fmax(mx[i], fma(px_s[i], u[i], z[i]));
+              }
+              if (p.e_cached) {
+                store_n<V>(ebuf + jl * ES + p0, u);  // for the exponential pass, which overwrites it with e
               }
             }
           } else {
@@ -302,15 +309,21 @@ __global__ void __launch_bounds__(kBlock, kTileBlocksPerSM) tile_kernel(const Ti
         } else if (row_active) {
           const acc_t s = row_s[row];
           const scalar_t* line = tile + row * LS;
+          acc_t* eline = ebuf + row * ES;
           const int nfull = classes / V;
           for (int k = member; k < nfull; k += G) {  // SASS_LOOP(ce-classes-max, V)
-            acc_t z[V], a[V], b[V];
-            load_n<V>(line + k * V, z);
-            load_n<V>(sa + k * V, a);
-            load_n<V>(sb + k * V, b);
+            const int off = k * V;
+            acc_t z[V], a[V], b[V], u[V];
+            load_n<V>(line + off, z);
+            load_n<V>(sa + off, a);
+            load_n<V>(sb + off, b);
 #pragma unroll
             for (int i = 0; i < V; ++i) {
-              mx[0] = fmax(mx[0], calibrated(z[i], s, a[i], b[i]));
+              u[i] = affine_u(z[i], a[i], b[i]);
+              mx[0] = fmax(mx[0], fma(s, u[i], z[i]));
+            }
+            if (p.e_cached) {
+              store_n<V>(eline + off, u);  // for the exponential pass, which overwrites it with e
             }
           }
           for (int jl = nfull * V + member; jl < classes; jl += G) {
@@ -359,29 +372,41 @@ __global__ void __launch_bounds__(kBlock, kTileBlocksPerSM) tile_kernel(const Ti
       for_each_chunk([&](int first_class, int classes) {
         if (PIXELS) {
           if (n_pix == V) {
-            for (int jl = member; jl < classes; jl += G) {  // SASS_LOOP(ce-pixels-exp, V)
-              const acc_t a = sa[jl];
-              const acc_t b = sb[jl];
-              acc_t z[V];
-              load_n<V>(tile + jl * LS + p0, z);
-              if (CALIBRATE) {
-                acc_t d[V];
-                load_n<V>(tile2 + jl * LS + p0, d);
+            if (!CALIBRATE && cache) {
+              // u = a*z + b from the max pass (full vectors only, as here).
+              for (int jl = member; jl < classes; jl += G) {  // SASS_LOOP(ce-pixels-exp, V)
+                acc_t z[V], u[V], e[V];
+                load_n<V>(tile + jl * LS + p0, z);
+                load_n<V>(ebuf + jl * ES + p0, u);
 #pragma unroll
                 for (int i = 0; i < V; ++i) {
-                  dot[i] = fma(d[i], affine_u(z[i], a, b), dot[i]);
-                }
-              } else {
-                acc_t e[V];
-#pragma unroll
-                for (int i = 0; i < V; ++i) {
-                  const acc_t u = affine_u(z[i], a, b);
-                  e[i] = exp_from_max(fma(px_s[i], u, z[i]), mrow[i]);
+                  e[i] = exp_from_max(fma(px_s[i], u[i], z[i]), mrow[i]);
                   sum[i] += e[i];
-                  dot[i] = fma(e[i], u, dot[i]);
+                  dot[i] = fma(e[i], u[i], dot[i]);
                 }
-                if (cache) {
-                  store_n<V>(ebuf + jl * ES + p0, e);
+                store_n<V>(ebuf + jl * ES + p0, e);
+              }
+            } else {
+              for (int jl = member; jl < classes; jl += G) {  // SASS_LOOP(ce-pixels-exp-uncached, V)
+                const acc_t a = sa[jl];
+                const acc_t b = sb[jl];
+                acc_t z[V];
+                load_n<V>(tile + jl * LS + p0, z);
+                if (CALIBRATE) {
+                  acc_t d[V];
+                  load_n<V>(tile2 + jl * LS + p0, d);
+#pragma unroll
+                  for (int i = 0; i < V; ++i) {
+                    dot[i] = fma(d[i], affine_u(z[i], a, b), dot[i]);
+                  }
+                } else {  // exponentials not cached (chunked plans)
+#pragma unroll
+                  for (int i = 0; i < V; ++i) {
+                    const acc_t u = affine_u(z[i], a, b);
+                    const acc_t e = exp_from_max(fma(px_s[i], u, z[i]), mrow[i]);
+                    sum[i] += e;
+                    dot[i] = fma(e, u, dot[i]);
+                  }
                 }
               }
             }
@@ -413,29 +438,42 @@ __global__ void __launch_bounds__(kBlock, kTileBlocksPerSM) tile_kernel(const Ti
           const scalar_t* line2 = tile2 + row * LS;
           acc_t* eline = ebuf + row * ES;
           const int nfull = classes / V;
-          for (int k = member; k < nfull; k += G) {  // SASS_LOOP(ce-classes-exp, V)
-            acc_t z[V], a[V], b[V];
-            load_n<V>(line + k * V, z);
-            load_n<V>(sa + k * V, a);
-            load_n<V>(sb + k * V, b);
-            if (CALIBRATE) {
-              acc_t d[V];
-              load_n<V>(line2 + k * V, d);
+          if (!CALIBRATE && cache) {
+            // u = a*z + b from the max pass (full vectors only, as here).
+            for (int k = member; k < nfull; k += G) {  // SASS_LOOP(ce-classes-exp, V)
+              const int off = k * V;
+              acc_t z[V], u[V], e[V];
+              load_n<V>(line + off, z);
+              load_n<V>(eline + off, u);
 #pragma unroll
               for (int i = 0; i < V; ++i) {
-                dot[0] = fma(d[i], affine_u(z[i], a[i], b[i]), dot[0]);
-              }
-            } else {
-              acc_t e[V];
-#pragma unroll
-              for (int i = 0; i < V; ++i) {
-                const acc_t u = affine_u(z[i], a[i], b[i]);
-                e[i] = exp_from_max(fma(s, u, z[i]), mrow[0]);
+                e[i] = exp_from_max(fma(s, u[i], z[i]), mrow[0]);
                 sum[0] += e[i];
-                dot[0] = fma(e[i], u, dot[0]);
+                dot[0] = fma(e[i], u[i], dot[0]);
               }
-              if (cache) {
-                store_n<V>(eline + k * V, e);
+              store_n<V>(eline + off, e);
+            }
+          } else {
+            for (int k = member; k < nfull; k += G) {  // SASS_LOOP(ce-classes-exp-uncached, V)
+              acc_t z[V], a[V], b[V];
+              load_n<V>(line + k * V, z);
+              load_n<V>(sa + k * V, a);
+              load_n<V>(sb + k * V, b);
+              if (CALIBRATE) {
+                acc_t d[V];
+                load_n<V>(line2 + k * V, d);
+#pragma unroll
+                for (int i = 0; i < V; ++i) {
+                  dot[0] = fma(d[i], affine_u(z[i], a[i], b[i]), dot[0]);
+                }
+              } else {  // exponentials not cached (chunked plans)
+#pragma unroll
+                for (int i = 0; i < V; ++i) {
+                  const acc_t u = affine_u(z[i], a[i], b[i]);
+                  const acc_t e = exp_from_max(fma(s, u, z[i]), mrow[0]);
+                  sum[0] += e;
+                  dot[0] = fma(e, u, dot[0]);
+                }
               }
             }
           }
@@ -507,9 +545,17 @@ __global__ void __launch_bounds__(kBlock, kTileBlocksPerSM) tile_kernel(const Ti
           grad_weight = row_grad * w;
           ds = grad_weight * fma(dot, inv_sum, -u);
         }
-        row_gwp[r] = grad_weight * inv_sum;
+        const acc_t gwp = grad_weight * inv_sum;
+        row_gwp[r] = gwp;
         row_gw[r] = grad_weight;
+        row_gwps[r] = gwp * row_s[r];
         row_y[r] = y;
+        if (p.e_cached && y >= 0) {
+          // The one-hot term goes into the cached exponential: the sweep's dzhat = e * gwp is then
+          // gw * (e_y - sum) / sum at the target (no compare per element; and no cancellation of
+          // p_y * gw - gw). A single chunk holds every class when e_cached (plan.cpp).
+          ebuf[PIXELS ? y * ES + r : r * ES + y] -= sum_exp;
+        }
         if (p.loss_rows != nullptr) {
           p.loss_rows[rowg] = loss;
         }
@@ -529,13 +575,14 @@ __global__ void __launch_bounds__(kBlock, kTileBlocksPerSM) tile_kernel(const Ti
         for_each_chunk([&](int first_class, int classes) {
           if (PIXELS) {
             if (n_pix > 0) {
-              acc_t gwp[V], gw[V], mx[V];
+              acc_t gwp[V], gw[V], gwps[V], mx[V];
               int y[V];
 #pragma unroll
               for (int i = 0; i < V; ++i) {
                 const bool ok = !CALIBRATE && i < n_pix;
                 gwp[i] = ok ? row_gwp[p0 + i] : acc_t(0);
                 gw[i] = ok ? row_gw[p0 + i] : acc_t(0);
+                gwps[i] = ok ? row_gwps[p0 + i] : acc_t(0);
                 mx[i] = ok ? scaled_max(row_max[p0 + i]) : acc_t(0);
                 y[i] = ok ? row_y[p0 + i] - first_class : -1;
               }
@@ -546,36 +593,46 @@ __global__ void __launch_bounds__(kBlock, kTileBlocksPerSM) tile_kernel(const Ti
                 const int at = jl * LS + p0 + i0;
                 acc_t z[N], dz[N];
                 load_n<N>(tile + at, z);
-                if (CALIBRATE) {
-                  load_n<N>(tile2 + at, dz);
-                } else {
+                acc_t da = 0;
+                acc_t db = 0;
+                acc_t g[N];
+                if constexpr (cache) {
+                  // Cached exponentials carry the one-hot term: t = dzhat * s = e * (gwp * s), and
+                  // dzhat * (1 + s*a) = dzhat + t*a.
                   acc_t e[N];
-                  if constexpr (cache) {
-                    load_n<N>(ebuf + jl * ES + p0 + i0, e);
+                  load_n<N>(ebuf + jl * ES + p0 + i0, e);
+#pragma unroll
+                  for (int i = 0; i < N; ++i) {
+                    const acc_t t = e[i] * gwps[i0 + i];
+                    g[i] = fma(t, a, e[i] * gwp[i0 + i]);
+                    da = fma(t, z[i], da);
+                    db += t;
+                  }
+                } else {
+                  if (CALIBRATE) {
+                    load_n<N>(tile2 + at, dz);
                   } else {
+                    acc_t e[N];
 #pragma unroll
                     for (int i = 0; i < N; ++i) {
                       e[i] = exp_from_max(calibrated(z[i], px_s[i0 + i], a, sb[jl]), mx[i0 + i]);
                     }
+#pragma unroll
+                    for (int i = 0; i < N; ++i) {
+                      dz[i] = e[i] * gwp[i0 + i];
+                      if (y[i0 + i] == jl) {
+                        dz[i] -= gw[i0 + i];
+                      }
+                    }
                   }
 #pragma unroll
                   for (int i = 0; i < N; ++i) {
-                    dz[i] = e[i] * gwp[i0 + i];
-                    if (y[i0 + i] == jl) {
-                      dz[i] -= gw[i0 + i];
-                    }
+                    const acc_t s = px_s[i0 + i];
+                    const acc_t t = dz[i] * s;
+                    g[i] = dz[i] * fma(s, a, acc_t(1));
+                    da = fma(t, z[i], da);
+                    db += t;
                   }
-                }
-                acc_t da = 0;
-                acc_t db = 0;
-                acc_t g[N];
-#pragma unroll
-                for (int i = 0; i < N; ++i) {
-                  const acc_t s = px_s[i0 + i];
-                  const acc_t t = dz[i] * s;
-                  g[i] = dz[i] * fma(s, a, acc_t(1));
-                  da = fma(t, z[i], da);
-                  db += t;
                 }
                 if (GRAD) {
                   store_n<N>(tile + at, g);
@@ -616,41 +673,53 @@ __global__ void __launch_bounds__(kBlock, kTileBlocksPerSM) tile_kernel(const Ti
                 db[i] = 0;
               }
               for (int r = q; r < valid; r += p.slices) {  // SASS_LOOP(sweep-classes, V)
-                const acc_t s = row_s[r];
                 const int at = r * LS + jl0;
                 acc_t z[N], dz[N];
                 load_n<N>(tile + at, z);
-                if (CALIBRATE) {
-                  load_n<N>(tile2 + at, dz);
-                } else {
-                  const acc_t gwp = row_gwp[r];
-                  const acc_t gw = row_gw[r];
-                  const int y = row_y[r] - first_class - jl0;
+                acc_t g[N];
+                if constexpr (cache) {
+                  // As in the pixels sweep: the one-hot term is in the cached e, t = e * (gwp * s).
+                  const acc_t gwps = row_gwps[r];
                   acc_t e[N];
-                  if constexpr (cache) {
-                    load_n<N>(ebuf + r * ES + jl0, e);
+                  load_n<N>(ebuf + r * ES + jl0, e);
+#pragma unroll
+                  for (int i = 0; i < N; ++i) {
+                    const acc_t t = e[i] * gwps;
+                    if (GRAD) {
+                      g[i] = fma(t, a[i], e[i] * row_gwp[r]);
+                    }
+                    da[i] = fma(t, z[i], da[i]);
+                    db[i] += t;
+                  }
+                } else {
+                  const acc_t s = row_s[r];
+                  if (CALIBRATE) {
+                    load_n<N>(tile2 + at, dz);
                   } else {
+                    const acc_t gwp = row_gwp[r];
+                    const acc_t gw = row_gw[r];
+                    const int y = row_y[r] - first_class - jl0;
+                    acc_t e[N];
                     const acc_t m = scaled_max(row_max[r]);
 #pragma unroll
                     for (int i = 0; i < N; ++i) {
                       e[i] = exp_from_max(calibrated(z[i], s, a[i], b[i]), m);
                     }
+#pragma unroll
+                    for (int i = 0; i < N; ++i) {
+                      dz[i] = e[i] * gwp;
+                      if (y == i) {
+                        dz[i] -= gw;
+                      }
+                    }
                   }
 #pragma unroll
                   for (int i = 0; i < N; ++i) {
-                    dz[i] = e[i] * gwp;
-                    if (y == i) {
-                      dz[i] -= gw;
-                    }
+                    const acc_t t = dz[i] * s;
+                    g[i] = dz[i] * fma(s, a[i], acc_t(1));
+                    da[i] = fma(t, z[i], da[i]);
+                    db[i] += t;
                   }
-                }
-                acc_t g[N];
-#pragma unroll
-                for (int i = 0; i < N; ++i) {
-                  const acc_t t = dz[i] * s;
-                  g[i] = dz[i] * fma(s, a[i], acc_t(1));
-                  da[i] = fma(t, z[i], da[i]);
-                  db[i] += t;
                 }
                 if (GRAD) {
                   store_n<N>(tile + at, g);
