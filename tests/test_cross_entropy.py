@@ -255,6 +255,18 @@ def test_larger_shapes_match_reference(backend, shape, reduction):
     _compare(backend, make_inputs(shape, dtype=torch.float32, ignore_index=255, device=backend.device), reduction)
 
 
+@pytest.mark.large_shape
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize(
+    "shape", [(2, 40, 160, 208), (2, 40, 161, 207)], ids=["aligned_planes", "odd_planes"]
+)
+def test_large_float32_nchw_grad_logits_match_reference(backend, shape, reduction):
+    """grad_logits above the size where the CPU kernel writes it with non-temporal stores (8 MiB of
+    float32, csrc/cpu/kernel_common.h), with every class plane 32-byte aligned (those stores) and
+    with odd planes (plain stores for the misaligned runs)."""
+    _compare(backend, make_inputs(shape, dtype=torch.float32, device=backend.device), reduction)
+
+
 @pytest.mark.skipif(os.environ.get("DISALIGN_BIG_TESTS") != "1", reason="needs ~7 GiB; set DISALIGN_BIG_TESTS=1")
 @pytest.mark.large_shape
 @pytest.mark.parametrize("layout", ["pixels", "classes"])

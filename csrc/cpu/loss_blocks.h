@@ -82,6 +82,9 @@ struct LossBlocks {
   acc_t* grad_confidence;
   bool wants_grad;
   int64_t pixels;  // rows of a pixels block
+  // Pixels layout: grad_logits is float and large enough for non-temporal stores (kernel_common.h;
+  // in the classes layout, whose rows are sequential streams, they measured no faster).
+  bool stream;
 
   explicit LossBlocks(const LossArgs& a)
       : args(a),
@@ -96,7 +99,9 @@ struct LossBlocks {
         grad_confidence(static_cast<acc_t*>(a.grad_confidence)),
         wants_grad(
             a.grad_logits.data || a.grad_alpha_partials || a.grad_beta_partials || a.grad_confidence),
-        pixels(pixels_per_block(a.geometry.classes)) {}
+        pixels(pixels_per_block(a.geometry.classes)),
+        stream(kStreamingStores && std::is_same_v<scalar_t, float> && a.grad_logits.data &&
+               a.geometry.rows() * a.geometry.classes * static_cast<int64_t>(sizeof(scalar_t)) >= kStreamingMinBytes) {}
 
   static int64_t padded(int64_t classes) {
     return (classes + kWidth - 1) / kWidth * kWidth;
@@ -223,6 +228,17 @@ struct LossBlocks {
       return out ? pixel_block<P, true, true>(first_row, rows, scratch) : pixel_block<P, true, false>(first_row, rows, scratch);
     }
     return out ? pixel_block<P, false, true>(first_row, rows, scratch) : pixel_block<P, false, false>(first_row, rows, scratch);
+  }
+
+  // One vector of grad_logits: non-temporal when `streaming` (a whole, aligned float vector).
+  static void store_grad(scalar_t* data, const Vec& value, int64_t count, bool streaming) {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (streaming && count == kWidth) {
+        stream_store(data, value);
+        return;
+      }
+    }
+    IO::store(data, value, count);
   }
 
   // Classes contiguous: R rows, vectors along the classes.
@@ -426,6 +442,9 @@ struct LossBlocks {
         e_block[r.target[i] * P + i] -= row_sum[i];
       }
     }
+    // Every run of the block starts aligned when the first one does and the class stride keeps it so.
+    const bool stream_block = kGradLogits && stream && vector_aligned(out_block) &&
+                              out_strides.cls * static_cast<int64_t>(sizeof(scalar_t)) % sizeof(Vec) == 0;
     Vec factor[V];
     Vec ds[V];
     for (int k = 0; k < V; ++k) {
@@ -443,8 +462,8 @@ struct LossBlocks {
       for (int k = 0; k < V; ++k) {
         const Vec dzhat = Vec::loadu(e_at + k * kWidth) * factor[k];
         if constexpr (kGradLogits) {
-          IO::store(out_block + c * out_strides.cls + k * kWidth, dzhat * at::vec::fmadd(s[k], a, Vec(1)),
-                    count[k]);
+          store_grad(out_block + c * out_strides.cls + k * kWidth, dzhat * at::vec::fmadd(s[k], a, Vec(1)),
+                     count[k], kFull && stream_block);
         }
         const Vec z = Vec::loadu(z_at + k * kWidth);
         const Vec g = dzhat * s[k];
@@ -456,6 +475,9 @@ struct LossBlocks {
       acc_t* db_at = sums + (classes + c) * kWidth;
       (Vec::loadu(da_at) + da).store(da_at);
       (Vec::loadu(db_at) + db).store(db_at);
+    }
+    if (stream_block) {
+      stream_fence();
     }
     if (grad_confidence) {
       alignas(64) acc_t values[P];
