@@ -172,6 +172,8 @@ def _elements_per_iteration(launch, num_classes):
     streaming sweeps (BLOCK_R x BLOCK_C, unmasked), or a whole tile (BLOCK_R x C) of the resident
     kernel, whose innermost loop is the tile loop."""
     c = launch.constexprs
+    if "RW" in c:  # warp_kernels._warp_rows_kernel: RW rows (RW x V pixels) x all C classes per tile
+        return c["RW"] * (c["V"] if c["PIXEL"] else 1) * num_classes
     if c.get("RESIDENT"):
         return c["BLOCK_R"] * num_classes
     if "BLOCK_R" in c and "BLOCK_C" in c:
