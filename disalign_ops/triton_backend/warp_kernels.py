@@ -37,6 +37,14 @@ from .kernels import LN2, LOG2E, _row_confidence, _to_acc
 
 
 @triton.jit
+def _aligned(value, ALIGN: tl.constexpr):
+    """value, which ALIGN divides (the host checks it), written so that the compiler's alignment
+    analysis sees the divisor (vector loads); tl.multiple_of hints on these 4-d / size-1 tensors
+    crash Triton 3.8's AxisInfo (divisibility / contiguity rank mismatch)."""
+    return value // ALIGN * ALIGN
+
+
+@triton.jit
 def _class_index(START: tl.constexpr, G: tl.constexpr, LW: tl.constexpr, VC: tl.constexpr):
     """([G, 1, LW, 1] first class of each thread's vector, [G, 1, LW, VC] class of each element)."""
     g = tl.arange(0, G)[:, None, None, None]
@@ -47,19 +55,20 @@ def _class_index(START: tl.constexpr, G: tl.constexpr, LW: tl.constexpr, VC: tl.
 
 
 @triton.jit
-def _row_reduce_sum(x, PIXEL: tl.constexpr):
-    """Sum over the class axes of a [G, RW, LW, V] block, keeping dims: [1, RW, 1, 1 or V]. The
-    in-thread axes first, so that the warp shuffles reduce one value per row, not V."""
+def _thread_sum(x, PIXEL: tl.constexpr):
+    """In-thread part of a sum over the classes of a [G, RW, LW, V] block: [1, RW, LW, 1 or V].
+    Body and tail are combined at this stage, so that the warp shuffles (tl.sum over axis 2) run
+    once per row and reduction, on one value per row (V per thread for NCHW pixels)."""
     if not PIXEL:
         x = tl.sum(x, axis=3, keep_dims=True)
-    return tl.sum(tl.sum(x, axis=0, keep_dims=True), axis=2, keep_dims=True)
+    return tl.sum(x, axis=0, keep_dims=True)
 
 
 @triton.jit
-def _row_reduce_max(x, PIXEL: tl.constexpr):
+def _thread_max(x, PIXEL: tl.constexpr):
     if not PIXEL:
         x = tl.max(x, axis=3, keep_dims=True)
-    return tl.max(tl.max(x, axis=0, keep_dims=True), axis=2, keep_dims=True)
+    return tl.max(x, axis=0, keep_dims=True)
 
 
 @triton.jit
@@ -86,7 +95,7 @@ def _clamped(cls_first, num_classes, MASKED: tl.constexpr, VC: tl.constexpr):
     predicate; such elements get zhat = -inf, hence p = 0 and zero gradients (the same class's
     own element already gives whatever inf/nan its z carries)."""
     if MASKED:
-        cls_first = tl.multiple_of(tl.minimum(cls_first, num_classes - VC), [VC, VC, VC, VC])
+        cls_first = tl.minimum(cls_first, _aligned(num_classes, VC) - VC)
     return cls_first + tl.arange(0, VC)[None, None, None, :]
 
 
@@ -183,11 +192,10 @@ def _warp_rows_kernel(
     load_cls = _clamped(cls_first, num_classes, BODY_MASKED, VC)
     t_load_cls = _clamped(t_first, num_classes, True, VC)
     if PIXEL:
-        class_offsets = tl.multiple_of(load_cls.to(tl.int64) * logits_stride_class, [ALIGN, ALIGN, ALIGN, ALIGN])
-        t_class_offsets = tl.multiple_of(t_load_cls.to(tl.int64) * logits_stride_class,
-                                         [ALIGN, ALIGN, ALIGN, ALIGN])
-        grad_class_offsets = tl.multiple_of(cls.to(tl.int64) * grad_stride_class, [ALIGN, ALIGN, ALIGN, ALIGN])
-        t_grad_class_offsets = tl.multiple_of(t_cls.to(tl.int64) * grad_stride_class, [ALIGN, ALIGN, ALIGN, ALIGN])
+        class_offsets = load_cls.to(tl.int64) * _aligned(logits_stride_class, ALIGN)
+        t_class_offsets = t_load_cls.to(tl.int64) * _aligned(logits_stride_class, ALIGN)
+        grad_class_offsets = cls.to(tl.int64) * _aligned(grad_stride_class, ALIGN)
+        t_grad_class_offsets = t_cls.to(tl.int64) * _aligned(grad_stride_class, ALIGN)
     else:
         class_offsets, t_class_offsets = load_cls, t_load_cls
         grad_class_offsets, t_grad_class_offsets = cls, t_cls
@@ -209,15 +217,15 @@ def _warp_rows_kernel(
             pixel = start + row_in_tile  # [1, RW, 1, VR]
             row_mask = pixel < rows_per_image
         else:
-            pixel = tl.multiple_of(tl.minimum(start, rows_per_image - ROWS), [ALIGN]) + row_in_tile
+            pixel = tl.minimum(start, _aligned(rows_per_image, ALIGN if PIXEL else 1) - ROWS) + row_in_tile
             row_mask = pixel >= start
         rows = image * rows_per_image + pixel
         if PIXEL:
-            row_offsets = tl.multiple_of(image * logits_stride_image, [ALIGN]) + pixel
-            grad_row_offsets = tl.multiple_of(image * grad_stride_image, [ALIGN]) + pixel
+            row_offsets = image * _aligned(logits_stride_image, ALIGN) + pixel
+            grad_row_offsets = image * _aligned(grad_stride_image, ALIGN) + pixel
         else:
-            row_offsets = tl.multiple_of(image * logits_stride_image + pixel * logits_stride_row, [ALIGN, ALIGN, ALIGN, ALIGN])
-            grad_row_offsets = tl.multiple_of(image * grad_stride_image + pixel * grad_stride_row, [ALIGN, ALIGN, ALIGN, ALIGN])
+            row_offsets = image * _aligned(logits_stride_image, ALIGN) + pixel * _aligned(logits_stride_row, ALIGN)
+            grad_row_offsets = image * _aligned(grad_stride_image, ALIGN) + pixel * _aligned(grad_stride_row, ALIGN)
         target = tl.load(target_ptr + rows, mask=row_mask, other=ignore_index).to(tl.int64)  # owned rows only
         counted = row_mask & (target != ignore_index)
         in_range = (target >= 0) & (target < num_classes)
@@ -240,18 +248,20 @@ def _warp_rows_kernel(
                 a_t, b_t = _load_params(alpha_ptr, beta_ptr, t_load_cls, TSHAPE, ACC_FP64)
         z_b, t_b, x_b = _load_block(logits_ptr, row_offsets, class_offsets, row_mask, cls_first, num_classes, a_b,
                                     b_b, s, BODY_MASKED, ROWS_MASKED, ACC_FP64)
-        row_max = _row_reduce_max(x_b, PIXEL)
+        row_max = _thread_max(x_b, PIXEL)
         if TAIL:
             z_t, t_t, x_t = _load_block(logits_ptr, row_offsets, t_class_offsets, row_mask, t_first, num_classes,
                                         a_t, b_t, s, True, ROWS_MASKED, ACC_FP64)
-            row_max = tl.maximum(row_max, _row_reduce_max(x_t, PIXEL))
+            row_max = tl.maximum(row_max, _thread_max(x_t, PIXEL))
+        row_max = tl.max(row_max, axis=2, keep_dims=True)
         # A row of -inf only keeps a finite shift, so that exp2 never sees inf - inf.
         shift = tl.where(row_max == float("-inf"), 0.0, row_max) * LOG2E
         e_b = tl.exp2(x_b * LOG2E - shift)
-        sum_exp = _row_reduce_sum(e_b, PIXEL)
+        sum_exp = _thread_sum(e_b, PIXEL)
         if TAIL:
             e_t = tl.exp2(x_t * LOG2E - shift)
-            sum_exp += _row_reduce_sum(e_t, PIXEL)
+            sum_exp += _thread_sum(e_t, PIXEL)
+        sum_exp = tl.sum(sum_exp, axis=2, keep_dims=True)
 
         if LOSS_MODE != 2:
             z_y = _to_acc(tl.load(logits_ptr + row_offsets + safe_class * logits_stride_class, mask=valid,
@@ -278,7 +288,7 @@ def _warp_rows_kernel(
                                           row_mask, cls_first, num_classes, BODY_MASKED, GRAD_LOGITS, GRAD_ALPHA,
                                           GRAD_BETA, GRAD_CONFIDENCE)
             if GRAD_CONFIDENCE:
-                grad_confidence = _row_reduce_sum(ds, PIXEL)
+                grad_confidence = _thread_sum(ds, PIXEL)
             if TAIL:
                 ds_t = tl.zeros_like(x_t)
                 da_t, db_t, ds_t = _block_grads(e_t, z_t, t_t, a_t, s, t_cls, target_class, row_grad,
@@ -287,8 +297,9 @@ def _warp_rows_kernel(
                                                 num_classes, True, GRAD_LOGITS, GRAD_ALPHA, GRAD_BETA,
                                                 GRAD_CONFIDENCE)
                 if GRAD_CONFIDENCE:
-                    grad_confidence += _row_reduce_sum(ds_t, PIXEL)
+                    grad_confidence += _thread_sum(ds_t, PIXEL)
             if GRAD_CONFIDENCE:
+                grad_confidence = tl.sum(grad_confidence, axis=2, keep_dims=True)
                 tl.store(grad_confidence_ptr + rows, grad_confidence.to(grad_confidence_ptr.dtype.element_ty),
                          mask=row_mask)
     if LOSS_MODE == 1:
