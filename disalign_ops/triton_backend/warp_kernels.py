@@ -283,6 +283,9 @@ def _warp_rows_kernel(
             row_grad = tl.where(counted, row_weight * row_scale, 0.0)
             row_grad_over_sum = row_grad / sum_exp
             ds = tl.zeros_like(x_b)
+            if GRAD_LOGITS and not PIXEL:  # alpha, beta again from L1: no a, t held across the softmax
+                a_b, b_b = _load_params(alpha_ptr, beta_ptr, load_cls, SHAPE, ACC_FP64)
+                t_b = a_b * z_b + b_b
             da_b, db_b, ds = _block_grads(e_b, z_b, t_b, a_b, s, cls, target_class, row_grad, row_grad_over_sum,
                                           da_b, db_b, ds, grad_logits_ptr, grad_row_offsets, grad_class_offsets,
                                           row_mask, cls_first, num_classes, BODY_MASKED, GRAD_LOGITS, GRAD_ALPHA,
@@ -291,6 +294,9 @@ def _warp_rows_kernel(
                 grad_confidence = _thread_sum(ds, PIXEL)
             if TAIL:
                 ds_t = tl.zeros_like(x_t)
+                if GRAD_LOGITS and not PIXEL:
+                    a_t, b_t = _load_params(alpha_ptr, beta_ptr, t_load_cls, TSHAPE, ACC_FP64)
+                    t_t = a_t * z_t + b_t
                 da_t, db_t, ds_t = _block_grads(e_t, z_t, t_t, a_t, s, t_cls, target_class, row_grad,
                                                 row_grad_over_sum, da_t, db_t, ds_t, grad_logits_ptr,
                                                 grad_row_offsets, t_grad_class_offsets, row_mask, t_first,

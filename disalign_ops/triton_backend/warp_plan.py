@@ -16,7 +16,7 @@ Interpreter (CPU tests): 4 lanes and 4 warps, so that the small test shapes stil
 rows per tile, ragged tiles, the masked tail, rows spanning several warps and the persistent loop.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 
@@ -26,12 +26,15 @@ class WarpLimits:
     num_warps: int  # warps per program, unless one row needs more
     max_warps: int
     max_values: int  # per thread and block, body + tail
+    max_values_with_dlogits: int  # the same when dlogits is written (more live registers)
     vector_bytes: int
     max_vector: int  # values per vector
 
 
-GPU_LIMITS = WarpLimits(lanes=32, num_warps=8, max_warps=16, max_values=32, vector_bytes=16, max_vector=4)
-INTERPRETER_LIMITS = WarpLimits(lanes=4, num_warps=4, max_warps=8, max_values=16, vector_bytes=16, max_vector=4)
+GPU_LIMITS = WarpLimits(lanes=32, num_warps=8, max_warps=16, max_values=32, max_values_with_dlogits=32,
+                        vector_bytes=16, max_vector=4)
+INTERPRETER_LIMITS = WarpLimits(lanes=4, num_warps=4, max_warps=8, max_values=16, max_values_with_dlogits=16,
+                                vector_bytes=16, max_vector=4)
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,7 @@ def _split(num_classes: int, unit: int):
 def warp_config(strides, rows_per_image: int, num_classes: int, element_size: int,
                 limits: WarpLimits) -> Optional[WarpConfig]:
     """strides: one (stride_image, stride_class, stride_row) per logits-shaped tensor of the launch
-    (logits, dlogits). None where no tensor layout fits (neither every class stride nor every row
+    (logits, dlogits when written). None where no tensor layout fits (neither every class stride nor every row
     stride is 1) or C needs more than limits.max_warps warps per row."""
     if num_classes < 1 or rows_per_image < 1:
         return None
@@ -110,6 +113,8 @@ def warp_config(strides, rows_per_image: int, num_classes: int, element_size: in
         others = [v for st in strides for v in (st[0], st[1])] + [rows_per_image]
     else:
         return None
+    if len(strides) > 1:  # dlogits: dz and its multiplier live too
+        limits = replace(limits, max_values=limits.max_values_with_dlogits)
     cap = min(limits.max_vector, max(1, limits.vector_bytes // max(element_size, 4)))
     vector = _pow2_divisor(others, cap)
     if pixel:
