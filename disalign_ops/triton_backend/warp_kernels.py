@@ -89,12 +89,18 @@ def _load_params(alpha_ptr, beta_ptr, cls, SHAPE: tl.constexpr, ACC_FP64: tl.con
 
 
 @triton.jit
-def _clamped(cls_first, num_classes, MASKED: tl.constexpr, VC: tl.constexpr):
+def _clamped(cls_first, num_classes, MASKED: tl.constexpr, VC: tl.constexpr, SCALAR_ROWS: tl.constexpr):
     """Class of every element for the loads: a thread vector past C reads the last vector of
     classes instead (VC divides C: the host checks it), so no load needs a mask, a zero fill or a
     predicate; such elements get zhat = -inf, hence p = 0 and zero gradients (the same class's
-    own element already gives whatever inf/nan its z carries)."""
-    if MASKED:
+    own element already gives whatever inf/nan its z carries).
+
+    SCALAR_ROWS (class-contiguous rows with V = 1, e.g. C = 1231: rows start unaligned): every
+    class goes through the minimum, also in the body where it changes nothing, so that the
+    compiler sees no contiguity along the lanes; otherwise Triton's coalescing gives the logits
+    (and dlogits) 4 consecutive classes per thread and converts every tile to the block's layout
+    through shared memory. Loop-invariant: no cost per tile."""
+    if MASKED or SCALAR_ROWS:
         cls_first = tl.minimum(cls_first, _aligned(num_classes, VC) - VC)
     return cls_first + tl.arange(0, VC)[None, None, None, :]
 
@@ -189,8 +195,9 @@ def _warp_rows_kernel(
     # Loop-invariant class indices and offsets (int64: C x H x W may exceed 2^31).
     cls_first, cls = _class_index(0, G, LW, VC)
     t_first, t_cls = _class_index(G * LW * VC, GT if TAIL else 1, LW, VC)
-    load_cls = _clamped(cls_first, num_classes, BODY_MASKED, VC)
-    t_load_cls = _clamped(t_first, num_classes, True, VC)
+    SCALAR_ROWS: tl.constexpr = not PIXEL and V == 1
+    load_cls = _clamped(cls_first, num_classes, BODY_MASKED, VC, SCALAR_ROWS)
+    t_load_cls = _clamped(t_first, num_classes, True, VC, SCALAR_ROWS)
     if PIXEL:
         class_offsets = load_cls.to(tl.int64) * _aligned(logits_stride_class, ALIGN)
         t_class_offsets = t_load_cls.to(tl.int64) * _aligned(logits_stride_class, ALIGN)
@@ -198,9 +205,15 @@ def _warp_rows_kernel(
         t_grad_class_offsets = t_cls.to(tl.int64) * _aligned(grad_stride_class, ALIGN)
     else:
         class_offsets, t_class_offsets = load_cls, t_load_cls
-        grad_class_offsets, t_grad_class_offsets = cls, t_cls
+        # dlogits: at the real classes (the stores are masked to C), through the clamped index where
+        # that hides the lanes' contiguity (then equal in range).
+        grad_class_offsets, t_grad_class_offsets = (load_cls, t_load_cls) if SCALAR_ROWS else (cls, t_cls)
     row_in_tile = (tl.arange(0, RW)[None, :, None, None] * VR + tl.arange(0, VR)[None, None, None, :])
-    if PIXEL:  # alpha / beta of a thread's G classes, once per program
+    # alpha / beta once per program where their load would not get the logits' layout: NCHW (their
+    # classes run along lanes), and V = 1 (alpha is aligned where the logits rows are not: Triton
+    # would vectorise it along the lanes and convert it through shared memory every tile).
+    HOIST: tl.constexpr = PIXEL or V == 1
+    if HOIST:
         a_b, b_b = _load_params(alpha_ptr, beta_ptr, load_cls, SHAPE, ACC_FP64)
         if TAIL:
             a_t, b_t = _load_params(alpha_ptr, beta_ptr, t_load_cls, TSHAPE, ACC_FP64)
@@ -242,7 +255,7 @@ def _warp_rows_kernel(
             row_weight = _to_acc(valid.to(tl.float32), ACC_FP64)
         row_weight = tl.where(counted & ~in_range, float("nan"), row_weight)  # poisoned row
 
-        if not PIXEL:
+        if not HOIST:
             a_b, b_b = _load_params(alpha_ptr, beta_ptr, load_cls, SHAPE, ACC_FP64)
             if TAIL:
                 a_t, b_t = _load_params(alpha_ptr, beta_ptr, t_load_cls, TSHAPE, ACC_FP64)
@@ -283,7 +296,7 @@ def _warp_rows_kernel(
             row_grad = tl.where(counted, row_weight * row_scale, 0.0)
             row_grad_over_sum = row_grad / sum_exp
             ds = tl.zeros_like(x_b)
-            if GRAD_LOGITS and not PIXEL:  # alpha, beta again from L1: no a, t held across the softmax
+            if GRAD_LOGITS and not HOIST:  # alpha, beta again from L1: no a, t held across the softmax
                 a_b, b_b = _load_params(alpha_ptr, beta_ptr, load_cls, SHAPE, ACC_FP64)
                 t_b = a_b * z_b + b_b
             da_b, db_b, ds = _block_grads(e_b, z_b, t_b, a_b, s, cls, target_class, row_grad, row_grad_over_sum,
@@ -294,7 +307,7 @@ def _warp_rows_kernel(
                 grad_confidence = _thread_sum(ds, PIXEL)
             if TAIL:
                 ds_t = tl.zeros_like(x_t)
-                if GRAD_LOGITS and not PIXEL:
+                if GRAD_LOGITS and not HOIST:
                     a_t, b_t = _load_params(alpha_ptr, beta_ptr, t_load_cls, TSHAPE, ACC_FP64)
                     t_t = a_t * z_t + b_t
                 da_t, db_t, ds_t = _block_grads(e_t, z_t, t_t, a_t, s, t_cls, target_class, row_grad,
