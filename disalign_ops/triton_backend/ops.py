@@ -329,7 +329,7 @@ class _TilePlan:
         if warp_rows and _WARP_LIMITS is not None:
             self.warp = warp_config([tuple(_hint(v) for v in st) for st in layout.strides],
                                     _hint(layout.rows_per_image), _hint(self.num_classes), logits.element_size(),
-                                    _WARP_LIMITS)
+                                    _WARP_LIMITS, acc.itemsize)
         rows_per_tile = self.warp.rows_per_tile if self.warp else self.config.block_rows
         self.tiles_per_image = triton.cdiv(layout.rows_per_image, rows_per_tile)
         self.num_tiles = layout.images * self.tiles_per_image

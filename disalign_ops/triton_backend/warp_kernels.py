@@ -110,8 +110,8 @@ def _load_block(logits_ptr, row_offsets, class_offsets, row_mask, cls_first, num
                 MASKED: tl.constexpr, ROWS_MASKED: tl.constexpr, ACC_FP64: tl.constexpr):
     """(z, t, zhat) of one block: t = a*z + b and zhat = (1 + s*a) * z + s*b (paper eq. 6), in this
     multiplier form, which keeps zhat = -inf for z = -inf. Classes past C get zhat = -inf; rows past
-    the end (ROWS_MASKED only) read z = 0. t is taken here so that a and b are dead after the load
-    (registers: z, t, e and the two accumulators per element, not five)."""
+    the end (ROWS_MASKED only) read z = 0. t is used where alpha / beta are held for the program
+    (HOIST); otherwise the kernel reloads them for the gradients (RELOAD) and t here is dead code."""
     ptrs = logits_ptr + (row_offsets + class_offsets)
     if ROWS_MASKED:
         z = _to_acc(tl.load(ptrs, mask=row_mask, other=0.0), ACC_FP64)
@@ -124,14 +124,16 @@ def _load_block(logits_ptr, row_offsets, class_offsets, row_mask, cls_first, num
 
 
 @triton.jit
-def _block_grads(e, z, t, a, s, cls, target_class, row_grad, row_grad_over_sum, da, db, ds,
+def _block_grads(e, z, t, a, s, target_class, row_grad, row_grad_over_sum, da, db, ds,
                  grad_logits_ptr, grad_row_offsets, grad_class_offsets, row_mask, cls_first, num_classes,
                  MASKED: tl.constexpr, GRAD_LOGITS: tl.constexpr, GRAD_ALPHA: tl.constexpr,
                  GRAD_BETA: tl.constexpr, GRAD_CONFIDENCE: tl.constexpr):
     """With q = p - onehot(y) and g = row_grad: gq = g * q = e * (g / sum) - g * [c == y];
     dz = gq * (1 + s*a) (stored), ds += gq * t (t = a*z + b; in-thread, reduced per row by the caller),
     da += s * gq * z, db += s * gq (element-wise accumulators across tiles)."""
-    gq = e * row_grad_over_sum - tl.where(cls == target_class, row_grad, 0.0)
+    # class == y as (first class of the thread's vector) == y - v: G + V live integers per thread,
+    # not G x V class indices.
+    gq = e * row_grad_over_sum - tl.where(cls_first == target_class, row_grad, 0.0)
     if GRAD_LOGITS:
         grad_ptrs = grad_logits_ptr + (grad_row_offsets + grad_class_offsets)
         grad_z = (gq * (1.0 + s * a)).to(grad_logits_ptr.dtype.element_ty)
@@ -213,6 +215,10 @@ def _warp_rows_kernel(
     # classes run along lanes), and V = 1 (alpha is aligned where the logits rows are not: Triton
     # would vectorise it along the lanes and convert it through shared memory every tile).
     HOIST: tl.constexpr = PIXEL or V == 1
+    # Class-contiguous rows with vectors: alpha / beta from L1 again for the gradients instead of
+    # a and t held across the softmax (32 registers each at 32 values per thread; ptxas is at its
+    # 255-register limit there, and the SASS is smaller with the two extra vector loads).
+    RELOAD: tl.constexpr = not HOIST
     if HOIST:
         a_b, b_b = _load_params(alpha_ptr, beta_ptr, load_cls, SHAPE, ACC_FP64)
         if TAIL:
@@ -223,9 +229,12 @@ def _warp_rows_kernel(
     db_b = _to_acc(tl.zeros(SHAPE, tl.float32), ACC_FP64)
     da_t = _to_acc(tl.zeros(TSHAPE, tl.float32), ACC_FP64)
     db_t = _to_acc(tl.zeros(TSHAPE, tl.float32), ACC_FP64)
-    for tile in range(pid, num_tiles, tl.num_programs(0)):
-        image = tile // tiles_per_image
-        start = (tile - image * tiles_per_image) * ROWS
+    # Tile and image indices in int32 (fewer tiles than 2^31 rows; the int64 division costs ~30
+    # instructions per tile), widened before they address anything.
+    for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+        image32 = tile // tiles_per_image
+        start = ((tile - image32 * tiles_per_image) * ROWS).to(tl.int64)
+        image = image32.to(tl.int64)
         if ROWS_MASKED:
             pixel = start + row_in_tile  # [1, RW, 1, VR]
             row_mask = pixel < rows_per_image
@@ -244,6 +253,7 @@ def _warp_rows_kernel(
         in_range = (target >= 0) & (target < num_classes)
         valid = counted & in_range
         target_class = tl.where(valid, target, -1).to(tl.int32)  # range-checked: fits; others match no class
+        target_v = target_class - tl.arange(0, VC)[None, None, None, :]  # see _block_grads
         safe_class = tl.where(valid, target, 0)
         if HAS_CONFIDENCE:
             s = _to_acc(tl.load(confidence_ptr + rows, mask=row_mask, other=1.0), ACC_FP64)
@@ -296,10 +306,10 @@ def _warp_rows_kernel(
             row_grad = tl.where(counted, row_weight * row_scale, 0.0)
             row_grad_over_sum = row_grad / sum_exp
             ds = tl.zeros_like(x_b)
-            if GRAD_LOGITS and not HOIST:  # alpha, beta again from L1: no a, t held across the softmax
+            if RELOAD:
                 a_b, b_b = _load_params(alpha_ptr, beta_ptr, load_cls, SHAPE, ACC_FP64)
                 t_b = a_b * z_b + b_b
-            da_b, db_b, ds = _block_grads(e_b, z_b, t_b, a_b, s, cls, target_class, row_grad, row_grad_over_sum,
+            da_b, db_b, ds = _block_grads(e_b, z_b, t_b, a_b, s, target_v, row_grad, row_grad_over_sum,
                                           da_b, db_b, ds, grad_logits_ptr, grad_row_offsets, grad_class_offsets,
                                           row_mask, cls_first, num_classes, BODY_MASKED, GRAD_LOGITS, GRAD_ALPHA,
                                           GRAD_BETA, GRAD_CONFIDENCE)
@@ -307,10 +317,10 @@ def _warp_rows_kernel(
                 grad_confidence = _thread_sum(ds, PIXEL)
             if TAIL:
                 ds_t = tl.zeros_like(x_t)
-                if GRAD_LOGITS and not HOIST:
+                if RELOAD:
                     a_t, b_t = _load_params(alpha_ptr, beta_ptr, t_load_cls, TSHAPE, ACC_FP64)
                     t_t = a_t * z_t + b_t
-                da_t, db_t, ds_t = _block_grads(e_t, z_t, t_t, a_t, s, t_cls, target_class, row_grad,
+                da_t, db_t, ds_t = _block_grads(e_t, z_t, t_t, a_t, s, target_v, row_grad,
                                                 row_grad_over_sum, da_t, db_t, ds_t, grad_logits_ptr,
                                                 grad_row_offsets, t_grad_class_offsets, row_mask, t_first,
                                                 num_classes, True, GRAD_LOGITS, GRAD_ALPHA, GRAD_BETA,

@@ -99,9 +99,10 @@ def _split(num_classes: int, unit: int):
 
 
 def warp_config(strides, rows_per_image: int, num_classes: int, element_size: int,
-                limits: WarpLimits) -> Optional[WarpConfig]:
+                limits: WarpLimits, acc_size: int = 4) -> Optional[WarpConfig]:
     """strides: one (stride_image, stride_class, stride_row) per logits-shaped tensor of the launch
-    (logits, dlogits when written). None where no tensor layout fits (neither every class stride nor every row
+    (logits, dlogits when written); acc_size: bytes of the accumulation dtype (float64 values take
+    two registers, so half as many fit). None where no tensor layout fits (neither every class stride nor every row
     stride is 1) or C needs more than limits.max_warps warps per row."""
     if num_classes < 1 or rows_per_image < 1:
         return None
@@ -115,6 +116,8 @@ def warp_config(strides, rows_per_image: int, num_classes: int, element_size: in
         return None
     if len(strides) > 1:  # dlogits: dz and its multiplier live too
         limits = replace(limits, max_values=limits.max_values_with_dlogits)
+    if acc_size > 4:
+        limits = replace(limits, max_values=max(1, limits.max_values * 4 // acc_size))
     cap = min(limits.max_vector, max(1, limits.vector_bytes // max(element_size, 4)))
     vector = _pow2_divisor(others, cap)
     if pixel:
