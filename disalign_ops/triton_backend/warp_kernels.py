@@ -124,10 +124,18 @@ def _load_block(logits_ptr, row_offsets, class_offsets, row_mask, cls_first, num
 
 
 @triton.jit
+def _reload(logits_ptr, row_offsets, class_offsets, row_mask, ROWS_MASKED: tl.constexpr, ACC_FP64: tl.constexpr):
+    ptrs = logits_ptr + (row_offsets + class_offsets)
+    if ROWS_MASKED:
+        return _to_acc(tl.load(ptrs, mask=row_mask, other=0.0), ACC_FP64)
+    return _to_acc(tl.load(ptrs), ACC_FP64)
+
+
+@triton.jit
 def _block_grads(e, z, t, a, s, target_class, row_grad, row_grad_over_sum, da, db, ds,
                  grad_logits_ptr, grad_row_offsets, grad_class_offsets, row_mask, cls_first, num_classes,
                  MASKED: tl.constexpr, GRAD_LOGITS: tl.constexpr, GRAD_ALPHA: tl.constexpr,
-                 GRAD_BETA: tl.constexpr, GRAD_CONFIDENCE: tl.constexpr):
+                 GRAD_BETA: tl.constexpr, GRAD_CONFIDENCE: tl.constexpr, SHARED_VQ: tl.constexpr):
     """With q = p - onehot(y) and g = row_grad: gq = g * q = e * (g / sum) - g * [c == y];
     dz = gq * (1 + s*a) (stored), ds += gq * t (t = a*z + b; in-thread, reduced per row by the caller),
     da += s * gq * z, db += s * gq (element-wise accumulators across tiles)."""
@@ -136,7 +144,14 @@ def _block_grads(e, z, t, a, s, target_class, row_grad, row_grad_over_sum, da, d
     gq = e * row_grad_over_sum - tl.where(cls_first == target_class, row_grad, 0.0)
     if GRAD_LOGITS:
         grad_ptrs = grad_logits_ptr + (grad_row_offsets + grad_class_offsets)
-        grad_z = (gq * (1.0 + s * a)).to(grad_logits_ptr.dtype.element_ty)
+        # gq * (1 + s*a); as gq + (s*gq)*a (s*gq is vq below) it is one instruction less, but it
+        # changes ptxas's register allocation at its 255 limit: that form spills for rows in one
+        # warp (cls-imagenet bf16), the other for rows over 8 warps (cls-inat bf16), so each
+        # takes the form that does not (benches/sass_triton.py, tests: no spills).
+        if SHARED_VQ:
+            grad_z = (gq + (s * gq) * a).to(grad_logits_ptr.dtype.element_ty)
+        else:
+            grad_z = (gq * (1.0 + s * a)).to(grad_logits_ptr.dtype.element_ty)
         if MASKED:  # rows: only the tile's own (see the kernel: the last tile of an image overlaps)
             tl.store(grad_ptrs, grad_z, mask=row_mask & (cls_first < num_classes))
         else:
@@ -308,23 +323,27 @@ def _warp_rows_kernel(
             ds = tl.zeros_like(x_b)
             if RELOAD:
                 a_b, b_b = _load_params(alpha_ptr, beta_ptr, load_cls, SHAPE, ACC_FP64)
+                if GRAD_LOGITS:  # z too (L1): dz's pointers and values need the registers
+                    z_b = _reload(logits_ptr, row_offsets, class_offsets, row_mask, ROWS_MASKED, ACC_FP64)
                 t_b = a_b * z_b + b_b
             da_b, db_b, ds = _block_grads(e_b, z_b, t_b, a_b, s, target_v, row_grad, row_grad_over_sum,
                                           da_b, db_b, ds, grad_logits_ptr, grad_row_offsets, grad_class_offsets,
                                           row_mask, cls_first, num_classes, BODY_MASKED, GRAD_LOGITS, GRAD_ALPHA,
-                                          GRAD_BETA, GRAD_CONFIDENCE)
+                                          GRAD_BETA, GRAD_CONFIDENCE, LW > 32)
             if GRAD_CONFIDENCE:
                 grad_confidence = _thread_sum(ds, PIXEL)
             if TAIL:
                 ds_t = tl.zeros_like(x_t)
                 if RELOAD:
                     a_t, b_t = _load_params(alpha_ptr, beta_ptr, t_load_cls, TSHAPE, ACC_FP64)
+                    if GRAD_LOGITS:
+                        z_t = _reload(logits_ptr, row_offsets, t_class_offsets, row_mask, ROWS_MASKED, ACC_FP64)
                     t_t = a_t * z_t + b_t
                 da_t, db_t, ds_t = _block_grads(e_t, z_t, t_t, a_t, s, target_v, row_grad,
                                                 row_grad_over_sum, da_t, db_t, ds_t, grad_logits_ptr,
                                                 grad_row_offsets, t_grad_class_offsets, row_mask, t_first,
                                                 num_classes, True, GRAD_LOGITS, GRAD_ALPHA, GRAD_BETA,
-                                                GRAD_CONFIDENCE)
+                                                GRAD_CONFIDENCE, LW > 32)
                 if GRAD_CONFIDENCE:
                     grad_confidence += _thread_sum(ds_t, PIXEL)
             if GRAD_CONFIDENCE:

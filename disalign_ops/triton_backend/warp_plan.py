@@ -33,7 +33,7 @@ class WarpLimits:
 
 GPU_LIMITS = WarpLimits(lanes=32, num_warps=8, max_warps=16, max_values=32, max_values_with_dlogits=32,
                         vector_bytes=16, max_vector=4)
-INTERPRETER_LIMITS = WarpLimits(lanes=4, num_warps=4, max_warps=8, max_values=16, max_values_with_dlogits=16,
+INTERPRETER_LIMITS = WarpLimits(lanes=4, num_warps=4, max_warps=8, max_values=32, max_values_with_dlogits=32,
                                 vector_bytes=16, max_vector=4)
 
 
