@@ -296,6 +296,12 @@ def test_tile_plan_of_the_gpu_shapes():
     assert plans["inat"].lane_width == 32 * 8 and plans["inat"].row_warps == 1 and plans["inat"].vector == 2
     assert plans["lvis"].vector == 1  # rows of 1231 values start at odd offsets: no vector loads
     assert plans["ade"].pixel and plans["ade"].vector == 2
+    # A symbolic row count (torch.compile, dynamic shapes): nothing assumed of it, so the compiled
+    # launch is right for every size: no vector alignment claims, row masks.
+    x = torch.empty(8, 150, 512, 512, device="meta")
+    layout = triton_ops._row_layout(x.shape, x.stride())
+    loose = warp_config(layout.strides, layout.rows_per_image, 150, 2, GPU_LIMITS, exact=False)
+    assert loose.vector == 1 and loose.align == 1 and loose.rows_masked
 
 
 @runs_kernels

@@ -323,13 +323,16 @@ class _TilePlan:
         self.num_classes = logits.shape[1]
         acc = accumulation_dtype(logits.dtype)
         self.config = _tile_config(layout, self.num_classes, logits.element_size(), acc.itemsize)
-        # The warp-row kernel for the loss where the layout fits it (the hint of a symbolic size only
-        # picks the kernel; both are exact for every size).
+        # The warp-row kernel for the loss where the layout fits it. Its constexprs are exact claims
+        # (the class blocks cover C, V divides the strides, images are at least a tile long), so
+        # they come from concrete sizes only: a symbolic C or stride (torch.compile, dynamic shapes)
+        # takes the tile kernel, a symbolic row count scalar loads and row masks (safe for any size).
         self.warp = None
-        if warp_rows and _WARP_LIMITS is not None:
-            self.warp = warp_config([tuple(_hint(v) for v in st) for st in layout.strides],
-                                    _hint(layout.rows_per_image), _hint(self.num_classes), logits.element_size(),
-                                    _WARP_LIMITS, acc.itemsize)
+        concrete = [self.num_classes] + [v for st in layout.strides for v in st]
+        if warp_rows and _WARP_LIMITS is not None and not any(isinstance(v, torch.SymInt) for v in concrete):
+            self.warp = warp_config(layout.strides, _hint(layout.rows_per_image), self.num_classes,
+                                    logits.element_size(), _WARP_LIMITS, acc.itemsize,
+                                    exact=not isinstance(layout.rows_per_image, torch.SymInt))
         rows_per_tile = self.warp.rows_per_tile if self.warp else self.config.block_rows
         self.tiles_per_image = triton.cdiv(layout.rows_per_image, rows_per_tile)
         self.num_tiles = layout.images * self.tiles_per_image

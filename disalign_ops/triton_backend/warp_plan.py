@@ -99,10 +99,11 @@ def _split(num_classes: int, unit: int):
 
 
 def warp_config(strides, rows_per_image: int, num_classes: int, element_size: int,
-                limits: WarpLimits, acc_size: int = 4) -> Optional[WarpConfig]:
+                limits: WarpLimits, acc_size: int = 4, exact: bool = True) -> Optional[WarpConfig]:
     """strides: one (stride_image, stride_class, stride_row) per logits-shaped tensor of the launch
     (logits, dlogits when written); acc_size: bytes of the accumulation dtype (float64 values take
-    two registers, so half as many fit). None where no tensor layout fits (neither every class stride nor every row
+    two registers, so half as many fit); exact: the strides and rows are the launch's own (not a
+    symbolic size's example), else no alignment and no row count is assumed. None where no tensor layout fits (neither every class stride nor every row
     stride is 1) or C needs more than limits.max_warps warps per row."""
     if num_classes < 1 or rows_per_image < 1:
         return None
@@ -119,7 +120,7 @@ def warp_config(strides, rows_per_image: int, num_classes: int, element_size: in
     if acc_size > 4:
         limits = replace(limits, max_values=max(1, limits.max_values * 4 // acc_size))
     cap = min(limits.max_vector, max(1, limits.vector_bytes // max(element_size, 4)))
-    vector = _pow2_divisor(others, cap)
+    vector = _pow2_divisor(others, cap) if exact else 1
     if pixel:
         # A warp spans LW classes x (lanes / LW) pixel vectors of V pixels. Fewer class lanes mean
         # fewer shuffle steps per row reduction (log2 LW, three reductions, one per value in a
@@ -158,4 +159,4 @@ def warp_config(strides, rows_per_image: int, num_classes: int, element_size: in
     row_warps = num_warps // warps_per_row * (limits.lanes // lane_width if pixel else 1)
     rows_per_tile = row_warps * (vector if pixel else 1)
     return WarpConfig(pixel, groups, tail, row_warps, lane_width, vector, body_masked, vector, num_warps,
-                      rows_masked=rows_per_image < rows_per_tile)
+                      rows_masked=rows_per_image < rows_per_tile or not exact)
