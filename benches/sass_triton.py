@@ -9,9 +9,12 @@ element (total and exp2, from the SASS), against the issue-9 budget. benches/sas
 by the `cuda` helper) calls `triton_rows()`; `python benches/sass_triton.py` prints the table.
 
 Per element = (instructions of one loop iteration x warps) / (logit elements one iteration covers),
-i.e. warp-instructions per element, for the innermost loops of the kernel: the two class-block
-sweeps of the streaming kernel (BLOCK_R x BLOCK_C elements), or the tile loop of the resident
-kernel (BLOCK_R x C: every class of a tile is in registers, one sweep). Budget: <= 0.5 warp-instructions per bf16 element, <= 1.0 per fp32 one,
+i.e. warp-instructions per element, for the innermost loops of the kernel: the tile loop of the
+warp-row kernel (warp_kernels.py: RW rows, or RW x V NCHW pixels, x C real classes; padded lanes
+count as cost, not as elements), else the two class-block sweeps of the tile kernel's streaming
+path (BLOCK_R x BLOCK_C elements) or its resident tile loop (BLOCK_R x C).
+
+    python benches/sass_triton.py [--out benches/results]   # table (+ sass_triton.{md,json}) Budget: <= 0.5 warp-instructions per bf16 element, <= 1.0 per fp32 one,
 summed over the loops one element passes through, and at most one exp2 per element.
 """
 
@@ -172,6 +175,8 @@ def _elements_per_iteration(launch, num_classes):
     streaming sweeps (BLOCK_R x BLOCK_C, unmasked), or a whole tile (BLOCK_R x C) of the resident
     kernel, whose innermost loop is the tile loop."""
     c = launch.constexprs
+    if "RW" in c:  # warp_kernels._warp_rows_kernel: RW rows (RW x V pixels) x all C classes per tile
+        return c["RW"] * (c["V"] if c["PIXEL"] else 1) * num_classes
     if c.get("RESIDENT"):
         return c["BLOCK_R"] * num_classes
     if "BLOCK_R" in c and "BLOCK_C" in c:
@@ -224,11 +229,31 @@ def _table(rows):
     return "\n".join(lines)
 
 
+def main(argv=None):
+    """Prints the table; with --out DIR also writes DIR/sass_triton.{md,json} (the Triton launches
+    alone: benches/sass_budget.py writes the combined CUDA + Triton report)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Triton launches of the GPU benchmark shapes vs the SASS budget")
+    ap.add_argument("--json", help=argparse.SUPPRESS)  # internal: triton_rows() in a subprocess
+    ap.add_argument("--out", help="directory for sass_triton.md / sass_triton.json")
+    args = ap.parse_args(argv)
+    if args.json is not None:
+        print(json.dumps(triton_rows(**json.loads(args.json))))
+        return
+    rows = triton_rows()
+    stage2 = [r for r in rows if r["mode"] == "stage2" and r["loops"]]
+    table = _table(rows) + (f"\ntriton stage-2 loops within budget: {sum(r['within_budget'] for r in stage2)}"
+                            f" of {len(stage2)}\n")
+    print(table, end="")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "sass_triton.md"), "w") as f:
+            f.write(table)
+        with open(os.path.join(args.out, "sass_triton.json"), "w") as f:
+            json.dump(rows, f, indent=1, default=str)
+            f.write("\n")
+
+
 if __name__ == "__main__":
-    if len(sys.argv) > 2 and sys.argv[1] == "--json":
-        print(json.dumps(triton_rows(**json.loads(sys.argv[2]))))
-    else:
-        rows = triton_rows()
-        print(_table(rows))
-        stage2 = [r for r in rows if r["mode"] == "stage2" and r["loops"]]
-        print(f"triton stage-2 loops within budget: {sum(r['within_budget'] for r in stage2)} of {len(stage2)}")
+    main()

@@ -180,11 +180,47 @@ def test_stats_kernel_poisons_the_denominator(device):
 
 @runs_kernels
 def test_streaming_kernel_matches_reference(device, monkeypatch):
-    """The two-sweep kernel (C above resident_max_classes, e.g. cls-inat on a GPU): forced here."""
+    """The tile kernel's two-sweep path (C above resident_max_classes, in a layout the warp-row
+    kernel does not take): forced here."""
+    monkeypatch.setattr(triton_ops, "_WARP_LIMITS", None)
     monkeypatch.setattr(triton_ops, "_LIMITS", dataclasses.replace(triton_ops._LIMITS, resident_max_classes=0))
     for layout in TILE_EDGES:
         _compare(_inputs(device, layout, torch.float64), "mean")
         _compare(_inputs(device, layout, torch.bfloat16), "none")
+
+
+@runs_kernels
+def test_tile_kernel_matches_reference(device, monkeypatch):
+    """The tile kernel's resident path (layouts that are neither class- nor pixel-contiguous, e.g. a
+    strided W): forced here for every layout, the warp-row kernel being off."""
+    monkeypatch.setattr(triton_ops, "_WARP_LIMITS", None)
+    for layout in TILE_EDGES:
+        _compare(_inputs(device, layout, torch.float64), "mean")
+        _compare(_inputs(device, layout, torch.bfloat16), "none")
+
+
+@runs_kernels
+@pytest.mark.parametrize("case", ["rows_over_warps", "pixel_vectors", "short_images"])
+def test_warp_row_kernel_blocks(device, case, monkeypatch):
+    """The warp-row kernel's other block shapes: a row spread over several warps (cross-warp
+    reductions, cls-inat on a GPU), NCHW pixels in vectors of V > 1 (seg-ade), and images shorter
+    than a tile (row masks instead of the shifted last tile)."""
+    if case == "rows_over_warps":
+        monkeypatch.setattr(triton_ops, "_WARP_LIMITS", dataclasses.replace(triton_ops._WARP_LIMITS, max_values=4,
+                                                                           max_values_with_dlogits=4))
+        inputs = _inputs(device, "rows")
+    else:
+        shape = (2, 6, 8, 8) if case == "pixel_vectors" else (3, 40, 1, 3)
+        inputs = make_inputs(shape, dtype=torch.float64, layout="nchw")
+        inputs = inputs.with_(**{f: getattr(inputs, f).to(device) for f in TENSOR_FIELDS})
+    plan = triton_ops._TilePlan(inputs.logits, inputs.alpha, inputs.beta, inputs.confidence, [True] * 4,
+                                warp_rows=True)
+    expected = {"rows_over_warps": lambda w: w.lane_width > triton_ops._WARP_LIMITS.lanes,
+                "pixel_vectors": lambda w: w.pixel and w.vector > 1 and not w.rows_masked,
+                "short_images": lambda w: w.pixel and w.rows_masked}[case]
+    assert plan.warp is not None and expected(plan.warp), plan.warp
+    _compare(inputs, "mean")
+    _compare(inputs.with_(logits=inputs.logits.to(torch.bfloat16)), "none")
 
 
 @runs_kernels
@@ -239,26 +275,33 @@ def test_ops_reject_bad_grad_masks_and_integer_gradients(device):
 
 
 def test_tile_plan_of_the_gpu_shapes():
-    """The planner's choices for the benchmark layouts (no GPU: the GPU limits, planning only):
-    tiles of 16 rows for class-contiguous rows, det-lvis without 40% padded lanes, row offsets
-    aligned where the strides allow (vector loads), and the streaming kernel only above 2048."""
-    gpu = dataclasses.replace(triton_ops._LIMITS, tile_elements=4096, contiguous_bytes=512, max_block_classes=2048,
-                              block_rows=16, resident_max_classes=2048, resident_elements=4096)
+    """The warp-row planner's choices for the benchmark layouts (no GPU: the GPU limits, planning
+    only): every benchmark shape runs the warp-row kernel, with at most 32 values per thread,
+    under 10% padded lanes, vector loads where the strides allow, one warp per row up to C = 1024,
+    and cls-inat's 8142 classes over the 8 warps of a program."""
+    from disalign_ops.triton_backend.warp_plan import GPU_LIMITS, warp_config
+
     plans = {}
-    for name, shape in {"imagenet": (4096, 1000), "inat": (4096, 8142), "lvis": (8192, 1231)}.items():
+    for name, shape, size in [("imagenet", (4096, 1000), 2), ("inat", (4096, 8142), 2), ("lvis", (8192, 1231), 4),
+                              ("ade", (8, 150, 512, 512), 2)]:
         x = torch.empty(shape, device="meta")
         layout = triton_ops._row_layout(x.shape, x.stride())
-        saved, triton_ops._LIMITS = triton_ops._LIMITS, gpu
-        try:
-            plans[name] = triton_ops._tile_config(layout, shape[1], 2, 4)
-        finally:
-            triton_ops._LIMITS = saved
-    assert plans["inat"].block_rows == 16  # streaming: partial rows read and written once per 16 rows
-    assert plans["imagenet"].resident and plans["imagenet"].row_align == 8 and not plans["imagenet"].has_body
-    lvis = plans["lvis"]
-    assert lvis.resident and lvis.has_body and lvis.block_classes + lvis.tail_classes < 1.05 * 1231
-    inat = plans["inat"]
-    assert not inat.resident and inat.tail_classes >= 8142 % inat.block_classes and inat.row_align == 2
+        plan = warp_config(layout.strides, layout.rows_per_image, shape[1], size, GPU_LIMITS)
+        assert plan is not None, name
+        assert (plan.groups + plan.tail_groups) * plan.vector <= GPU_LIMITS.max_values, plan
+        assert shape[1] <= plan.classes < 1.1 * shape[1], plan  # 1000 -> 1024, 150 -> 160
+        assert not plan.rows_masked and plan.num_warps == 8, plan
+        plans[name] = plan
+    assert not plans["imagenet"].pixel and plans["imagenet"].vector == 4 and plans["imagenet"].lane_width == 32
+    assert plans["inat"].lane_width == 32 * 8 and plans["inat"].row_warps == 1 and plans["inat"].vector == 2
+    assert plans["lvis"].vector == 1  # rows of 1231 values start at odd offsets: no vector loads
+    assert plans["ade"].pixel and plans["ade"].vector == 2
+    # A symbolic row count (torch.compile, dynamic shapes): nothing assumed of it, so the compiled
+    # launch is right for every size: no vector alignment claims, row masks.
+    x = torch.empty(8, 150, 512, 512, device="meta")
+    layout = triton_ops._row_layout(x.shape, x.stride())
+    loose = warp_config(layout.strides, layout.rows_per_image, 150, 2, GPU_LIMITS, exact=False)
+    assert loose.vector == 1 and loose.align == 1 and loose.rows_masked
 
 
 @runs_kernels

@@ -1,5 +1,9 @@
 """Triton kernels of the DisAlign loss and calibration (docs/contract.md section 2), Liger-Kernel style.
 
+The loss of class- or pixel-contiguous logits (every benchmark layout) runs warp_kernels.py's
+warp-row kernel instead (docs/triton.md); _cross_entropy_kernel here serves the other layouts and
+C above that kernel's reach, and the calibrate kernels serve every layout.
+
 Layout: every kernel sees the logits as a (B, C, S) view with strides (stride_image, stride_class,
 stride_row): B "images", C classes, S rows per image (pixels for segmentation logits, samples or
 ROIs for (N, C) logits, where usually B = 1 and S = N). Row r = b * S + s indexes the flattened

@@ -41,7 +41,8 @@ from .._validation import (
     check_gradient_arg,
     check_target_values,
 )
-from . import kernels
+from . import kernels, warp_kernels
+from .warp_plan import GPU_LIMITS, INTERPRETER_LIMITS, warp_config
 
 INTERPRETED = not isinstance(kernels._cross_entropy_kernel, triton.runtime.JITFunction)
 
@@ -86,6 +87,11 @@ _LIMITS = (
     else _TileLimits(tile_elements=4096, contiguous_bytes=512, max_block_classes=2048, block_rows=16,
                      resident_max_classes=2048, resident_elements=4096, prepass_block=1024, num_stages=2)
 )
+
+
+# The warp-row kernel (warp_kernels.py) runs every loss launch whose layout it fits (see
+# warp_plan.py); None sends every launch to kernels.py's tile kernel (tests force that path).
+_WARP_LIMITS = INTERPRETER_LIMITS if INTERPRETED else GPU_LIMITS
 
 
 @dataclass(frozen=True)
@@ -307,7 +313,7 @@ class _TilePlan:
     Gradients that are not wanted are the 0-element placeholders of the output conventions.
     """
 
-    def __init__(self, logits, alpha, beta, confidence, grad_mask, inputs=()):
+    def __init__(self, logits, alpha, beta, confidence, grad_mask, inputs=(), warp_rows=False):
         self.wanted = [bool(m) and t is not None for m, t in zip(grad_mask, (logits, alpha, beta, confidence))]
         self.grads = [(t if t is not None else logits).new_empty((0,)) for t in (logits, alpha, beta, confidence)]
         outputs = [torch.empty_like(logits)] if self.wanted[0] else []
@@ -317,7 +323,18 @@ class _TilePlan:
         self.num_classes = logits.shape[1]
         acc = accumulation_dtype(logits.dtype)
         self.config = _tile_config(layout, self.num_classes, logits.element_size(), acc.itemsize)
-        self.tiles_per_image = triton.cdiv(layout.rows_per_image, self.config.block_rows)
+        # The warp-row kernel for the loss where the layout fits it. Its constexprs are exact claims
+        # (the class blocks cover C, V divides the strides, images are at least a tile long), so
+        # they come from concrete sizes only: a symbolic C or stride (torch.compile, dynamic shapes)
+        # takes the tile kernel, a symbolic row count scalar loads and row masks (safe for any size).
+        self.warp = None
+        concrete = [self.num_classes] + [v for st in layout.strides for v in st]
+        if warp_rows and _WARP_LIMITS is not None and not any(isinstance(v, torch.SymInt) for v in concrete):
+            self.warp = warp_config(layout.strides, _hint(layout.rows_per_image), self.num_classes,
+                                    logits.element_size(), _WARP_LIMITS, acc.itemsize,
+                                    exact=not isinstance(layout.rows_per_image, torch.SymInt))
+        rows_per_tile = self.warp.rows_per_tile if self.warp else self.config.block_rows
+        self.tiles_per_image = triton.cdiv(layout.rows_per_image, rows_per_tile)
         self.num_tiles = layout.images * self.tiles_per_image
         partial_bytes = (int(self.wanted[1]) + int(self.wanted[2])) * self.num_classes * acc.itemsize
         self.programs = _num_programs(self.num_tiles, logits.device, partial_bytes,
@@ -353,8 +370,14 @@ class _TilePlan:
                     GRAD_CONFIDENCE=self.wanted[3], BLOCK_R=self.config.block_rows,
                     BLOCK_C=self.config.block_classes, num_warps=self.config.num_warps)
 
+    def loss_kernel(self):
+        return warp_kernels._warp_rows_kernel if self.warp else kernels._cross_entropy_kernel
+
     def loss_meta(self):
         """The loss kernel's further constexprs: tail, resident sweep, alignment, pipelining."""
+        if self.warp:
+            return dict(GRAD_LOGITS=self.wanted[0], GRAD_ALPHA=self.wanted[1], GRAD_BETA=self.wanted[2],
+                        GRAD_CONFIDENCE=self.wanted[3], **self.warp.meta())
         c = self.config
         return dict(self.meta(), TAIL_C=c.tail_classes, RESIDENT=c.resident, HAS_BODY=c.has_body,
                     ROW_ALIGN=c.row_align, CLASS_ALIGN=c.class_align, NUM_STAGES=c.num_stages)
@@ -381,12 +404,12 @@ def _launch_cross_entropy(logits, target_rows, alpha, beta, confidence, weight, 
     The loss buffer holds one value per row (LOSS_PER_ROW), one partial sum per program
     (LOSS_PER_PROGRAM) or nothing (NO_LOSS).
     """
-    plan = _TilePlan(logits, alpha, beta, confidence, grad_mask)
+    plan = _TilePlan(logits, alpha, beta, confidence, grad_mask, warp_rows=True)
     acc = accumulation_dtype(logits.dtype)
     loss_size = {LOSS_PER_ROW: target_rows.numel(), LOSS_PER_PROGRAM: plan.programs, NO_LOSS: 0}[loss_mode]
     loss = logits.new_empty((loss_size,), dtype=acc)
     if plan.programs > 0:
-        _launch(kernels._cross_entropy_kernel, (plan.programs,))(
+        _launch(plan.loss_kernel(), (plan.programs,))(
             *plan.operand(0),
             target_rows, alpha.contiguous(), beta.contiguous(), _flat_rows(confidence), _contiguous(weight),
             grad_scale, grad_scale_stride,
