@@ -14,8 +14,8 @@ toolkit lacks the CUDA libraries' headers, put pip's (site-packages/nvidia/cu13/
 scripts/cuda_env.sh does both.
 
 The CPU kernel file (csrc/cpu/disalign_kernels.cpp, with the csrc/cpu/*.h kernels it includes) is
-compiled once per instruction set, each
-copy in its own namespace, exactly as ATen builds its per-ISA kernels; csrc/cpu/dispatch.cpp picks
+compiled once per instruction set, each copy in its own namespace, exactly as ATen builds its
+per-ISA kernels; csrc/cpu/dispatch.cpp picks
 the best copy the running CPU supports (ATEN_CPU_CAPABILITY=default|avx2|avx512 overrides it).
 """
 
