@@ -48,16 +48,10 @@ struct CalibrateBlocks {
   double operator()(int64_t first_row, int64_t rows, acc_t* grad_alpha, acc_t* grad_beta, acc_t* /*scratch*/)
       const {
     if (args.layout == Layout::kClassesContiguous) {
-      switch (rows) {
-        case 4:
-          return grad ? class_rows<4, true>(first_row, grad_alpha, grad_beta) : class_rows<4, false>(first_row, nullptr, nullptr);
-        case 3:
-          return grad ? class_rows<3, true>(first_row, grad_alpha, grad_beta) : class_rows<3, false>(first_row, nullptr, nullptr);
-        case 2:
-          return grad ? class_rows<2, true>(first_row, grad_alpha, grad_beta) : class_rows<2, false>(first_row, nullptr, nullptr);
-        default:
-          return grad ? class_rows<1, true>(first_row, grad_alpha, grad_beta) : class_rows<1, false>(first_row, nullptr, nullptr);
-      }
+      return with_block_rows(rows, [&](auto r) {
+        return grad ? class_rows<r.value, true>(first_row, grad_alpha, grad_beta)
+                    : class_rows<r.value, false>(first_row, nullptr, nullptr);
+      });
     }
     if (rows == kPixels) {
       return grad ? pixel_block<true, true>(first_row, rows, grad_alpha, grad_beta)
@@ -90,8 +84,7 @@ struct CalibrateBlocks {
     const auto step = [&](int64_t j, int64_t count) {
       const Vec a = Vec::loadu(alpha + j, count);
       const Vec b = Vec::loadu(beta + j, count);
-      Vec da(0);
-      Vec db(0);
+      ParamGrads<acc_t> params;
       for (int k = 0; k < R; ++k) {
         const Vec z = IO::load(z_row[k] + j, count);
         const Vec scale = at::vec::fmadd(s[k], a, Vec(1));
@@ -102,19 +95,11 @@ struct CalibrateBlocks {
           if (out_row[k]) {
             IO::store(out_row[k] + j, g * scale, count);
           }
-          const Vec gs = g * s[k];
-          da = at::vec::fmadd(gs, z, da);
-          db += gs;
-          ds[k] = at::vec::fmadd(g, at::vec::fmadd(a, z, b), ds[k]);
+          params.add(g, s[k], z, a, b, ds[k]);
         }
       }
       if constexpr (kBackward) {
-        if (grad_alpha) {
-          (Vec::loadu(grad_alpha + j, count) + da).store(grad_alpha + j, count);
-        }
-        if (grad_beta) {
-          (Vec::loadu(grad_beta + j, count) + db).store(grad_beta + j, count);
-        }
+        params.add_to(grad_alpha, grad_beta, j, count);
       }
     };
     for (int64_t j = 0; j < body; j += kWidth) {
@@ -161,8 +146,7 @@ struct CalibrateBlocks {
     for (int64_t c = 0; c < geometry.classes; ++c) {
       const Vec a(alpha[c]);
       const Vec b(beta[c]);
-      Vec da(0);
-      Vec db(0);
+      ParamGrads<acc_t> params;
       for (int k = 0; k < V; ++k) {
         const Vec z = IO::load(z_block + c * in.cls + k * kWidth, count[k]);
         const Vec scale = at::vec::fmadd(s[k], a, Vec(1));
@@ -174,18 +158,15 @@ struct CalibrateBlocks {
           if (out_at) {
             IO::store(out_at, g * scale, count[k]);
           }
-          const Vec gs = g * s[k];
-          da = at::vec::fmadd(gs, z, da);
-          db += gs;
-          ds[k] = at::vec::fmadd(g, at::vec::fmadd(a, z, b), ds[k]);
+          params.add(g, s[k], z, a, b, ds[k]);
         }
       }
       if constexpr (kBackward) {
         if (grad_alpha) {
-          grad_alpha[c] += at::vec::vec_reduce_all<acc_t>(add, da);
+          grad_alpha[c] += at::vec::vec_reduce_all<acc_t>(add, params.da);
         }
         if (grad_beta) {
-          grad_beta[c] += at::vec::vec_reduce_all<acc_t>(add, db);
+          grad_beta[c] += at::vec::vec_reduce_all<acc_t>(add, params.db);
         }
       }
     }

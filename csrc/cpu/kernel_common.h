@@ -109,6 +109,50 @@ constexpr int64_t pixels_per_block() {
   return pixel_vectors<acc_t, kRunBytes>() * Vectorized<acc_t>::size();
 }
 
+// Calls body(std::integral_constant<int, R>{}) for R = rows (1 <= rows <= kBlockRows): the row
+// count of a classes-layout block as a template argument.
+template <typename Body>
+inline auto with_block_rows(int64_t rows, const Body& body) {
+  static_assert(kBlockRows == 4, "one case per row count");
+  switch (rows) {
+    case 4:
+      return body(std::integral_constant<int, 4>{});
+    case 3:
+      return body(std::integral_constant<int, 3>{});
+    case 2:
+      return body(std::integral_constant<int, 2>{});
+    default:
+      return body(std::integral_constant<int, 1>{});
+  }
+}
+
+// The parameter gradients of one vector of upstream gradients g of calibrated logits (logits z,
+// the rows' confidences s, the classes' alpha a and beta b), as every kernel's gradient sweep sums
+// them: da += g*s*z and db += g*s over the rows of a step (per class), ds += g*(a*z + b) per row.
+template <typename acc_t>
+struct ParamGrads {
+  using Vec = Vectorized<acc_t>;
+  Vec da = Vec(0);
+  Vec db = Vec(0);
+
+  void add(const Vec& g, const Vec& s, const Vec& z, const Vec& a, const Vec& b, Vec& ds) {
+    const Vec gs = g * s;
+    da = at::vec::fmadd(gs, z, da);
+    db += gs;
+    ds = at::vec::fmadd(g, at::vec::fmadd(a, z, b), ds);
+  }
+  // Into the chunk's partial rows of those asked for (nullptr: not asked for), classes
+  // [j, j + count) (classes layout).
+  void add_to(acc_t* grad_alpha, acc_t* grad_beta, int64_t j, int64_t count) const {
+    if (grad_alpha) {
+      (Vec::loadu(grad_alpha + j, count) + da).store(grad_alpha + j, count);
+    }
+    if (grad_beta) {
+      (Vec::loadu(grad_beta + j, count) + db).store(grad_beta + j, count);
+    }
+  }
+};
+
 // Blocks never cross an image, so the rows of a block are evenly spaced in memory.
 inline int64_t block_rows_within_image(const Geometry& geometry, int64_t max_rows, int64_t row, int64_t end) {
   const int64_t image_end = (row / geometry.spatial + 1) * geometry.spatial;

@@ -204,20 +204,10 @@ struct LossBlocks {
   double operator()(int64_t first_row, int64_t rows, acc_t* grad_alpha, acc_t* grad_beta, acc_t* scratch) const {
     const bool out = grad_logits != nullptr;
     if (args.layout == Layout::kClassesContiguous) {
-      switch (rows) {
-        case 4:
-          return out ? class_rows<4, true>(first_row, grad_alpha, grad_beta, scratch)
-                     : class_rows<4, false>(first_row, grad_alpha, grad_beta, scratch);
-        case 3:
-          return out ? class_rows<3, true>(first_row, grad_alpha, grad_beta, scratch)
-                     : class_rows<3, false>(first_row, grad_alpha, grad_beta, scratch);
-        case 2:
-          return out ? class_rows<2, true>(first_row, grad_alpha, grad_beta, scratch)
-                     : class_rows<2, false>(first_row, grad_alpha, grad_beta, scratch);
-        default:
-          return out ? class_rows<1, true>(first_row, grad_alpha, grad_beta, scratch)
-                     : class_rows<1, false>(first_row, grad_alpha, grad_beta, scratch);
-      }
+      return with_block_rows(rows, [&](auto r) {
+        return out ? class_rows<r.value, true>(first_row, grad_alpha, grad_beta, scratch)
+                   : class_rows<r.value, false>(first_row, grad_alpha, grad_beta, scratch);
+      });
     }
     return pixels == kPixels ? pixel_blocks<kPixels>(first_row, rows, out, scratch)
                              : pixel_blocks<kShortPixels>(first_row, rows, out, scratch);
@@ -332,25 +322,15 @@ struct LossBlocks {
     const auto step = [&](int64_t j, int64_t count) {
       const Vec a = Vec::loadu(alpha + j, count);
       const Vec b = Vec::loadu(beta + j, count);
-      Vec da(0);
-      Vec db(0);
+      ParamGrads<acc_t> params;
       for (int k = 0; k < R; ++k) {
         const Vec dzhat = Vec::loadu(e_row[k] + j) * factor[k];
         if constexpr (kGradLogits) {
           IO::store(out_row[k] + j, dzhat * at::vec::fmadd(s[k], a, Vec(1)), count);
         }
-        const Vec z = IO::load(z_row[k] + j, count);
-        const Vec g = dzhat * s[k];
-        da = at::vec::fmadd(g, z, da);
-        db += g;
-        ds[k] = at::vec::fmadd(dzhat, at::vec::fmadd(a, z, b), ds[k]);
+        params.add(dzhat, s[k], IO::load(z_row[k] + j, count), a, b, ds[k]);
       }
-      if (grad_alpha) {
-        (Vec::loadu(grad_alpha + j, count) + da).store(grad_alpha + j, count);
-      }
-      if (grad_beta) {
-        (Vec::loadu(grad_beta + j, count) + db).store(grad_beta + j, count);
-      }
+      params.add_to(grad_alpha, grad_beta, j, count);
     };
     for (int64_t j = 0; j < body; j += kWidth) {
       step(j, kWidth);
@@ -457,24 +437,19 @@ struct LossBlocks {
       const Vec b(beta[c]);
       const acc_t* e_at = e_block + c * P;
       const acc_t* z_at = z_copy + c * P;
-      Vec da(0);
-      Vec db(0);
+      ParamGrads<acc_t> params;
       for (int k = 0; k < V; ++k) {
         const Vec dzhat = Vec::loadu(e_at + k * kWidth) * factor[k];
         if constexpr (kGradLogits) {
           store_grad(out_block + c * out_strides.cls + k * kWidth, dzhat * at::vec::fmadd(s[k], a, Vec(1)),
                      count[k], kFull && stream_block);
         }
-        const Vec z = Vec::loadu(z_at + k * kWidth);
-        const Vec g = dzhat * s[k];
-        da = at::vec::fmadd(g, z, da);
-        db += g;
-        ds[k] = at::vec::fmadd(dzhat, at::vec::fmadd(a, z, b), ds[k]);
+        params.add(dzhat, s[k], Vec::loadu(z_at + k * kWidth), a, b, ds[k]);
       }
       acc_t* da_at = sums + c * kWidth;
       acc_t* db_at = sums + (classes + c) * kWidth;
-      (Vec::loadu(da_at) + da).store(da_at);
-      (Vec::loadu(db_at) + db).store(db_at);
+      (Vec::loadu(da_at) + params.da).store(da_at);
+      (Vec::loadu(db_at) + params.db).store(db_at);
     }
     if (stream_block) {
       stream_fence();
