@@ -276,9 +276,10 @@ def test_ops_reject_bad_grad_masks_and_integer_gradients(device):
 
 def test_tile_plan_of_the_gpu_shapes():
     """The warp-row planner's choices for the benchmark layouts (no GPU: the GPU limits, planning
-    only): every benchmark shape runs the warp-row kernel, with at most 32 values per thread,
-    under 10% padded lanes, vector loads where the strides allow, one warp per row up to C = 1024,
-    and cls-inat's 8142 classes over the 8 warps of a program."""
+    only): every benchmark shape runs the warp-row kernel in stage 2, with at most 32 values per
+    thread, under 10% padded lanes, vector loads where the strides allow, one warp per row up to
+    C = 1024, and cls-inat's 8142 classes over the 8 warps of a program; full mode keeps rows over
+    several warps to 24 values per thread (see warp_plan: the register limits)."""
     from disalign_ops.triton_backend.warp_plan import GPU_LIMITS, warp_config
 
     plans = {}
@@ -296,6 +297,21 @@ def test_tile_plan_of_the_gpu_shapes():
     assert plans["inat"].lane_width == 32 * 8 and plans["inat"].row_warps == 1 and plans["inat"].vector == 2
     assert plans["lvis"].vector == 1  # rows of 1231 values start at odd offsets: no vector loads
     assert plans["ade"].pixel and plans["ade"].vector == 2
+    # Full mode (dlogits strides too): a row over several warps holds at most 24 values per thread,
+    # so cls-inat's 32 (V = 2 over 8 warps) take the tile kernel, and blocks holding alpha / beta
+    # (NCHW pixels, det-lvis's rows of V = 1) 16; no
+    # program has 16 warps (128 registers a thread), so C = 12000 takes it in stage 2 too.
+    for name, shape, size in [("imagenet", (4096, 1000), 2), ("lvis", (8192, 1231), 4), ("ade", (8, 150, 512, 512), 2),
+                              ("c4096", (64, 4096), 4)]:
+        layout = triton_ops._row_layout(shape, torch.empty(shape, device="meta").stride())
+        full = warp_config(layout.strides * 2, layout.rows_per_image, shape[1], size, GPU_LIMITS)
+        assert full is not None and full.num_warps == 8, (name, full)
+        values = (full.groups + full.tail_groups) * full.vector
+        assert values <= (16 if full.holds_params else 24 if full.lane_width > GPU_LIMITS.lanes else 32), full
+    inat = triton_ops._row_layout((4096, 8142), (8142, 1))
+    assert warp_config(inat.strides * 2, inat.rows_per_image, 8142, 2, GPU_LIMITS) is None
+    wide = triton_ops._row_layout((64, 12000), (12000, 1))
+    assert warp_config(wide.strides, wide.rows_per_image, 12000, 2, GPU_LIMITS) is None
     # A symbolic row count (torch.compile, dynamic shapes): nothing assumed of it, so the compiled
     # launch is right for every size: no vector alignment claims, row masks.
     x = torch.empty(8, 150, 512, 512, device="meta")
@@ -410,8 +426,8 @@ def test_cuda_path_is_a_traceable_triton_op():
 
 
 def test_every_launch_compiles_for_sm90_without_spills():
-    """Each launch the host makes for benchmark-like layouts and class counts (C = 8142 rows,
-    C = 150 NCHW, C = 1231 rows, float64), compiled for an H100 with the launch's own
+    """Each launch the host makes for benchmark-like layouts and class counts (C = 8142, 12000 and
+    4096 rows, C = 150 NCHW, C = 1231 rows, float64), compiled for an H100 with the launch's own
     specialisation (no GPU needed): catches code the interpreter accepts but the compiler does
     not, and register spills. Skips where this Triton lacks the APIs it drives."""
     _run_without_interpreter(
@@ -458,7 +474,8 @@ def test_every_launch_compiles_for_sm90_without_spills():
                 return launch
 
         torch.library.wrap_triton = CompileOnly
-        for shape, dtype in [((8, 8142), torch.bfloat16), ((2, 150, 32, 32), torch.bfloat16),
+        for shape, dtype in [((8, 8142), torch.bfloat16), ((8, 8142), torch.float32), ((4, 12000), torch.bfloat16),
+                             ((8, 4096), torch.float32), ((2, 150, 32, 32), torch.bfloat16),
                              ((8, 1231), torch.float32), ((2, 150, 32, 32), torch.float32),
                              ((8, 1000), torch.float64)]:
             param = torch.float64 if dtype == torch.float64 else torch.float32
@@ -472,6 +489,6 @@ def test_every_launch_compiles_for_sm90_without_spills():
             ops.cross_entropy_backward(torch.ones(rows), logits, target, a, b, s, w, -100, [True] * 4)
             ops.calibrate(logits, a, b, s)
             ops.calibrate_backward(torch.empty_like(logits), logits, a, b, s, [True] * 4)
-        assert len(launches) == 5 * 8, len(launches)  # 8 launches per shape ("none" needs no prepass)
+        assert len(launches) == 8 * 8, len(launches)  # 8 launches per shape ("none" needs no prepass)
         """
     )

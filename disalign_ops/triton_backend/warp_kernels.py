@@ -188,6 +188,7 @@ def _warp_rows_kernel(
     GRAD_LOGITS: tl.constexpr, GRAD_ALPHA: tl.constexpr, GRAD_BETA: tl.constexpr, GRAD_CONFIDENCE: tl.constexpr,
     ACC_FP64: tl.constexpr, PIXEL: tl.constexpr, G: tl.constexpr, GT: tl.constexpr, RW: tl.constexpr,
     LW: tl.constexpr, V: tl.constexpr, BODY_MASKED: tl.constexpr, ALIGN: tl.constexpr, ROWS_MASKED: tl.constexpr,
+    HOIST: tl.constexpr,
 ):
     """Fused calibration + softmax + weighted cross entropy and its gradients, one sweep, one exp2
     per element. Programs loop over tiles pid, pid + num_programs, ... (persistent grid, so the
@@ -226,13 +227,8 @@ def _warp_rows_kernel(
         # that hides the lanes' contiguity (then equal in range).
         grad_class_offsets, t_grad_class_offsets = (load_cls, t_load_cls) if SCALAR_ROWS else (cls, t_cls)
     row_in_tile = (tl.arange(0, RW)[None, :, None, None] * VR + tl.arange(0, VR)[None, None, None, :])
-    # alpha / beta once per program where their load would not get the logits' layout: NCHW (their
-    # classes run along lanes), and V = 1 (alpha is aligned where the logits rows are not: Triton
-    # would vectorise it along the lanes and convert it through shared memory every tile).
-    HOIST: tl.constexpr = PIXEL or V == 1
-    # Class-contiguous rows with vectors: alpha / beta from L1 again for the gradients instead of
-    # a and t held across the softmax (32 registers each at 32 values per thread; ptxas is at its
-    # 255-register limit there, and the SASS is smaller with the two extra vector loads).
+    # HOIST (the planner's WarpConfig.holds_params): alpha / beta loaded once per program and held;
+    # otherwise from L1 per tile, again for the gradients instead of a and t held across the softmax.
     RELOAD: tl.constexpr = not HOIST
     if HOIST:
         a_b, b_b = _load_params(alpha_ptr, beta_ptr, load_cls, SHAPE, ACC_FP64)

@@ -10,7 +10,15 @@ not yet timed on a GPU):
 * a row spans as few warps as keep <= 32 values per thread in registers (32 x 4 bytes x (z, e, da,
   db) plus temporaries fit 255 registers without spills): one warp for C <= 1024 (fp32 / bf16),
   so the row reductions need no shared memory;
-* 8 warps per program (16 where one row needs 16 warps).
+* with dlogits, a row over several warps keeps <= 24 values per thread: the shared-memory row
+  reductions and the dlogits stores take the rest (32 spill on Triton 3.6 and 3.9 at C = 4096
+  and 8142, not on 3.8); blocks that hold alpha / beta too (NCHW pixels, rows with V = 1, see
+  WarpConfig.holds_params) keep <= 16 (C = 150 pixels and C = 1231 rows: 20 spill on Triton 3.6);
+* a float64 value counts as 4: register pairs, and a software exp2 with its own temporaries
+  (C = 1000 with 16 values over two warps spills on Triton 3.6);
+* 8 warps per program, at most 8 per row: a 16-warp program has 128 registers per thread, and
+  spills on every Triton tested (C = 12000: 100-400 bytes, stage 2 too). Rows longer than that
+  (C > 8192 at V = 4, C = 8142 at V = 2 with dlogits) take the tile kernel.
 
 Interpreter (CPU tests): 4 lanes and 4 warps, so that the small test shapes still cover several
 rows per tile, ragged tiles, the masked tail, rows spanning several warps and the persistent loop.
@@ -27,14 +35,20 @@ class WarpLimits:
     max_warps: int
     max_values: int  # per thread and block, body + tail
     max_values_with_dlogits: int  # the same when dlogits is written (more live registers)
+    max_values_split_rows_with_dlogits: int  # ... and a row spans several warps
+    max_values_held_params_with_dlogits: int  # ... where alpha / beta are held (holds_params)
+    float64_cost: int  # float32 values one float64 value counts as
     vector_bytes: int
     max_vector: int  # values per vector
 
 
-GPU_LIMITS = WarpLimits(lanes=32, num_warps=8, max_warps=16, max_values=32, max_values_with_dlogits=32,
-                        vector_bytes=16, max_vector=4)
+GPU_LIMITS = WarpLimits(lanes=32, num_warps=8, max_warps=8, max_values=32, max_values_with_dlogits=32,
+                        max_values_split_rows_with_dlogits=24, max_values_held_params_with_dlogits=16,
+                        float64_cost=4, vector_bytes=16, max_vector=4)
+# No registers to run out of: the interpreter's limits only shape the tiles the CPU tests cover.
 INTERPRETER_LIMITS = WarpLimits(lanes=4, num_warps=4, max_warps=8, max_values=32, max_values_with_dlogits=32,
-                                vector_bytes=16, max_vector=4)
+                                max_values_split_rows_with_dlogits=32, max_values_held_params_with_dlogits=32,
+                                float64_cost=2, vector_bytes=16, max_vector=4)
 
 
 @dataclass(frozen=True)
@@ -55,13 +69,27 @@ class WarpConfig:
         return self.row_warps * (self.vector if self.pixel else 1)
 
     @property
+    def holds_params(self) -> bool:
+        """alpha / beta loaded once per program and held in registers (the kernel's HOIST) where a
+        load per tile would not get the logits' layout: NCHW (their classes run along lanes) and
+        V = 1 (alpha is aligned where the logits rows are not: Triton would vectorise it along the
+        lanes and convert it through shared memory every tile). Class-contiguous rows with vectors
+        reload them from L1 per tile instead of holding a and t across the softmax (32 registers
+        each at 32 values per thread; the SASS is smaller with the two extra vector loads)."""
+        return _holds_params(self.pixel, self.vector)
+
+    @property
     def classes(self) -> int:
         return (self.groups + self.tail_groups) * self.lane_width * (1 if self.pixel else self.vector)
 
     def meta(self) -> dict:
         return dict(PIXEL=self.pixel, G=self.groups, GT=self.tail_groups, RW=self.row_warps, LW=self.lane_width,
                     V=self.vector, BODY_MASKED=self.body_masked, ALIGN=self.align, ROWS_MASKED=self.rows_masked,
-                    num_warps=self.num_warps)
+                    HOIST=self.holds_params, num_warps=self.num_warps)
+
+
+def _holds_params(pixel: bool, vector: int) -> bool:
+    return pixel or vector == 1
 
 
 def _pow2_divisor(values, cap) -> int:
@@ -101,10 +129,11 @@ def _split(num_classes: int, unit: int):
 def warp_config(strides, rows_per_image: int, num_classes: int, element_size: int,
                 limits: WarpLimits, acc_size: int = 4, exact: bool = True) -> Optional[WarpConfig]:
     """strides: one (stride_image, stride_class, stride_row) per logits-shaped tensor of the launch
-    (logits, dlogits when written); acc_size: bytes of the accumulation dtype (float64 values take
-    two registers, so half as many fit); exact: the strides and rows are the launch's own (not a
-    symbolic size's example), else no alignment and no row count is assumed. None where no tensor layout fits (neither every class stride nor every row
-    stride is 1) or C needs more than limits.max_warps warps per row."""
+    (logits, dlogits when written); acc_size: bytes of the accumulation dtype (float64 values
+    count limits.float64_cost each); exact: the strides and rows are the launch's own (not a
+    symbolic size's example), else no alignment and no row count is assumed. None where no tensor
+    layout fits (neither every class stride nor every row stride is 1) or C needs more than
+    limits.max_warps warps per row."""
     if num_classes < 1 or rows_per_image < 1:
         return None
     if all(st[1] == 1 for st in strides):
@@ -115,12 +144,18 @@ def warp_config(strides, rows_per_image: int, num_classes: int, element_size: in
         others = [v for st in strides for v in (st[0], st[1])] + [rows_per_image]
     else:
         return None
-    if len(strides) > 1:  # dlogits: dz and its multiplier live too
-        limits = replace(limits, max_values=limits.max_values_with_dlogits)
-    if acc_size > 4:
-        limits = replace(limits, max_values=max(1, limits.max_values * 4 // acc_size))
     cap = min(limits.max_vector, max(1, limits.vector_bytes // max(element_size, 4)))
     vector = _pow2_divisor(others, cap) if exact else 1
+    split_row_values = limits.max_values
+    if len(strides) > 1:  # dlogits: dz and its multiplier live too
+        split_row_values = limits.max_values_split_rows_with_dlogits
+        # (pixel blocks hold them whatever V they end with below)
+        limits = replace(limits, max_values=limits.max_values_held_params_with_dlogits
+                         if _holds_params(pixel, vector) else limits.max_values_with_dlogits)
+        split_row_values = min(split_row_values, limits.max_values)
+    if acc_size > 4:
+        limits = replace(limits, max_values=max(1, limits.max_values // limits.float64_cost))
+        split_row_values = max(1, split_row_values // limits.float64_cost)
     if pixel:
         # A warp spans LW classes x (lanes / LW) pixel vectors of V pixels. Fewer class lanes mean
         # fewer shuffle steps per row reduction (log2 LW, three reductions, one per value in a
@@ -150,7 +185,7 @@ def warp_config(strides, rows_per_image: int, num_classes: int, element_size: in
         while True:
             lane_width = limits.lanes * warps_per_row
             groups, tail, body_masked = _split(num_classes, lane_width * vector)
-            if (groups + tail) * vector <= limits.max_values:
+            if (groups + tail) * vector <= (limits.max_values if warps_per_row == 1 else split_row_values):
                 break
             if warps_per_row * 2 > limits.max_warps:
                 return None
