@@ -6,8 +6,10 @@ disassembles it, finds the steady-state loops marked SASS_LOOP(name, V) in the s
 shared memory, blocks per SM and grid (from the planner itself, csrc/cuda/plan.cpp, built for the CPU
 by benches/cuda_plan.py), and warp-instructions and MUFU.EX2 per logit element of each hot loop,
 against issue 9's budget for an H200: summed over a kernel's passes, <= 0.5 warp-instructions per
-bf16 element, <= 1.0 per fp32 element, <= 1 exp2 per element. The Triton section comes from the
-Triton backend's list of launches where it provides one.
+bf16 element, <= 1.0 per fp32 element, <= 1 exp2 per element (per value a lane computes: no
+value exponentiated twice; the Triton rows also show exp2 per real element, where a warp's padded
+lanes count). The Triton section comes from the Triton backend's list of launches where it
+provides one.
 
     python benches/sass_budget.py                 # table + benches/results/sass_budget.{json,md}
     python benches/sass_budget.py --out DIR --jobs 2
@@ -187,12 +189,13 @@ def markdown(rows: list[dict], others: list[dict], triton: list[dict]) -> str:
                           for n, v in k["loops"].items()) or "-"
         out.append(f"| {k['kernel']} | {k['registers']} | {k['spill_bytes']} | {loops} |")
     if triton:
-        out += ["", "| triton launch | shape | mode | dtype | grid | warps | regs | spills | smem B | per elem | exp2/elem | budget | ok |",
-                "|" + " --- |" * 13]
+        out += ["", "| triton launch | shape | mode | dtype | grid | warps | regs | spills | smem B | per elem | exp2/elem"
+                " | exp2/value | budget | ok |", "|" + " --- |" * 14]
         for r in triton:
             out.append(f"| {r['kernel']} | {r['shape']} | {r['mode']} | {r['dtype']} | {r['grid'][0]} | {r['num_warps']} | "
                        f"{r['registers']} | {r['spills']} | {r['shared_bytes']} | {r['per_element']:.3f} | "
-                       f"{r['exp2_per_element']:.2f} | {r['budget']} | {'yes' if r['within_budget'] else 'NO'} |")
+                       f"{r['exp2_per_element']:.2f} | {r['exp2_per_value']:.2f} | {r['budget']} | "
+                       f"{'yes' if r['within_budget'] else 'NO'} |")
     return "\n".join(out) + "\n"
 
 
