@@ -6,7 +6,7 @@ brings kernels.
 
 Autograd: for reduction "mean"/"sum" the forward op already computed the gradients of the scalar
 loss (grad_output = 1) in its single pass over the logits; backward only scales them by
-grad_output (see _scaled_by_upstream for who owns the result). For reduction "none" backward runs
+grad_output (see _scaled_by_upstream for who owns the results). For reduction "none" backward runs
 the op's backward kernel with the per-row grad_output.
 
 First derivatives only: the backward formulas are kernels, not differentiable torch code, so a
@@ -84,9 +84,11 @@ def _tracing() -> bool:
     return torch.compiler.is_compiling() or get_proxy_mode() is not None
 
 
-def _scaled_by_upstream(grad: torch.Tensor, grad_loss: torch.Tensor, last_use: bool) -> torch.Tensor:
-    """grad * grad_loss as a tensor the caller owns, where grad is the forward's gradient buffer
-    (for grad_output = 1) and grad_loss the 0-d upstream gradient in the accumulation dtype.
+def _scaled_by_upstream(grads, grad_loss: torch.Tensor, last_use: bool) -> tuple:
+    """grad * grad_loss for each grad of `grads` (None stays None) as tensors the caller owns,
+    where a grad is one of the forward's gradient buffers (for grad_output = 1) and grad_loss the
+    0-d upstream gradient in the accumulation dtype. What depends on grad_loss only (tracing, the
+    grad_output == 1 test, which reads its value) is decided once for all of them.
 
     Precision: the product is taken in the accumulation dtype and rounded once to grad's dtype;
     grad_loss is never rounded to a half dtype first (65536, GradScaler's default scale, is inf in
@@ -108,12 +110,14 @@ def _scaled_by_upstream(grad: torch.Tensor, grad_loss: torch.Tensor, last_use: b
     dtype, for the compiler to fuse and plan.
     """
     if _tracing():
-        return (grad.to(torch.promote_types(grad.dtype, grad_loss.dtype)) * grad_loss).to(grad.dtype)
+        return tuple(None if g is None else (g.to(torch.promote_types(g.dtype, grad_loss.dtype)) * grad_loss)
+                     .to(g.dtype) for g in grads)
     on_cpu = grad_loss.device.type == "cpu"
     if last_use and on_cpu and type(grad_loss) is torch.Tensor and bool(grad_loss == 1):
-        return grad
-    out = grad if last_use else torch.empty_like(grad)
-    return torch.mul(grad, grad_loss if on_cpu else grad_loss.reshape(1), out=out)
+        return tuple(grads)
+    factor = grad_loss if on_cpu else grad_loss.reshape(1)
+    return tuple(None if g is None else torch.mul(g, factor, out=g if last_use else torch.empty_like(g))
+                 for g in grads)
 
 
 def _graph_retained() -> bool:
@@ -182,10 +186,8 @@ def register_autograd(ops: OpFamily) -> None:
                     f"False in the forward call (grad_mask={ctx.grad_mask}, needed={wanted}); call the op through "
                     "disalign_ops.disalign_cross_entropy, which sets grad_mask from requires_grad"
                 )
-            last_use = not _graph_retained()
-            grads = tuple(
-                _scaled_by_upstream(g, grad_loss, last_use) if w else None for w, g in zip(wanted, ctx.saved_tensors)
-            )
+            grads = _scaled_by_upstream([g if w else None for w, g in zip(wanted, ctx.saved_tensors)], grad_loss,
+                                        last_use=not _graph_retained())
         grads = _as_optional_grads(wanted, grads)
         return grads[0], None, grads[1], grads[2], grads[3], None, None, None, None
 
