@@ -24,7 +24,7 @@ Interpreter (CPU tests): 4 lanes and 4 warps, so that the small test shapes stil
 rows per tile, ragged tiles, the masked tail, rows spanning several warps and the persistent loop.
 """
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Optional
 
 
@@ -146,15 +146,15 @@ def warp_config(strides, rows_per_image: int, num_classes: int, element_size: in
         return None
     cap = min(limits.max_vector, max(1, limits.vector_bytes // max(element_size, 4)))
     vector = _pow2_divisor(others, cap) if exact else 1
-    split_row_values = limits.max_values
-    if len(strides) > 1:  # dlogits: dz and its multiplier live too
-        split_row_values = limits.max_values_split_rows_with_dlogits
-        # (pixel blocks hold them whatever V they end with below)
-        limits = replace(limits, max_values=limits.max_values_held_params_with_dlogits
-                         if _holds_params(pixel, vector) else limits.max_values_with_dlogits)
-        split_row_values = min(split_row_values, limits.max_values)
+    # Values per thread: for a row in one warp (and NCHW pixel blocks), and for a row over several.
+    if len(strides) == 1:
+        max_values = split_row_values = limits.max_values
+    elif _holds_params(pixel, vector):  # dlogits, alpha / beta held (pixels whatever V they end with)
+        max_values = split_row_values = limits.max_values_held_params_with_dlogits
+    else:  # dlogits: dz and its multiplier live too
+        max_values, split_row_values = limits.max_values_with_dlogits, limits.max_values_split_rows_with_dlogits
     if acc_size > 4:
-        limits = replace(limits, max_values=max(1, limits.max_values // limits.float64_cost))
+        max_values = max(1, max_values // limits.float64_cost)
         split_row_values = max(1, split_row_values // limits.float64_cost)
     if pixel:
         # A warp spans LW classes x (lanes / LW) pixel vectors of V pixels. Fewer class lanes mean
@@ -169,9 +169,9 @@ def warp_config(strides, rows_per_image: int, num_classes: int, element_size: in
             v = vector
             # Not below 2 pixels (unless the strides force 1): with V = 1 the RW axis would be the
             # contiguous one, and Triton's coalescing would give the block another layout.
-            while (g + t) * v > limits.max_values and v > min(2, vector):
+            while (g + t) * v > max_values and v > min(2, vector):
                 v //= 2
-            if (g + t) * v > limits.max_values:
+            if (g + t) * v > max_values:
                 continue
             cost = 6 * (lane_width.bit_length() - 1) / (g + t) + 1 / v
             if best is None or cost < best[0]:
@@ -185,7 +185,7 @@ def warp_config(strides, rows_per_image: int, num_classes: int, element_size: in
         while True:
             lane_width = limits.lanes * warps_per_row
             groups, tail, body_masked = _split(num_classes, lane_width * vector)
-            if (groups + tail) * vector <= (limits.max_values if warps_per_row == 1 else split_row_values):
+            if (groups + tail) * vector <= (max_values if warps_per_row == 1 else split_row_values):
                 break
             if warps_per_row * 2 > limits.max_warps:
                 return None
