@@ -14,7 +14,7 @@ import torch  # noqa: F401  (libc10/libtorch must be loaded before the extension
 
 from ._registration import register_autograd, register_fake_kernels
 from ._validation import InputTypeError
-from .api import calibrate, disalign_cross_entropy, op_family
+from .api import calibrate, disalign_cross_entropy, empty_cache, op_family
 from .backends import available_backends
 from .backends import has_native_ops as _has_ops
 from .reweight import generalized_reweight
@@ -26,6 +26,7 @@ if _has_ops():  # loads disalign_ops._C (the torch.ops.disalign schemas and nati
 from . import nn  # noqa: E402  (the heads use the functional API above)
 
 __all__ = [
-    "disalign_cross_entropy", "calibrate", "generalized_reweight", "available_backends", "InputTypeError", "nn",
+    "disalign_cross_entropy", "calibrate", "generalized_reweight", "available_backends", "empty_cache", "InputTypeError",
+    "nn",
 ]
 __version__ = "0.1.0"

@@ -9,7 +9,7 @@ import torch
 from . import reference
 from ._registration import OpFamily
 from ._validation import as_int_index, check_calibrate_args, check_cross_entropy_args, check_target_values, grad_mask
-from .backends import resolve_backend
+from .backends import has_native_ops, resolve_backend
 
 
 def _reject_positional(function: str, positional: tuple[str, ...], extra: tuple, keywords: str) -> None:
@@ -114,3 +114,20 @@ def calibrate(
     if name == "eager":
         return reference.calibrate(logits, alpha, beta, confidence)
     return op_family(name).calibrate(logits, alpha, beta, confidence)
+
+
+def empty_cache() -> int:
+    """Frees the memory the native CPU ops keep for their logits-sized outputs, as
+    ``torch.cuda.empty_cache()`` does for CUDA's caching allocator.
+
+    The CPU ops take ``grad_logits`` and the calibrated logits (outputs of 1 MiB and more) from blocks
+    they keep after such an output is freed, so the next training step writes memory that is already
+    mapped instead of faulting a fresh mapping in page by page; at most two idle blocks are kept
+    (csrc/cpu/output_cache.h). ``DISALIGN_CPU_OUTPUT_CACHE=0`` turns the reuse off.
+
+    Returns:
+        The bytes freed (0 without the compiled extension, which is then not holding any).
+    """
+    if not has_native_ops():
+        return 0
+    return torch.ops.disalign.empty_cpu_output_cache()

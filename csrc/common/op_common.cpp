@@ -303,8 +303,11 @@ Gradients KernelCall::finish_gradients(const CalibrateInputs& in, FinishPerClass
       grad_confidence ? grad_confidence->finish() : (in.confidence ? *in.confidence : in.logits).new_empty({0})};
 }
 
-KernelCall prepare_calibrate(const CalibrateInputs& in, RowsWithoutSpatialDims rows_without_spatial_dims) {
-  return prepare(in, {in.logits}, at::empty_like(in.logits), {}, {}, rows_without_spatial_dims);
+KernelCall prepare_calibrate(
+    const CalibrateInputs& in,
+    RowsWithoutSpatialDims rows_without_spatial_dims,
+    EmptyLike empty_output) {
+  return prepare(in, {in.logits}, empty_output(in.logits), {}, {}, rows_without_spatial_dims);
 }
 
 KernelCall prepare_calibrate_backward(
@@ -312,9 +315,10 @@ KernelCall prepare_calibrate_backward(
     const CalibrateInputs& in,
     GradMask grad_mask,
     at::IntArrayRef class_grad_shape,
-    RowsWithoutSpatialDims rows_without_spatial_dims) {
+    RowsWithoutSpatialDims rows_without_spatial_dims,
+    EmptyLike empty_output) {
   return prepare(
-      in, {in.logits, grad.to(in.logits.scalar_type())}, grad_mask[0] ? at::empty_like(in.logits) : at::Tensor(),
+      in, {in.logits, grad.to(in.logits.scalar_type())}, grad_mask[0] ? empty_output(in.logits) : at::Tensor(),
       grad_mask, class_grad_shape, rows_without_spatial_dims);
 }
 
@@ -324,9 +328,10 @@ KernelCall prepare_loss(
     const std::optional<at::Tensor>& grad_loss,
     GradMask grad_mask,
     at::IntArrayRef class_grad_shape,
-    RowsWithoutSpatialDims rows_without_spatial_dims) {
+    RowsWithoutSpatialDims rows_without_spatial_dims,
+    EmptyLike empty_output) {
   KernelCall call = prepare(
-      in.calibrate_inputs(), {in.logits}, grad_mask[0] ? at::empty_like(in.logits) : at::Tensor(), grad_mask,
+      in.calibrate_inputs(), {in.logits}, grad_mask[0] ? empty_output(in.logits) : at::Tensor(), grad_mask,
       class_grad_shape, rows_without_spatial_dims);
   call.weight = flat_acc(in.weight, call.acc);
   call.grad_loss = flat_acc(grad_loss, call.acc);

@@ -171,23 +171,32 @@ struct KernelCall {
   Gradients finish_gradients(const CalibrateInputs& in, FinishPerClass finish_per_class) const;
 };
 
-// The calls of the three kernels; calibrate's `output` is the calibrated logits. class_grad_shape
-// is the shape of the device's per-class gradient buffers, allocated for the entries of grad_mask
-// that ask for them.
-KernelCall prepare_calibrate(const CalibrateInputs& in, RowsWithoutSpatialDims rows_without_spatial_dims);
+// How a device allocates a call's logits-sized output (calibrated logits, grad_logits): as
+// empty_like(logits) does, from the memory the device keeps for it.
+using EmptyLike = at::Tensor (*)(const at::Tensor& like);
+
+// The calls of the three kernels; calibrate's `output` is the calibrated logits, allocated by
+// empty_output. class_grad_shape is the shape of the device's per-class gradient buffers,
+// allocated for the entries of grad_mask that ask for them.
+KernelCall prepare_calibrate(
+    const CalibrateInputs& in,
+    RowsWithoutSpatialDims rows_without_spatial_dims,
+    EmptyLike empty_output);
 KernelCall prepare_calibrate_backward(
     const at::Tensor& grad,
     const CalibrateInputs& in,
     GradMask grad_mask,
     at::IntArrayRef class_grad_shape,
-    RowsWithoutSpatialDims rows_without_spatial_dims);
+    RowsWithoutSpatialDims rows_without_spatial_dims,
+    EmptyLike empty_output);
 KernelCall prepare_loss(
     const LossInputs& in,
     Reduction reduction,
     const std::optional<at::Tensor>& grad_loss,
     GradMask grad_mask,
     at::IntArrayRef class_grad_shape,
-    RowsWithoutSpatialDims rows_without_spatial_dims);
+    RowsWithoutSpatialDims rows_without_spatial_dims,
+    EmptyLike empty_output);
 
 // ---------------------------------------------------------------------------------------------
 // The ops: shared checks, then the device's Kernels.

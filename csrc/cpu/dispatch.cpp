@@ -5,6 +5,7 @@
 // ATEN_CPU_CAPABILITY=default|avx2|avx512 caps it (tests force each copy this way).
 #include "common/op_common.h"
 #include "cpu/disalign_kernels.h"
+#include "cpu/output_cache.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -18,9 +19,6 @@
 #include <string>
 #include <utility>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 namespace disalign::cpu {
 namespace {
@@ -156,28 +154,6 @@ double check_targets_and_sum_weights(
   return total;
 }
 
-// Backs a large output the kernels are about to write for the first time with transparent huge
-// pages where the system leaves that to madvise (as c10's THP_MEM_ALLOC_ENABLE does for every
-// allocation): glibc maps an allocation above its mmap threshold (32 MiB at most) afresh each
-// time, and faulting it in 4 KiB pages costs several times the kernel's own write of it. Only the
-// 2 MiB-aligned interior of the tensor's own bytes is advised; nothing else changes.
-void advise_huge_pages(const at::Tensor& fresh) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t{1} << 21;
-  if (!fresh.defined() || fresh.nbytes() < 4 * kHuge) {
-    return;
-  }
-  const auto begin = reinterpret_cast<uintptr_t>(fresh.const_data_ptr());
-  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t last = (begin + fresh.nbytes()) & ~(kHuge - 1);
-  if (last > first) {
-    madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);  // advice only: errors are ignored
-  }
-#else
-  (void)fresh;
-#endif
-}
-
 // The CPU kernels take an (N, C) as one image of N pixels, so that it runs in blocks of rows.
 constexpr auto kRowsWithoutSpatialDims = RowsWithoutSpatialDims::kOneImage;
 
@@ -196,7 +172,9 @@ struct CpuKernels {
         " logits");
     const Chunking chunking = chunking_for(logical.rows());
     const KernelCall call =
-        prepare_loss(in, reduction, grad_loss, grad_mask, {chunking.count, logical.classes}, kRowsWithoutSpatialDims);
+        prepare_loss(
+        in, reduction, grad_loss, grad_mask, {chunking.count, logical.classes}, kRowsWithoutSpatialDims,
+        empty_like_reused);
     const at::Tensor target_flat = in.target.to(at::kLong).contiguous().view({-1});
     const double total_weight =
         check_targets_and_sum_weights(target_flat, logical.classes, in.ignore_index, call.weight);
@@ -223,7 +201,6 @@ struct CpuKernels {
     args.scratch_per_thread = kernels.loss_scratch_per_thread(call.plan.layout, args.dtype, logical.classes);
     const at::Tensor scratch = at::empty({args.scratch_slots * args.scratch_per_thread}, in.logits.options().dtype(call.acc));
     args.scratch = scratch.mutable_data_ptr();
-    advise_huge_pages(call.plan.out);
     if (logical.rows() > 0) {
       kernels.cross_entropy(args);
     }
@@ -240,7 +217,7 @@ struct CpuKernels {
   }
 
   static at::Tensor calibrate(const CalibrateInputs& in) {
-    const KernelCall call = prepare_calibrate(in, kRowsWithoutSpatialDims);
+    const KernelCall call = prepare_calibrate(in, kRowsWithoutSpatialDims, empty_like_reused);
     auto args = call.kernel_args<CalibrateArgs>();
     args.chunking = chunking_for(call.plan.geometry.rows());
     args.dtype = in.logits.scalar_type();
@@ -256,7 +233,7 @@ struct CpuKernels {
     const Geometry logical = geometry_of(in.logits);
     const Chunking chunking = chunking_for(logical.rows());
     const KernelCall call = prepare_calibrate_backward(
-        grad, in, grad_mask, {chunking.count, logical.classes}, kRowsWithoutSpatialDims);
+        grad, in, grad_mask, {chunking.count, logical.classes}, kRowsWithoutSpatialDims, empty_like_reused);
     auto args = call.kernel_args<CalibrateArgs>();
     args.chunking = chunking;
     args.dtype = in.logits.scalar_type();
@@ -279,6 +256,9 @@ struct CpuKernels {
 TORCH_LIBRARY_FRAGMENT(disalign, m) {
   // Which per-ISA copy of the CPU kernels runs: "default", "avx2" or "avx512".
   m.def("cpu_capability() -> str", &disalign::cpu::cpu_capability_name);
+  // Frees the idle blocks the CPU ops keep for their logits-sized outputs (csrc/cpu/output_cache.h);
+  // returns their bytes.
+  m.def("empty_cpu_output_cache() -> int", &disalign::cpu::release_idle_output_blocks);
 }
 
 TORCH_LIBRARY_IMPL(disalign, CPU, m) {

@@ -45,6 +45,11 @@ void check_class_count(const at::Tensor& logits) {
 // The CUDA kernels keep an (N, C) as N images of one pixel; only a transposed one is one image.
 constexpr auto kRowsWithoutSpatialDims = RowsWithoutSpatialDims::kOneImageIfTransposed;
 
+// Logits-sized outputs come from PyTorch's caching allocator, which keeps freed blocks for reuse.
+at::Tensor empty_output(const at::Tensor& like) {
+  return at::empty_like(like);
+}
+
 // The kernels reduce the per-class gradients to C values in the accumulation type.
 at::Tensor to_dtype_of(const at::Tensor& per_class, const at::Tensor& like) {
   return per_class.to(like.scalar_type());
@@ -70,7 +75,7 @@ struct CudaKernels {
     check_class_count(in.logits);
     const c10::cuda::CUDAGuard guard(in.logits.device());
     const KernelCall call =
-        prepare_loss(in, reduction, grad_loss, grad_mask, {in.logits.size(1)}, kRowsWithoutSpatialDims);
+        prepare_loss(in, reduction, grad_loss, grad_mask, {in.logits.size(1)}, kRowsWithoutSpatialDims, empty_output);
     const at::Tensor target_flat = in.target.contiguous().view({-1});
 
     auto args = call.kernel_args<LossArgs>();
@@ -96,7 +101,7 @@ struct CudaKernels {
   static at::Tensor calibrate(const CalibrateInputs& in) {
     check_class_count(in.logits);
     const c10::cuda::CUDAGuard guard(in.logits.device());
-    const KernelCall call = prepare_calibrate(in, kRowsWithoutSpatialDims);
+    const KernelCall call = prepare_calibrate(in, kRowsWithoutSpatialDims, empty_output);
     auto args = call.kernel_args<CalibrateArgs>();
     args.dtype = kernel_dtype(in.logits.scalar_type());
     args.out = call.plan.output();
@@ -108,7 +113,7 @@ struct CudaKernels {
     check_class_count(in.logits);
     const c10::cuda::CUDAGuard guard(in.logits.device());
     const KernelCall call =
-        prepare_calibrate_backward(grad, in, grad_mask, {in.logits.size(1)}, kRowsWithoutSpatialDims);
+        prepare_calibrate_backward(grad, in, grad_mask, {in.logits.size(1)}, kRowsWithoutSpatialDims, empty_output);
     auto args = call.kernel_args<CalibrateBackwardArgs>();
     args.dtype = kernel_dtype(in.logits.scalar_type());
     args.grad = call.plan.input(1);
