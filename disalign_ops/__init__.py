@@ -21,7 +21,7 @@ from .reweight import generalized_reweight
 
 if _has_ops():  # loads disalign_ops._C (the torch.ops.disalign schemas and native kernels) once
     register_fake_kernels(op_family("native"))
-    register_autograd(op_family("native"))
+    register_autograd(op_family("native"), own_kernel=True)
 
 from . import nn  # noqa: E402  (the heads use the functional API above)
 

@@ -125,6 +125,8 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
     if requested is not None and requested not in BACKENDS:
         allowed = f"unset or one of {BACKENDS}" if backend is None else f"None or one of {BACKENDS}"
         raise ValueError(f"{source} must be {allowed}, got {requested!r}")
+    if requested in (None, "native") and _native_has_kernel(torch.device(device).type):
+        return "native"  # the common case, without asking Triton (it comes after native in the automatic order)
     available = available_backends(device)
     if requested is None:
         for name in ("native", "triton", "eager"):

@@ -569,4 +569,4 @@ FAMILY = OpFamily(
 )
 if INTERPRETED:
     register_fake_kernels(FAMILY)
-register_autograd(FAMILY)
+register_autograd(FAMILY, own_kernel=False)
