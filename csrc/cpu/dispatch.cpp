@@ -114,21 +114,27 @@ Chunking chunking_for(int64_t rows) {
   return {(rows + rows_per_chunk - 1) / rows_per_chunk, rows_per_chunk};
 }
 
-// Sum of the per-chunk partials (chunks, C) in chunk order, as a tensor shaped and typed like `like`.
+// Sum of the per-chunk partials (chunks, C) in chunk order, as a tensor shaped and typed like `like`:
+// each class summed by one thread (blocks of classes in parallel), so the result does not depend
+// on the thread count.
 at::Tensor reduce_partials(const at::Tensor& partials, const at::Tensor& like) {
   const int64_t chunks = partials.size(0);
   const int64_t classes = partials.size(1);
-  at::Tensor total = at::zeros({classes}, partials.options());
+  at::Tensor total = at::empty({classes}, partials.options());
   AT_DISPATCH_FLOATING_TYPES(partials.scalar_type(), "disalign_reduce_partials", [&] {
     const scalar_t* part = partials.const_data_ptr<scalar_t>();
     scalar_t* sum = total.mutable_data_ptr<scalar_t>();
-    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-      for (int64_t j = 0; j < classes; ++j) {
-        sum[j] += part[chunk * classes + j];
+    at::parallel_for(0, classes, 4096, [&](int64_t begin, int64_t end) {
+      std::fill(sum + begin, sum + end, scalar_t(0));
+      for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+        const scalar_t* row = part + chunk * classes;
+        for (int64_t j = begin; j < end; ++j) {
+          sum[j] += row[j];
+        }
       }
-    }
+    });
   });
-  return at::empty_like(like).copy_(total);
+  return total.scalar_type() == like.scalar_type() ? total : at::empty_like(like).copy_(total);
 }
 
 // Rejects targets outside [0, C) that are not ignore_index (before any kernel reads with them) and
