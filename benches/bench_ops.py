@@ -40,11 +40,12 @@ Measurements (benches/utils.py holds the timer and the memory probes):
             temporary count. CUDA: torch.cuda.max_memory_allocated() after reset_peak_memory_stats(),
             minus memory_allocated() before the call. CPU (where PyTorch keeps no peak statistic):
             the call runs once under torch.profiler.profile(profile_memory=True), which records
-            every allocation and free made through PyTorch's CPU allocator with the allocator's
-            running total ("Total Allocated"); the peak is the largest running total minus the
-            total before the call's first allocation. Every tensor (eager temporaries, inductor
-            buffers, outputs of the extension's ops, gradients) goes through that allocator;
-            scratch a C++ kernel takes with malloc/new instead of a tensor would not be seen.
+            every allocation and free made through PyTorch's CPU allocator and through the native
+            ops' output cache (csrc/cpu/output_cache.h, which reports its blocks as they are handed
+            out and given back); the peak is the largest running sum of those byte counts, in time
+            order, from the call's start. Every tensor (eager temporaries, inductor buffers,
+            outputs of the extension's ops, gradients) goes through one of the two; scratch a C++
+            kernel takes with malloc/new instead of a tensor would not be seen.
   % logits  peak extra memory as a percentage of the logits' size.
   loss_rel_err          |loss - loss of eager| / |loss of eager| on the first call (liger: against
             F.cross_entropy in float32 on its rows): a cheap check that a timed backend computes

@@ -84,7 +84,8 @@ def peak_extra_bytes_cuda(step, device: torch.device) -> int:
 
 
 def peak_extra_bytes_cpu(step) -> int:
-    """Peak of the CPU allocator's running total during the step, from the profiler's memory events."""
+    """Peak of the bytes allocated during the step beyond those live at its start, from the profiler's
+    memory events."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -95,18 +96,21 @@ def peak_extra_bytes_cpu(step) -> int:
         with open(path) as f:
             trace = json.load(f)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    totals = [
-        (e["args"]["Total Allocated"], e["args"]["Bytes"])
-        for e in events
-        if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0
-    ]
-    if not totals:
-        return 0
-    # Each event carries the running total after it, so total - bytes is the total before it. The
-    # smallest of those is the total before the step's first allocation, or lower if the step frees a
-    # block allocated under an earlier profiler session: the peak is then overstated, never understated.
-    before = min(total - nbytes for total, nbytes in totals)
-    return max(0, max(total for total, _ in totals) - before)
+    deltas = sorted(
+        ((e["ts"], e["args"]["Bytes"]) for e in events
+         if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0),
+        key=lambda event: event[0],  # stable: events of one timestamp keep the trace's order
+    )
+    # The running sum of the allocations and frees, in time order, from the step's start. Each
+    # allocator reports its own running total ("Total Allocated": c10's CPU allocator and the native
+    # ops' output cache, csrc/cpu/output_cache.h, count separately), so the totals are not summed;
+    # the byte counts are. c10 reports no free of a block allocated before profiling started, so the
+    # peak can be overstated, never understated.
+    running, peak = 0, 0
+    for _, nbytes in deltas:
+        running += nbytes
+        peak = max(peak, running)
+    return peak
 
 
 def peak_extra_bytes(step, device: torch.device) -> int:

@@ -3,6 +3,7 @@ a freed grad_logits or calibrated-logits block serves the next output of its siz
 exact on reused memory, at most two blocks stay idle, DISALIGN_CPU_OUTPUT_CACHE=0 turns reuse off,
 and the profiler still sees every output."""
 
+import json
 import threading
 
 import pytest
@@ -160,3 +161,27 @@ def test_outputs_made_and_freed_on_several_threads_are_exact():
     for t in threads:
         t.join()
     assert not errors
+
+
+def _memory_events(prof, tmp_path):
+    path = tmp_path / "trace.json"
+    prof.export_chrome_trace(str(path))
+    trace = json.loads(path.read_text())
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    return [e["args"] for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0]
+
+
+def test_the_profiler_counts_a_reused_larger_block_alike_when_handed_out_and_given_back(tmp_path):
+    from torch.profiler import ProfilerActivity, profile
+
+    alpha, beta = _params(100)
+    larger = disalign_ops.calibrate(torch.randn(25000, 100), alpha, beta, backend="native")  # a 10 MiB block
+    address = larger.data_ptr()
+    del larger
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = disalign_ops.calibrate(torch.randn(20000, 100), alpha, beta, backend="native")  # 8 MB: takes it
+        assert out.data_ptr() == address
+        del out
+    ours = [e for e in _memory_events(prof, tmp_path) if e["Addr"] == address]
+    assert [e["Bytes"] for e in ours] == [10 * MIB, -10 * MIB]
+    assert all(0 <= e["Total Allocated"] <= 10 * MIB for e in ours)

@@ -49,11 +49,11 @@ class OutputCache final : public c10::Allocator {
     Totals totals;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      reserved_ += fresh ? size : 0;
-      allocated_ += size;
+      reserved_ += fresh ? block->size : 0;
+      allocated_ += block->size;  // an idle block taken may be larger than the request
       totals = {allocated_, reserved_};
     }
-    report(block, static_cast<int64_t>(size), totals);
+    report(block, static_cast<int64_t>(block->size), totals);
     return {block->ptr, block, &give_back, c10::Device(c10::DeviceType::CPU)};
   }
 
