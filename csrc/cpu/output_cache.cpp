@@ -85,13 +85,13 @@ class OutputCache final : public c10::Allocator {
   }
 
  private:
-  // The smallest idle block of at least `size` bytes with at most a quarter of them to spare.
+  // The smallest idle block of at least `size` bytes with at most an eighth of them to spare.
   Block* take_idle(size_t size) {
     std::lock_guard<std::mutex> lock(mutex_);
     auto best = idle_.end();
     for (auto it = idle_.begin(); it != idle_.end(); ++it) {
       const size_t have = (*it)->size;
-      if (have >= size && have - size <= size / 4 && (best == idle_.end() || have < (*best)->size)) {
+      if (have >= size && have - size <= size / 8 && (best == idle_.end() || have < (*best)->size)) {
         best = it;
       }
     }

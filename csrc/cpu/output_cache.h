@@ -11,7 +11,8 @@
 //   - a freed block stays allocated, idle; at most kMaxIdleBlocks stay idle (beyond that the least
 //     recently freed one goes back to the system), so at most two outputs' worth of memory is held
 //     between steps;
-//   - a request takes the smallest idle block that holds it with at most a quarter to spare;
+//   - a request takes the smallest idle block that holds it with at most an eighth to spare (the
+//     block is reported to the profiler at its own size);
 //   - release_idle_output_blocks() (Python: disalign_ops.empty_cache()) frees every idle block;
 //     DISALIGN_CPU_OUTPUT_CACHE=0 (read at every allocation) turns the reuse off;
 //   - blocks are reported to the profiler (torch.profiler's profile_memory) while they are handed
