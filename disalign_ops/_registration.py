@@ -222,7 +222,7 @@ def _register_autograd_kernel(op: torch._ops.OpOverload, backward, setup_context
     defined by a schema (an autograd.Function whose forward redispatches below autograd, then calls
     setup_context(ctx, inputs, output), and whose backward is `backward`), less its generic per-call
     work: it rebinds the arguments to the schema and re-reads the schema's argument list for every
-    call (torch/_library/autograd.py, fill_defaults), ~150 us of a CPU training step's ~400 us of
+    call (torch/_library/autograd.py, fill_defaults), ~0.1 ms of a CPU training step's ~0.4 ms of
     fixed cost. Our schemas have no defaults and no keyword-only arguments, so the dispatcher passes
     the arguments exactly as the formulas take them. The dispatch key set comes last, as in torch's
     version, so `ctx.needs_input_grad` indexes the op's inputs and backward returns one more None."""

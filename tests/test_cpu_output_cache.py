@@ -185,3 +185,16 @@ def test_the_profiler_counts_a_reused_larger_block_alike_when_handed_out_and_giv
     ours = [e for e in _memory_events(prof, tmp_path) if e["Addr"] == address]
     assert [e["Bytes"] for e in ours] == [18 * MIB, -18 * MIB]
     assert all(0 <= e["Total Allocated"] <= 18 * MIB for e in ours)
+
+
+def test_turning_reuse_off_frees_each_output_it_gets_back(monkeypatch):
+    alpha, beta = _params(100)
+    kept = disalign_ops.calibrate(torch.randn(3000, 100), alpha, beta, backend="native")
+    del kept  # idle while reuse is on
+    monkeypatch.setenv("DISALIGN_CPU_OUTPUT_CACHE", "0")
+    out = disalign_ops.calibrate(torch.randn(6000, 100), alpha, beta, backend="native")
+    monkeypatch.setenv("DISALIGN_CPU_OUTPUT_CACHE", "1")
+    out2 = disalign_ops.calibrate(torch.randn(12000, 100), alpha, beta, backend="native")  # cached block
+    monkeypatch.setenv("DISALIGN_CPU_OUTPUT_CACHE", "0")
+    del out, out2  # out came from malloc; out2's block is freed at once, the earlier idle one stays
+    assert disalign_ops.empty_cache() == _block_bytes(3000 * 100 * 4)

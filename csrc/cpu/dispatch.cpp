@@ -19,7 +19,6 @@
 #include <string>
 #include <utility>
 
-
 namespace disalign::cpu {
 namespace {
 
@@ -139,8 +138,9 @@ at::Tensor reduce_partials(const at::Tensor& partials, const at::Tensor& like) {
 
 // Rejects targets outside [0, C) that are not ignore_index (before any kernel reads with them) and
 // returns the sum of weight[target] over the valid rows. Branch-free (a share of ignored pixels
-// makes the branch a coin toss: 4 ns a row on seg-ade), with four partial sums (row r in sum r % 4) added in a
-// fixed order, so the result depends on the targets alone; a bad target is looked up again for the error.
+// makes the branch a coin toss: 4 ns a row on seg-ade), with four partial sums (row r in sum
+// r % 4) added in a fixed order, so the result depends on the targets alone; a bad target is
+// looked up again for the error.
 double check_targets_and_sum_weights(
     const at::Tensor& target,
     int64_t classes,
@@ -150,10 +150,9 @@ double check_targets_and_sum_weights(
   const int64_t rows = target.numel();
   constexpr int kSums = 4;
   double sums[kSums] = {0, 0, 0, 0};
-  bool all_good = true;
+  int64_t bad = 0;
   AT_DISPATCH_FLOATING_TYPES(weight ? weight->scalar_type() : at::kDouble, "disalign_check_targets", [&] {
     const scalar_t* w = weight ? weight->const_data_ptr<scalar_t>() : nullptr;
-    int64_t bad = 0;
     const auto contribution = [&](int64_t v) {
       const bool in_range = static_cast<uint64_t>(v) < static_cast<uint64_t>(classes);
       bad += !in_range && v != ignore_index;
@@ -169,9 +168,8 @@ double check_targets_and_sum_weights(
     for (int k = 0; r < rows; ++r, ++k) {
       sums[k] += contribution(t[r]);
     }
-    all_good = bad == 0;
   });
-  if (!all_good) {
+  if (bad != 0) {
     for (int64_t r = 0; r < rows; ++r) {
       check_target(t[r], classes, ignore_index);
     }
@@ -196,8 +194,7 @@ struct CpuKernels {
         logical.classes, " classes; the CPU kernels support at most 2^24 classes for ", in.logits.scalar_type(),
         " logits");
     const Chunking chunking = chunking_for(logical.rows());
-    const KernelCall call =
-        prepare_loss(
+    const KernelCall call = prepare_loss(
         in, reduction, grad_loss, grad_mask, {chunking.count, logical.classes}, kRowsWithoutSpatialDims,
         empty_like_reused);
     const at::Tensor target_flat = in.target.to(at::kLong).contiguous().view({-1});

@@ -112,10 +112,16 @@ class OutputCache final : public c10::Allocator {
     {
       std::lock_guard<std::mutex> lock(cache.mutex_);
       cache.allocated_ -= size;
-      cache.idle_.push_back(block);
-      if (cache.idle_.size() > kMaxIdleBlocks || !reuse_enabled()) {
-        evicted = cache.idle_.front();
-        cache.idle_.pop_front();
+      if (!reuse_enabled()) {
+        evicted = block;  // reuse turned off: this block goes back to the system at once
+      } else {
+        cache.idle_.push_back(block);
+        if (cache.idle_.size() > kMaxIdleBlocks) {
+          evicted = cache.idle_.front();
+          cache.idle_.pop_front();
+        }
+      }
+      if (evicted != nullptr) {
         cache.reserved_ -= evicted->size;
       }
       totals = {cache.allocated_, cache.reserved_};
