@@ -267,6 +267,23 @@ def test_large_float32_nchw_grad_logits_match_reference(backend, shape, reductio
     _compare(backend, make_inputs(shape, dtype=torch.float32, device=backend.device), reduction)
 
 
+@pytest.mark.large_shape
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize(
+    "shape, layout",
+    [((2100, 1024), "nc"), ((2200, 1000), "nc"), ((1750, 1231), "nc"), ((440000, 5), "nc"),
+     ((2, 150, 100, 70), "nchw_channels_last")],
+    ids=["every_row_on_a_line", "every_other_row", "one_row_in_16", "rows_shorter_than_a_line", "channels_last"],
+)
+def test_large_float32_class_rows_grad_logits_match_reference(backend, shape, layout, reduction):
+    """grad_logits above the non-temporal size in the classes layout (csrc/cpu/loss_blocks.h): a
+    row that starts on a cache line is written from the gradient sweep, any other row is staged in
+    the scratch and copied out, and only whole lines are written non-temporally. C = 1024 puts
+    every row on a line, 1000 every other one, 1231 one in 16; rows of 5 classes are shorter than
+    a line."""
+    _compare(backend, make_inputs(shape, dtype=torch.float32, layout=layout, device=backend.device), reduction)
+
+
 @pytest.mark.skipif(os.environ.get("DISALIGN_BIG_TESTS") != "1", reason="needs ~7 GiB; set DISALIGN_BIG_TESTS=1")
 @pytest.mark.large_shape
 @pytest.mark.parametrize("layout", ["pixels", "classes"])

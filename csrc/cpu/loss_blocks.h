@@ -82,8 +82,7 @@ struct LossBlocks {
   acc_t* grad_confidence;
   bool wants_grad;
   int64_t pixels;  // rows of a pixels block
-  // Pixels layout: grad_logits is float and large enough for non-temporal stores (kernel_common.h;
-  // in the classes layout, whose rows are sequential streams, they measured no faster).
+  // grad_logits is float and large enough for non-temporal stores (kernel_common.h).
   bool stream;
 
   explicit LossBlocks(const LossArgs& a)
@@ -318,6 +317,17 @@ struct LossBlocks {
       }
     }
 
+    // Non-temporal rows (`stream`), whole cache lines only: a row that starts on a line is
+    // written from sweep 3 (its last, partial line with plain stores); any other row is staged in
+    // its scratch row (each e is read at its own j before its gradient overwrites it) and copied
+    // out after the sweep (stream_copy).
+    const int64_t line_body = classes / kLineElements * kLineElements;
+    bool stream_row[R];
+    bool staged_row[R];
+    for (int k = 0; k < R; ++k) {
+      stream_row[k] = kGradLogits && stream && line_aligned(out_row[k]);
+      staged_row[k] = kGradLogits && stream && !stream_row[k];
+    }
     // Sweep 3: the gradients.
     const auto step = [&](int64_t j, int64_t count) {
       const Vec a = Vec::loadu(alpha + j, count);
@@ -326,7 +336,12 @@ struct LossBlocks {
       for (int k = 0; k < R; ++k) {
         const Vec dzhat = Vec::loadu(e_row[k] + j) * factor[k];
         if constexpr (kGradLogits) {
-          IO::store(out_row[k] + j, dzhat * at::vec::fmadd(s[k], a, Vec(1)), count);
+          const Vec grad = dzhat * at::vec::fmadd(s[k], a, Vec(1));
+          if (staged_row[k]) {
+            grad.store(e_row[k] + j);  // rows of the scratch are padded to whole vectors
+          } else {
+            store_grad(out_row[k] + j, grad, count, stream_row[k] && j < line_body);
+          }
         }
         params.add(dzhat, s[k], IO::load(z_row[k] + j, count), a, b, ds[k]);
       }
@@ -337,6 +352,16 @@ struct LossBlocks {
     }
     if (tail) {
       step(body, tail);
+    }
+    if constexpr (kGradLogits && std::is_same_v<scalar_t, float>) {
+      if (stream) {
+        for (int k = 0; k < R; ++k) {
+          if (staged_row[k]) {
+            stream_copy(out_row[k], e_row[k], classes);
+          }
+        }
+        stream_fence();
+      }
     }
     if (grad_confidence) {
       for (int k = 0; k < R; ++k) {
