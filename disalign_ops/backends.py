@@ -125,7 +125,8 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
     if requested is not None and requested not in BACKENDS:
         allowed = f"unset or one of {BACKENDS}" if backend is None else f"None or one of {BACKENDS}"
         raise ValueError(f"{source} must be {allowed}, got {requested!r}")
-    if requested in (None, "native") and _native_has_kernel(torch.device(device).type):
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    if requested in (None, "native") and _native_has_kernel(device_type):
         return "native"  # the common case, without asking Triton (it comes after native in the automatic order)
     available = available_backends(device)
     if requested is None:
@@ -135,6 +136,6 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
     if requested not in available:
         raise RuntimeError(
             f"{source}={requested!r} is not available for device {device}: "
-            f"{unavailable_reason(requested, torch.device(device).type)}. Available: {available}"
+            f"{unavailable_reason(requested, device_type)}. Available: {available}"
         )
     return requested

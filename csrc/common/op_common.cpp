@@ -119,10 +119,10 @@ at::ScalarType accumulation_type(at::ScalarType dtype) {
   return dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// Small per-class / per-row tensors in the accumulation type, contiguous and flat (no copy when
-// they already are).
+// Small per-class / per-row tensors in the accumulation type and contiguous, which the kernels read
+// as flat arrays.
 at::Tensor flat_acc(const at::Tensor& t, at::ScalarType acc) {
-  return t.to(acc).contiguous().view({-1});
+  return contiguous_as(t, acc);
 }
 
 std::optional<at::Tensor> flat_acc(const std::optional<at::Tensor>& t, at::ScalarType acc) {

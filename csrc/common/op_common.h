@@ -65,6 +65,15 @@ inline void* data_or_null(const at::Tensor& t) {
   return t.defined() ? t.mutable_data_ptr() : nullptr;
 }
 
+// t in `dtype` and contiguous: t itself when it already is (without a dispatcher call: each costs
+// microseconds when a training step's glue runs with cold caches), else one converting copy.
+inline at::Tensor contiguous_as(const at::Tensor& t, at::ScalarType dtype) {
+  if (t.scalar_type() == dtype && t.is_contiguous()) {
+    return t;
+  }
+  return t.to(dtype, /*non_blocking=*/false, /*copy=*/false, at::MemoryFormat::Contiguous);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Argument checks: the rules of disalign_ops/_validation.py, which the Python front end applies
 // first, with the same messages; they keep direct torch.ops calls memory safe.

@@ -10,6 +10,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <c10/core/CPUAllocator.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -18,6 +19,7 @@
 #include <optional>
 #include <string>
 #include <utility>
+#include <vector>
 
 namespace disalign::cpu {
 namespace {
@@ -197,11 +199,10 @@ struct CpuKernels {
     const KernelCall call = prepare_loss(
         in, reduction, grad_loss, grad_mask, {chunking.count, logical.classes}, kRowsWithoutSpatialDims,
         empty_like_reused);
-    const at::Tensor target_flat = in.target.to(at::kLong).contiguous().view({-1});
+    const at::Tensor target_flat = contiguous_as(in.target, at::kLong);
     const double total_weight =
         check_targets_and_sum_weights(target_flat, logical.classes, in.ignore_index, call.weight);
-    const at::Tensor loss_partials =
-        call.loss.defined() ? at::zeros({chunking.count}, in.logits.options().dtype(at::kDouble)) : at::Tensor();
+    std::vector<double> loss_partials(call.loss.defined() ? chunking.count : 0);
 
     auto args = call.kernel_args<LossArgs>();
     args.chunking = chunking;
@@ -212,7 +213,7 @@ struct CpuKernels {
     args.grad_loss = data_or_null(call.grad_loss);
     args.grad_scale = reduction == Reduction::kMean ? 1.0 / total_weight : 1.0;
     args.loss = reduction == Reduction::kNone ? data_or_null(call.loss) : nullptr;
-    args.loss_partials = static_cast<double*>(data_or_null(loss_partials));
+    args.loss_partials = call.loss.defined() ? loss_partials.data() : nullptr;
     args.grad_logits = call.plan.output();
     args.grad_alpha_partials = data_or_null(call.grad_alpha);
     args.grad_beta_partials = data_or_null(call.grad_beta);
@@ -221,19 +222,23 @@ struct CpuKernels {
     const IsaKernels kernels = chosen_kernels();
     args.scratch_slots = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), chunking.count));
     args.scratch_per_thread = kernels.loss_scratch_per_thread(call.plan.layout, args.dtype, logical.classes);
-    const at::Tensor scratch = at::empty({args.scratch_slots * args.scratch_per_thread}, in.logits.options().dtype(call.acc));
-    args.scratch = scratch.mutable_data_ptr();
+    // Internal buffers straight from the CPU allocator, without a tensor (fewer dispatcher calls).
+    const c10::DataPtr scratch =
+        c10::GetCPUAllocator()->allocate(args.scratch_slots * args.scratch_per_thread * c10::elementSize(call.acc));
+    args.scratch = scratch.get();
     if (logical.rows() > 0) {
       kernels.cross_entropy(args);
     }
 
     if (call.loss.defined() && reduction != Reduction::kNone) {
-      const double* partial = loss_partials.const_data_ptr<double>();
       double sum = 0;
-      for (int64_t chunk = 0; chunk < chunking.count; ++chunk) {
-        sum += partial[chunk];
+      for (const double partial : loss_partials) {
+        sum += partial;
       }
-      call.loss.fill_(reduction == Reduction::kMean ? sum / total_weight : sum);
+      const double value = reduction == Reduction::kMean ? sum / total_weight : sum;
+      AT_DISPATCH_FLOATING_TYPES(call.loss.scalar_type(), "disalign_loss_value", [&] {
+        *call.loss.mutable_data_ptr<scalar_t>() = static_cast<scalar_t>(value);  // a 0-d CPU tensor
+      });
     }
     return {call.loss, call.finish_gradients(in.calibrate_inputs(), reduce_partials)};
   }
