@@ -9,6 +9,11 @@ calls `floor_steps` and `add_floor_ratios`):
   exp fresh   torch.exp(logits): the same into a new tensor each call, as full mode's grad_logits is
               (an output this large is mapped afresh by the allocator every time, and the page faults
               that zero it cost about as much as the exponentials on these machines).
+  autograd    (alpha.sum() + beta.sum() + confidence.sum()).backward(): a trivial loss of the same
+              parameter leaves, forward and backward, i.e. what autograd alone costs a training step
+              when it starts with cold caches (the Timer flushes them before every call). Every
+              fwd+bwd step pays it and the exp floor does not; it is reported beside the ratios,
+              never subtracted from them.
 
 and each native row gets `x_exp_floor` = its ms / the exp floor's ms of the same case (the ratio
 the targets are stated in) and `x_exp_fresh` = its ms / the fresh exp's ms: stage 2 reads the
@@ -36,28 +41,31 @@ import sys
 
 import torch
 
-FLOOR_STEPS = ("read", "exp floor", "exp fresh")
+FLOOR_STEPS = ("read", "exp floor", "exp fresh", "autograd")
 
 
 def floor_steps(problem) -> dict:
     """{name: zero-argument step} of the floor measurements on the problem's logits."""
     logits = problem.logits.detach()
     buf = torch.empty_like(logits)
+    leaves = (problem.alpha, problem.beta, problem.confidence)  # their grads are reset before each call
     return {
         "read": lambda: torch.amax(logits),
         "exp floor": lambda: torch.exp(logits, out=buf),
         "exp fresh": lambda: torch.exp(logits),
+        "autograd": lambda: sum(t.sum() for t in leaves).backward(),
     }
 
 
 def add_floor_ratios(rows: list[dict], floor_ms: dict) -> None:
-    """Adds read_ms, exp_floor_ms, exp_fresh_ms, x_exp_floor (ms / exp floor ms) and x_exp_fresh
+    """Adds read_ms, exp_floor_ms, exp_fresh_ms, autograd_ms, x_exp_floor (ms / exp floor ms) and x_exp_fresh
     (ms / fresh exp ms) to the case's native rows."""
     for row in rows:
         if row["backend"] == "native" and "ms" in row:
             row["read_ms"] = floor_ms["read"]
             row["exp_floor_ms"] = floor_ms["exp floor"]
             row["exp_fresh_ms"] = floor_ms["exp fresh"]
+            row["autograd_ms"] = floor_ms["autograd"]
             row["x_exp_floor"] = row["ms"] / floor_ms["exp floor"]
             row["x_exp_fresh"] = row["ms"] / floor_ms["exp fresh"]
 
@@ -86,11 +94,11 @@ def warn_if_busy(threads: int, when: str) -> dict:
 
 
 def format_floor_table(rows: list[dict]) -> str:
-    """shape | threads | read | exp floor | exp fresh | stage 2 | full | ratios, from the native rows."""
+    """shape | threads | read | exp floor | exp fresh | autograd | stage 2 | full | ratios, from the native rows."""
     lines = [
-        "| shape | threads | read ms | exp floor ms | exp fresh ms | stage 2 ms | full ms | stage 2 / floor "
-        "| full / floor | full / fresh |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| shape | threads | read ms | exp floor ms | exp fresh ms | autograd ms | stage 2 ms | full ms "
+        "| stage 2 / floor | full / floor | full / fresh |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     cases = {}
     for r in rows:
@@ -105,6 +113,7 @@ def format_floor_table(rows: list[dict]) -> str:
 
         lines.append(
             f"| {shape} | {threads} | {base['read_ms']:.2f} | {base['exp_floor_ms']:.2f} | {base['exp_fresh_ms']:.2f} | "
+            f"{base['autograd_ms']:.2f} | "
             f"{cell(s2, 'ms', '.2f')} | {cell(full, 'ms', '.2f')} | {cell(s2, 'x_exp_floor', '.2f')} | "
             f"{cell(full, 'x_exp_floor', '.2f')} | {cell(full, 'x_exp_fresh', '.2f')} |"
         )
