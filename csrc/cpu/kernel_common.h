@@ -59,10 +59,12 @@ struct Io {
 // a pass of more than the L3 the autograd engine's backward alone took ~0.45 ms instead of ~0.1,
 // from DRAM). On AMD EPYC (AVX2): seg-ade full mode (NCHW, short strided class runs) 1.6-1.9x ->
 // 1.25-1.4x the exp floor; (N, C) full mode at 1 thread cls-imagenet 1.55 -> 1.44, cls-inat 1.21 ->
-// 1.11, det-lvis 1.49 -> 1.32. The address must be aligned to the vector, and a cache line is
-// written either with non-temporal stores only or with plain stores only (mixing them in one line,
-// as at the ends of (N, C) rows, flushes partial lines to memory: det-lvis 1.30 -> 1.39 in the
-// kernel alone). stream_fence() orders them before the kernel returns.
+// 1.11, det-lvis 1.49 -> 1.32. The address must be aligned to the vector. In the classes layout a
+// cache line is written with non-temporal stores only or with plain stores only (mixing them in
+// one line, at the ends of (N, C) rows, flushes partial lines to memory: det-lvis 1.30 -> 1.39 in
+// the kernel alone); the pixels layout streams whole 512-byte class runs, which share a line with
+// plain stores only where an image ends in a partial block. stream_fence() orders them before the
+// kernel returns.
 constexpr bool kStreamingStores =
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
     true;
