@@ -70,6 +70,47 @@ def test_zero_roi_batch_through_the_roi_head(backend):
             assert p.grad is not None and (p.grad == 0).all(), name
 
 
+def _masked_inputs(layout, dtype, device):
+    """Logits with masked classes (-inf) in every row, at alpha = 0 (the heads' initial value), < 0 and
+    > 0, and one row masked everywhere but its target; no target is masked."""
+    shape = (5, 7) if layout == "nc" else (2, 7, 3, 2)
+    inputs = make_inputs(shape, dtype=dtype, layout=layout, ignored_fraction=0.0)
+    params = inputs.alpha.dtype
+    alpha = torch.tensor([0.0, -0.4, 0.3, 0.0, -0.2, 0.5, 0.0], dtype=params)
+    target = torch.full_like(inputs.target, 6)
+    target.view(-1)[1::2] = 5
+    logits = inputs.logits.detach().clone()  # keeps the layout's strides
+    with torch.no_grad():
+        logits[:, :3] = float("-inf")
+        first_row = logits[0] if layout == "nc" else logits[0, :, 0, 0]
+        first_row[:6] = float("-inf")  # only its target, class 6, is left
+    return inputs.with_(logits=logits, alpha=alpha, target=target).to(device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("layout", ["nc", "nchw"])
+def test_masked_classes_keep_the_reference_loss_at_any_alpha(backend, layout, reduction, dtype):
+    """-inf logits are masked classes: zhat = (1 + s*a) * -inf + s*b = -inf, p = 0, a finite loss and
+    finite dlogits / dbeta. (zhat as z + s*(a*z + b) is nan there for a <= 0.) dalpha and dconfidence
+    are nan where the reference's are (0 * inf)."""
+    inputs = _masked_inputs(layout, dtype, backend.device)
+    result = compare(backend, inputs, reduction, equal_nan=True)
+    assert torch.isfinite(result.loss).all()
+    assert torch.isfinite(result.grads["logits"]).all() and torch.isfinite(result.grads["beta"]).all()
+
+
+@pytest.mark.parametrize("layout", ["nc", "nchw"])
+def test_calibrate_keeps_masked_classes_at_minus_inf(backend, layout):
+    inputs = _masked_inputs(layout, torch.float32, backend.device)
+    out = disalign_ops.calibrate(inputs.logits, inputs.alpha, inputs.beta, confidence=inputs.confidence,
+                                 backend=backend)
+    masked = torch.isneginf(inputs.logits)
+    assert masked.any() and torch.isneginf(out[masked]).all()
+    torch.testing.assert_close(out[~masked], disalign_ops.reference.calibrated_logits(
+        inputs.logits, inputs.alpha, inputs.beta, inputs.confidence)[~masked])
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_half_logits_under_loss_scaling_give_finite_gradients(backend, dtype):
     """(loss * 65536).backward(), GradScaler's default scale: 65536 is inf in float16, so the

@@ -161,15 +161,18 @@ __device__ __forceinline__ double quiet_nan<double>() {
   return __longlong_as_double(0x7ff8000000000000LL);
 }
 
-// Paper eq. 6, zhat = (1 + s*a) * z + s*b, as z + s*u with u = a*z + b: two FMAs, and u is the
-// factor of s in the confidence gradient. One rounding sequence in every CUDA kernel.
+// u = a*z + b, the factor of s in the confidence gradient (ds = sum dzhat * u).
 template <typename acc_t>
 __device__ __forceinline__ acc_t affine_u(acc_t z, acc_t a, acc_t b) {
   return fma(a, z, b);
 }
+// Paper eq. 6, zhat = (1 + s*a) * z + s*b, in this multiplier form, the CPU and Triton kernels' rounding
+// sequence. Not as z + s*u (one FMA less given u): for z = -inf that gives s*(a*z + b) + z = inf - inf
+// = NaN when a < 0, and NaN for a = 0 (0 * inf), the heads' initial alpha, where the reference's zhat
+// is -inf (a masked class: p = 0, a finite loss).
 template <typename acc_t>
 __device__ __forceinline__ acc_t calibrated(acc_t z, acc_t s, acc_t a, acc_t b) {
-  return fma(s, affine_u(z, a, b), z);
+  return fma(fma(s, a, acc_t(1)), z, s * b);
 }
 
 __device__ __forceinline__ int64_t load_target(const void* target, bool is_int64, int64_t row) {

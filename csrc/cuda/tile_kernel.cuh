@@ -5,9 +5,9 @@
 // once (tile_copy.cuh), so the logits are read from HBM exactly once. Lines of the shared tile are
 // rows (kClassesContiguous: (N, C), NHWC) or classes (kPixelsContiguous: NCHW, transposed (N, C)),
 // 16-byte aligned, so every hot loop reads 16-byte vectors (8 half / bf16, 4 float elements):
-//   1. row max of zhat, with u = a*z + b kept in the exponentials' buffer (e_cached);
-//   2. exponentials e = exp(zhat - max) from that u, their sum (and sum e * u for ds), with e kept
-//      in shared memory (e_cached) for the sweep: one exponential per element; then the row's
+//   1. row max of zhat, with zhat kept in the exponentials' buffer (e_cached);
+//   2. exponentials e = exp(zhat - max) of that zhat, their sum (and sum e * u for ds, u = a*z + b),
+//      with e kept in shared memory (e_cached) for the sweep: one exponential per element; the row's
 //      thread subtracts the sum from its target's e, which puts the one-hot term into e;
 //   3. the sweep: dzhat = w_y * upstream * e / sum, grad_logits (staged in place in the tile,
 //      stored coalesced), and the alpha / beta gradients accumulated in registers, then in
@@ -284,15 +284,15 @@ __global__ void __launch_bounds__(kBlock, kTileBlocksPerSM) tile_kernel(const Ti
             for (int jl = member; jl < classes; jl += G) {  // SASS_LOOP(ce-pixels-max, V)
               const acc_t a = sa[jl];
               const acc_t b = sb[jl];
-              acc_t z[V], u[V];
+              acc_t z[V], x[V];
               load_n<V>(tile + jl * LS + p0, z);
 #pragma unroll
               for (int i = 0; i < V; ++i) {
-                u[i] = affine_u(z[i], a, b);
-                mx[i] = fmax(mx[i], fma(px_s[i], u[i], z[i]));
+                x[i] = calibrated(z[i], px_s[i], a, b);
+                mx[i] = fmax(mx[i], x[i]);
               }
               if (p.e_cached) {
-                store_n<V>(ebuf + jl * ES + p0, u);  // for the exponential pass, which overwrites it with e
+                store_n<V>(ebuf + jl * ES + p0, x);  // zhat for the exponential pass, which overwrites it with e
               }
             }
           } else {
@@ -313,17 +313,17 @@ __global__ void __launch_bounds__(kBlock, kTileBlocksPerSM) tile_kernel(const Ti
           const int nfull = classes / V;
           for (int k = member; k < nfull; k += G) {  // SASS_LOOP(ce-classes-max, V)
             const int off = k * V;
-            acc_t z[V], a[V], b[V], u[V];
+            acc_t z[V], a[V], b[V], x[V];
             load_n<V>(line + off, z);
             load_n<V>(sa + off, a);
             load_n<V>(sb + off, b);
 #pragma unroll
             for (int i = 0; i < V; ++i) {
-              u[i] = affine_u(z[i], a[i], b[i]);
-              mx[0] = fmax(mx[0], fma(s, u[i], z[i]));
+              x[i] = calibrated(z[i], s, a[i], b[i]);
+              mx[0] = fmax(mx[0], x[i]);
             }
             if (p.e_cached) {
-              store_n<V>(eline + off, u);  // for the exponential pass, which overwrites it with e
+              store_n<V>(eline + off, x);  // zhat for the exponential pass, which overwrites it with e
             }
           }
           for (int jl = nfull * V + member; jl < classes; jl += G) {
@@ -373,16 +373,18 @@ __global__ void __launch_bounds__(kBlock, kTileBlocksPerSM) tile_kernel(const Ti
         if (PIXELS) {
           if (n_pix == V) {
             if (!CALIBRATE && cache) {
-              // u = a*z + b from the max pass (full vectors only, as here).
+              // zhat from the max pass (full vectors only, as here).
               for (int jl = member; jl < classes; jl += G) {  // SASS_LOOP(ce-pixels-exp, V)
-                acc_t z[V], u[V], e[V];
+                const acc_t a = sa[jl];
+                const acc_t b = sb[jl];
+                acc_t z[V], x[V], e[V];
                 load_n<V>(tile + jl * LS + p0, z);
-                load_n<V>(ebuf + jl * ES + p0, u);
+                load_n<V>(ebuf + jl * ES + p0, x);
 #pragma unroll
                 for (int i = 0; i < V; ++i) {
-                  e[i] = exp_from_max(fma(px_s[i], u[i], z[i]), mrow[i]);
+                  e[i] = exp_from_max(x[i], mrow[i]);
                   sum[i] += e[i];
-                  dot[i] = fma(e[i], u[i], dot[i]);
+                  dot[i] = fma(e[i], affine_u(z[i], a, b), dot[i]);
                 }
                 store_n<V>(ebuf + jl * ES + p0, e);
               }
@@ -402,10 +404,9 @@ __global__ void __launch_bounds__(kBlock, kTileBlocksPerSM) tile_kernel(const Ti
                 } else {  // exponentials not cached (chunked plans)
 #pragma unroll
                   for (int i = 0; i < V; ++i) {
-                    const acc_t u = affine_u(z[i], a, b);
-                    const acc_t e = exp_from_max(fma(px_s[i], u, z[i]), mrow[i]);
+                    const acc_t e = exp_from_max(calibrated(z[i], px_s[i], a, b), mrow[i]);
                     sum[i] += e;
-                    dot[i] = fma(e, u, dot[i]);
+                    dot[i] = fma(e, affine_u(z[i], a, b), dot[i]);
                   }
                 }
               }
@@ -422,7 +423,7 @@ __global__ void __launch_bounds__(kBlock, kTileBlocksPerSM) tile_kernel(const Ti
                 if (CALIBRATE) {
                   dot[i] = fma(to_acc<acc_t>(tile2[jl * LS + p0 + i]), u, dot[i]);
                 } else {
-                  const acc_t e = exp_from_max(fma(px_s[i], u, z), mrow[i]);
+                  const acc_t e = exp_from_max(calibrated(z, px_s[i], sa[jl], sb[jl]), mrow[i]);
                   sum[i] += e;
                   dot[i] = fma(e, u, dot[i]);
                   if (cache) {
@@ -439,17 +440,19 @@ __global__ void __launch_bounds__(kBlock, kTileBlocksPerSM) tile_kernel(const Ti
           acc_t* eline = ebuf + row * ES;
           const int nfull = classes / V;
           if (!CALIBRATE && cache) {
-            // u = a*z + b from the max pass (full vectors only, as here).
+            // zhat from the max pass (full vectors only, as here).
             for (int k = member; k < nfull; k += G) {  // SASS_LOOP(ce-classes-exp, V)
               const int off = k * V;
-              acc_t z[V], u[V], e[V];
+              acc_t z[V], a[V], b[V], x[V], e[V];
               load_n<V>(line + off, z);
-              load_n<V>(eline + off, u);
+              load_n<V>(sa + off, a);
+              load_n<V>(sb + off, b);
+              load_n<V>(eline + off, x);
 #pragma unroll
               for (int i = 0; i < V; ++i) {
-                e[i] = exp_from_max(fma(s, u[i], z[i]), mrow[0]);
+                e[i] = exp_from_max(x[i], mrow[0]);
                 sum[0] += e[i];
-                dot[0] = fma(e[i], u[i], dot[0]);
+                dot[0] = fma(e[i], affine_u(z[i], a[i], b[i]), dot[0]);
               }
               store_n<V>(eline + off, e);
             }
@@ -469,10 +472,9 @@ __global__ void __launch_bounds__(kBlock, kTileBlocksPerSM) tile_kernel(const Ti
               } else {  // exponentials not cached (chunked plans)
 #pragma unroll
                 for (int i = 0; i < V; ++i) {
-                  const acc_t u = affine_u(z[i], a[i], b[i]);
-                  const acc_t e = exp_from_max(fma(s, u, z[i]), mrow[0]);
+                  const acc_t e = exp_from_max(calibrated(z[i], s, a[i], b[i]), mrow[0]);
                   sum[0] += e;
-                  dot[0] = fma(e, u, dot[0]);
+                  dot[0] = fma(e, affine_u(z[i], a[i], b[i]), dot[0]);
                 }
               }
             }
@@ -483,7 +485,7 @@ __global__ void __launch_bounds__(kBlock, kTileBlocksPerSM) tile_kernel(const Ti
             if (CALIBRATE) {
               dot[0] = fma(to_acc<acc_t>(line2[jl]), u, dot[0]);
             } else {
-              const acc_t e = exp_from_max(fma(s, u, z), mrow[0]);
+              const acc_t e = exp_from_max(calibrated(z, s, sa[jl], sb[jl]), mrow[0]);
               sum[0] += e;
               dot[0] = fma(e, u, dot[0]);
               if (cache) {
@@ -540,8 +542,10 @@ __global__ void __launch_bounds__(kBlock, kTileBlocksPerSM) tile_kernel(const Ti
           const acc_t s = row_s[r];
           const acc_t w = p.weight != nullptr ? p.weight[y] : acc_t(1);
           const acc_t z = to_acc<acc_t>(p.logits[row_base[r] + y * p.logits_strides.cls]);
-          const acc_t u = affine_u(z, p.alpha[y], p.beta[y]);
-          loss = w * (lse - fma(s, u, z));
+          const acc_t a = p.alpha[y];
+          const acc_t b = p.beta[y];
+          const acc_t u = affine_u(z, a, b);
+          loss = w * (lse - calibrated(z, s, a, b));
           grad_weight = row_grad * w;
           ds = grad_weight * fma(dot, inv_sum, -u);
         }
