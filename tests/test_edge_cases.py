@@ -8,7 +8,17 @@ import torch
 import torch.nn.functional as F
 
 import disalign_ops
-from conftest import GRAD_INPUTS, REDUCTIONS, LossInputs, compare, make_inputs
+from conftest import (
+    GRAD_INPUTS,
+    REDUCTIONS,
+    LossInputs,
+    assert_matches,
+    backend_loss,
+    compare,
+    loss_and_grads,
+    make_inputs,
+    reference_loss,
+)
 from disalign_ops.nn import DisAlignLoss, DisAlignROIHead
 
 
@@ -68,6 +78,53 @@ def test_zero_roi_batch_through_the_roi_head(backend):
     for name, p in head.named_parameters():
         if p.requires_grad:
             assert p.grad is not None and (p.grad == 0).all(), name
+
+
+def _shape(layout):
+    return (6, 5) if layout == "nc" else (2, 5, 3, 2)
+
+
+@pytest.mark.parametrize("layout", ["nc", "nchw"])
+def test_reduction_none_backward_of_an_expanded_gradient(backend, layout):
+    """loss.sum().backward() or loss.mean().backward() after reduction "none" hands the op's backward
+    an expanded gradient (stride 0): it is read by its strides, not as a dense array past its one
+    element (an out-of-bounds read, caught here as wrong gradients)."""
+    inputs = make_inputs(_shape(layout), dtype=torch.float32, device=backend.device)
+    rows = inputs.target.shape
+    for grad_output in (torch.full((), 0.7).expand(rows), torch.randn(rows[-1]).expand(rows)):
+        grad_output = grad_output.to(backend.device)
+        expected = loss_and_grads(reference_loss, inputs, "none", grad_output=grad_output)
+        actual = loss_and_grads(backend_loss(backend), inputs, "none", grad_output=grad_output)
+        assert_matches(actual, expected, torch.float32)
+
+
+def _not_contiguous(t, kind, filler):
+    """t's values in a tensor that is not contiguous: every other element of a larger one (the others
+    `filler`, which must never be read), or t's first value expanded to t's shape (stride 0)."""
+    if kind == "expanded":
+        return t.reshape(-1)[:1].reshape((1,) * t.dim()).expand(t.shape)
+    wide = torch.full(t.shape + (2,), filler, dtype=t.dtype, device=t.device)
+    wide[..., 0] = t
+    return wide[..., 0]
+
+
+@pytest.mark.parametrize("kind", ["sliced", "expanded"])
+@pytest.mark.parametrize("operand", ["alpha", "beta", "confidence", "weight", "target"])
+@pytest.mark.parametrize("layout", ["nc", "nchw"])
+def test_small_operands_of_any_strides(backend, layout, operand, kind):
+    """alpha / beta / confidence / weight / target sliced (stride 2) or expanded (stride 0) give the
+    reference's loss and gradients, in the loss and in calibrate."""
+    inputs = make_inputs(_shape(layout), dtype=torch.float32, device=backend.device)
+    filler = 10**6 if operand == "target" else float("nan")  # a bad target or a nan, if it were read
+    inputs = inputs.with_(**{operand: _not_contiguous(getattr(inputs, operand), kind, filler)})
+    assert not getattr(inputs, operand).is_contiguous()
+    for reduction in ("mean", "none"):
+        compare(backend, inputs, reduction)
+    if operand in ("alpha", "beta", "confidence"):
+        out = disalign_ops.calibrate(inputs.logits, inputs.alpha, inputs.beta, confidence=inputs.confidence,
+                                     backend=backend)
+        torch.testing.assert_close(out, disalign_ops.reference.calibrated_logits(
+            inputs.logits, inputs.alpha, inputs.beta, inputs.confidence).to(out.dtype))
 
 
 def _masked_inputs(layout, dtype, device):

@@ -66,12 +66,15 @@ inline void* data_or_null(const at::Tensor& t) {
 }
 
 // t in `dtype` and contiguous: t itself when it already is (without a dispatcher call: each costs
-// microseconds when a training step's glue runs with cold caches), else one converting copy.
+// microseconds when a training step's glue runs with cold caches), else a contiguous copy in dtype.
+// Not t.to(dtype, ..., MemoryFormat::Contiguous): that returns t itself, not contiguous, whenever
+// the dtype matches and t's suggested format is the contiguous one (a slice, or an expanded
+// gradient such as the stride-0 one of loss.sum().backward()).
 inline at::Tensor contiguous_as(const at::Tensor& t, at::ScalarType dtype) {
   if (t.scalar_type() == dtype && t.is_contiguous()) {
     return t;
   }
-  return t.to(dtype, /*non_blocking=*/false, /*copy=*/false, at::MemoryFormat::Contiguous);
+  return t.to(dtype).contiguous();
 }
 
 // ---------------------------------------------------------------------------------------------
