@@ -25,6 +25,7 @@ from conftest import (
     differentiable_view,
     loss_and_grads,
     make_inputs,
+    reference_loss,
     upstream,
 )
 
@@ -68,16 +69,21 @@ def test_optional_confidence_and_weight(backend, shape, with_confidence, with_we
 )
 @pytest.mark.parametrize("shape", [(67, 1000), (2, 19, 17, 17)], ids=["nc", "nchw"])
 def test_gradient_subsets_equal_full_gradients(backend, shape, wrt):
-    """Stage 2 (logits frozen) and any other subset: the same gradient bits as when every gradient is
-    computed. (The loss may differ in its last bits: its per-block partials follow the grid, which
-    depends on the shared memory the requested gradients need.)"""
+    """Stage 2 (logits frozen) and any other subset: natively the same gradient bits as when every
+    gradient is computed (the loss may differ in its last bits: its per-block partials follow the
+    grid, which depends on the shared memory the requested gradients need); with Triton the same
+    values to rounding, as its planner sizes the register block by whether dlogits is written
+    (warp_plan.py), and the per-class sums follow the block."""
     inputs = cuda_inputs(shape, dtype=torch.float32)
     full = loss_and_grads(backend_loss(backend), inputs, "mean")
     subset = loss_and_grads(backend_loss(backend), inputs, "mean", wrt=wrt)
     assert subset.grads.keys() == set(wrt)
     torch.testing.assert_close(full.loss, subset.loss, rtol=1e-6, atol=0)
     for name in wrt:
-        assert torch.equal(full.grads[name], subset.grads[name]), name
+        if backend == "native":
+            assert torch.equal(full.grads[name], subset.grads[name]), name
+        else:
+            torch.testing.assert_close(full.grads[name], subset.grads[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
 @pytest.mark.parametrize(
@@ -105,11 +111,27 @@ def test_float32_logits_with_float64_parameters_and_int32_targets(backend):
 @pytest.mark.parametrize("magnitude", [1e4, -1e4])
 @pytest.mark.parametrize("shape", [(67, 1000), (2, 19, 17, 17)], ids=["nc", "nchw"])
 def test_huge_logits_give_finite_correct_losses(backend, shape, magnitude):
+    """Logits near +-1e4 in float32, against a float64 evaluation of the same inputs: the loss to
+    float32's resolution at 1e4 (atol 1e-2, as the small-shape test of every device), the gradients
+    normwise. Not elementwise against the float32 reference: dalpha = sum_i dzhat * s * z at |z| = 1e4
+    cancels, and any float32 evaluation (the eager reference's too) is ~1e-4 off on its small entries."""
     inputs = cuda_inputs(shape, dtype=torch.float32)
     with torch.no_grad():
         inputs.logits.add_(magnitude)
-    result = compare(backend, inputs, "mean")
+    grad_output = upstream(inputs, "mean")
+    result = loss_and_grads(backend_loss(backend), inputs, "mean", grad_output=grad_output)
+    names = ("logits", "alpha", "beta", "confidence", "weight")
+    as_double = inputs.with_(**{n: getattr(inputs, n).double() for n in names})
+    exact = loss_and_grads(reference_loss, as_double, "mean", grad_output=grad_output.double())
     assert torch.isfinite(result.loss)
+    torch.testing.assert_close(result.loss.double(), exact.loss, rtol=1e-5, atol=1e-2)
+    for name, want in exact.grads.items():
+        got = result.grads[name]
+        assert got.dtype == torch.float32 and torch.isfinite(got).all(), name
+        # At |z| = 1e4 zhat's float32 ulp is 1e-3, which moves p: the eager reference in float32 is
+        # 1.6e-5 off in dlogits (normwise), the CPU and interpreted Triton kernels 0.2-1.3e-5.
+        error = (got.double() - want).norm() / want.norm()
+        assert error <= 5e-5, f"grad of {name}: relative error {error:.2e}"
 
 
 def test_float16_near_its_max_accumulates_in_float32(backend):
@@ -238,7 +260,11 @@ def test_calibrate_and_its_gradients_match_reference(backend, layout, shape, dty
     assert grads.keys() == expected_grads.keys()
     for name, grad in expected_grads.items():
         assert grads[name].dtype == grad.dtype, name
-        torch.testing.assert_close(grads[name], grad, msg=lambda m: f"grad of {name}: {m}", **tol)
+        # dconfidence sums C terms (dalpha, dbeta the rows'): rounding follows the terms' magnitude, not
+        # the sum's (C = 1000 in float32: ~2e-5 on entries near 0, in the reference as here).
+        atol = tol["atol"] + 1e-2 * tol["rtol"] * grad.abs().amax().item()
+        torch.testing.assert_close(grads[name], grad, rtol=tol["rtol"], atol=atol,
+                                   msg=lambda m: f"grad of {name}: {m}")
 
 
 def _ops(backend):
@@ -252,7 +278,8 @@ def test_opcheck(backend, op):
     beta = inputs.beta.detach().clone().requires_grad_()
     if op == "cross_entropy":
         for reduction, mask in (("mean", [True, True, True, True]), ("none", [False] * 4)):
-            args = (inputs.logits, inputs.target, alpha, beta, inputs.confidence, inputs.weight, 255, reduction, mask)
+            args = (inputs.logits, inputs.target, alpha, beta, inputs.confidence, inputs.weight, inputs.ignore_index,
+                    reduction, mask)
             torch.library.opcheck(_ops(backend).cross_entropy.default, args)
     else:
         args = (inputs.logits.detach().clone().requires_grad_(), alpha, beta, inputs.confidence)
