@@ -122,6 +122,12 @@ class LossInputs:
         names = ("logits", "target", "alpha", "beta", "confidence", "weight")
         return replace(self, **{name: on_device(getattr(self, name), device) for name in names})
 
+    def double(self) -> "LossInputs":
+        """The same values in float64 (target and absent inputs unchanged): for a float64 evaluation."""
+        names = ("logits", "alpha", "beta", "confidence", "weight")
+        return replace(self, **{n: getattr(self, n) if getattr(self, n) is None else getattr(self, n).double()
+                                for n in names})
+
 
 def on_device(t, device):
     """t on `device` with the same sizes, strides and storage offset (Tensor.to would densify)."""
