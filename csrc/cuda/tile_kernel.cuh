@@ -419,11 +419,13 @@ __global__ void __launch_bounds__(kBlock, kTileBlocksPerSM) tile_kernel(const Ti
                   continue;
                 }
                 const acc_t z = to_acc<acc_t>(tile[jl * LS + p0 + i]);
-                const acc_t u = affine_u(z, sa[jl], sb[jl]);
+                const acc_t a = sa[jl];
+                const acc_t b = sb[jl];
+                const acc_t u = affine_u(z, a, b);
                 if (CALIBRATE) {
                   dot[i] = fma(to_acc<acc_t>(tile2[jl * LS + p0 + i]), u, dot[i]);
                 } else {
-                  const acc_t e = exp_from_max(calibrated(z, px_s[i], sa[jl], sb[jl]), mrow[i]);
+                  const acc_t e = exp_from_max(calibrated(z, px_s[i], a, b), mrow[i]);
                   sum[i] += e;
                   dot[i] = fma(e, u, dot[i]);
                   if (cache) {
@@ -481,11 +483,13 @@ __global__ void __launch_bounds__(kBlock, kTileBlocksPerSM) tile_kernel(const Ti
           }
           for (int jl = nfull * V + member; jl < classes; jl += G) {
             const acc_t z = to_acc<acc_t>(line[jl]);
-            const acc_t u = affine_u(z, sa[jl], sb[jl]);
+            const acc_t a = sa[jl];
+            const acc_t b = sb[jl];
+            const acc_t u = affine_u(z, a, b);
             if (CALIBRATE) {
               dot[0] = fma(to_acc<acc_t>(line2[jl]), u, dot[0]);
             } else {
-              const acc_t e = exp_from_max(calibrated(z, s, sa[jl], sb[jl]), mrow[0]);
+              const acc_t e = exp_from_max(calibrated(z, s, a, b), mrow[0]);
               sum[0] += e;
               dot[0] = fma(e, u, dot[0]);
               if (cache) {
