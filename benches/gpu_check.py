@@ -6,7 +6,8 @@
   multi-device  logits on the last GPU while the current device is cuda:0, for every GPU backend
   ncu-case      one stage-2 call per GPU backend on seg-ade bfloat16 between cudaProfilerStart and
                 cudaProfilerStop, so `ncu --profile-from-start off` measures just those launches
-  summary       the Markdown + JSON summary of a gpu_check.sh run (steps, tests, SPEC checks, ncu)
+  summary       the Markdown + JSON summary of a gpu_check.sh run (steps, tests and the failed ones,
+                SPEC checks, ncu)
 
 Run as `python benches/gpu_check.py SUBCOMMAND ...`; gpu_check.sh sets PYTHONPATH to the checkout.
 """
@@ -14,6 +15,7 @@ Run as `python benches/gpu_check.py SUBCOMMAND ...`; gpu_check.sh sets PYTHONPAT
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import io
 import json
@@ -22,6 +24,10 @@ import re
 import shutil
 import subprocess
 import sys
+
+# benches/ on the path: gpu_check.sh runs this file as a script; the benchmark's tests import it.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import pytest_outcomes  # noqa: E402
 
 GPU_BACKENDS = ("native", "triton")
 # Tolerances against the reference for bfloat16 logits (tests/conftest.py TOLERANCES).
@@ -218,7 +224,6 @@ def cmd_multi_device(args) -> int:
 def cmd_ncu_case(args) -> int:
     import torch
 
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import bench_ops
 
     device = torch.device(args.device)  # "cpu" (with --quick) only to test this driver without a GPU
@@ -259,9 +264,15 @@ def _read(path: str) -> str:
         return ""
 
 
-def _pytest_result(log: str) -> str | None:
+def _pytest_result(log: str, outcomes: list[dict]) -> str | None:
+    """pytest's closing line; without one (the step was stopped), the count of what finished."""
     lines = [line.strip("= ") for line in log.splitlines() if re.search(r"\d+ (passed|failed|error|skipped)", line)]
-    return lines[-1] if lines else None
+    if lines:
+        return lines[-1]
+    if not outcomes:
+        return None
+    counts = collections.Counter(o["outcome"] for o in outcomes)
+    return f"stopped after {len(outcomes)} tests: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
 
 
 def _sanitizer_result(log: str) -> str | None:
@@ -294,7 +305,6 @@ def ncu_kernels(path: str) -> list[dict]:
 
 def _bench_report(results_dir: str, env: dict) -> tuple[str | None, dict | None]:
     """The benchmark JSON bench_ops.py wrote for this GPU (<results>/<gpu-name slug>.json)."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from utils import slug
 
     gpus = env.get("gpus") or []
@@ -315,10 +325,13 @@ def cmd_summary(args) -> int:
         steps.append(dict(name=name, status=status, rc=rc, seconds=int(seconds or 0), budget=int(budget or 0),
                           note=note))
     env = json.loads(_read(args.env) or "{}")
+    failures = []
     for step in steps:
         log = _read(os.path.join(args.work, f"{step['name']}.log"))
         if step["name"] == "tests":
-            step["result"] = _pytest_result(log)
+            outcomes = pytest_outcomes.read(os.path.join(args.work, "tests-outcomes.jsonl"))
+            step["result"] = _pytest_result(log, outcomes)
+            failures = [o for o in outcomes if o["outcome"] in ("failed", "error")]
         elif step["name"] in ("memcheck", "racecheck"):
             step["result"] = _sanitizer_result(log)
         elif step["name"] == "multigpu":
@@ -353,7 +366,6 @@ def cmd_summary(args) -> int:
                "", f"{measured} rows measured, {len(errors)} errors, copy bandwidth "
                f"{bench.get('copy_bandwidth_gbps', 0):.0f} GB/s."]
         if not checks:  # a partial run: check what was measured
-            sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
             from bench_ops import check_targets
 
             checks = check_targets(rows, "cuda")
@@ -379,13 +391,16 @@ def cmd_summary(args) -> int:
                       f"{float(k.get('dram__bytes_write.sum', 0) or 0) / 1e6:.1f} | "
                       f"{float(k.get('smsp__inst_executed.sum', 0) or 0):.3g} | "
                       f"{float(k.get('smsp__inst_executed_pipe_xu.sum', 0) or 0):.3g} |")
+    if failures:
+        md += ["", f"## Failed tests ({len(failures)}{', the first 30' if len(failures) > 30 else ''})", ""]
+        md += [f"- {o['outcome']}: `{o['id']}`: {o['message']}" for o in failures[:30]]
     failed = [s["name"] for s in steps if s["status"] not in ("ok", "skipped")]
     md += ["", f"steps not ok: {', '.join(failed) or 'none'}"]
     text = "\n".join(md) + "\n"
     with open(os.path.join(args.results, "gpu_check-summary.md"), "w") as f:
         f.write(text)
     with open(os.path.join(args.results, "gpu_check-summary.json"), "w") as f:
-        json.dump(dict(env=env, steps=steps, bench_json=bench_path and os.path.basename(bench_path),
+        json.dump(dict(env=env, steps=steps, failed_tests=failures, bench_json=bench_path and os.path.basename(bench_path),
                        spec_targets=checks, ncu=kernels, no_cuda=no_cuda), f, indent=2)
     print(text)
     return 0

@@ -199,6 +199,62 @@ def test_ncu_csv_and_summary(tmp_path):
     assert summary["bench_json"] == "nvidia-h200.json" and len(summary["ncu"]) == 2
 
 
+PLUGIN_CASES = """
+import pytest
+
+@pytest.fixture
+def broken():
+    raise RuntimeError("fixture broke")
+
+def test_ok():
+    pass
+
+def test_wrong():
+    assert 1 + 1 == 3, "arithmetic"
+
+@pytest.mark.skip(reason="not here")
+def test_skipped():
+    pass
+
+def test_setup_error(broken):
+    pass
+"""
+
+
+def test_outcomes_plugin_records_each_test_as_it_finishes(tmp_path):
+    (tmp_path / "test_cases.py").write_text(PLUGIN_CASES)
+    record = tmp_path / "outcomes.jsonl"
+    env = dict(os.environ, GPU_CHECK_OUTCOMES=str(record), PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "pytest_outcomes",
+                          str(tmp_path / "test_cases.py")], env=env, capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path)
+    assert out.returncode == 1, out.stdout + out.stderr
+    found = {o["id"].split("::")[1]: o for o in gpu_check.pytest_outcomes.read(str(record))}
+    assert {k: v["outcome"] for k, v in found.items()} == {
+        "test_ok": "passed", "test_wrong": "failed", "test_skipped": "skipped", "test_setup_error": "error"}
+    assert "arithmetic" in found["test_wrong"]["message"] and "fixture broke" in found["test_setup_error"]["message"]
+    assert "not here" in found["test_skipped"]["message"] and found["test_ok"]["message"] == ""
+
+
+def test_summary_of_a_stopped_tests_step_counts_what_finished(tmp_path):
+    work, results = tmp_path / "work", tmp_path / "results"
+    work.mkdir(), results.mkdir()
+    (work / "steps.tsv").write_text("tests\ttimeout\t124\t110\t110\thit its 110 s limit\n")
+    (work / "tests.log").write_text("..F.s..\n")  # killed: no closing line
+    outcomes = [dict(id=f"tests/test_a.py::test_{i}", outcome="passed", when="call", message="") for i in range(5)]
+    outcomes += [dict(id="tests/test_a.py::test_bad[cuda]", outcome="failed", when="call", message="AssertionError: off"),
+                 dict(id="tests/test_a.py::test_skip", outcome="skipped", when="setup", message="Skipped: no")]
+    (work / "tests-outcomes.jsonl").write_text("".join(json.dumps(o) + "\n" for o in outcomes) + '{"id": "cut')
+    (work / "env.json").write_text(json.dumps({"cuda_available": True, "gpus": [{"name": "NVIDIA H200"}]}))
+    gpu_check.main(["summary", "--steps", str(work / "steps.tsv"), "--env", str(work / "env.json"), "--work", str(work),
+                    "--results", str(results)])
+    text = (results / "gpu_check-summary.md").read_text()
+    assert "stopped after 7 tests: 1 failed, 5 passed, 1 skipped; hit its 110 s limit" in text
+    assert "## Failed tests (1)" in text and "- failed: `tests/test_a.py::test_bad[cuda]`: AssertionError: off" in text
+    summary = json.loads((results / "gpu_check-summary.json").read_text())
+    assert [o["id"] for o in summary["failed_tests"]] == ["tests/test_a.py::test_bad[cuda]"]
+
+
 def test_sanitizer_cases_keep_their_layouts_and_match_the_reference(capsys):
     """The program compute-sanitizer runs, here on the CPU with the native backend."""
     assert gpu_check.main(["cases", "--device", "cpu", "--layouts", "nc_misaligned,nchw_channels_last"]) == 0
