@@ -329,7 +329,7 @@ def cmd_summary(args) -> int:
     for step in steps:
         log = _read(os.path.join(args.work, f"{step['name']}.log"))
         if step["name"] == "tests":
-            outcomes = pytest_outcomes.read(os.path.join(args.work, "tests-outcomes.jsonl"))
+            outcomes = pytest_outcomes.read(args.outcomes) if args.outcomes else []
             step["result"] = _pytest_result(log, outcomes)
             failures = [o for o in outcomes if o["outcome"] in ("failed", "error")]
         elif step["name"] in ("memcheck", "racecheck"):
@@ -425,7 +425,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true")
     p.set_defaults(fn=cmd_ncu_case)
     p = sub.add_parser("summary")
-    for name in ("--steps", "--env", "--work", "--results", "--ncu"):
+    for name in ("--steps", "--env", "--work", "--outcomes", "--results", "--ncu"):
         p.add_argument(name)
     p.set_defaults(fn=cmd_summary)
     args = parser.parse_args(argv)

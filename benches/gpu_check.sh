@@ -89,7 +89,7 @@ step_tests() {
     "$PYTHON" -c 'import pytest_timeout' 2>/dev/null && extra+=(--timeout 90)
     # Each outcome goes to tests-outcomes.jsonl as it finishes (benches/pytest_outcomes.py), so a step
     # stopped at its limit still tells how far it got and what failed.
-    GPU_CHECK_OUTCOMES="$WORK/tests-outcomes.jsonl" PYTHONPATH="$ROOT/benches:$PYTHONPATH" DISALIGN_BIG_TESTS=1 \
+    GPU_CHECK_OUTCOMES="$OUTCOMES" PYTHONPATH="$ROOT/benches:$PYTHONPATH" DISALIGN_BIG_TESTS=1 \
         "$PYTHON" -m pytest tests -k "cuda or test_triton_backend" -q -rfE -p no:cacheprovider -p pytest_outcomes \
         --maxfail 50 ${extra[@]+"${extra[@]}"}
 }
@@ -196,6 +196,8 @@ main() {
     DEADLINE=$((START + ${GPU_CHECK_BUDGET_S:-450}))
     LOG="$RESULTS_DIR/gpu_check.log"
     STEPS_TSV="$WORK/steps.tsv"
+    OUTCOMES="$WORK/tests-outcomes.jsonl"  # the tests step's outcomes (benches/pytest_outcomes.py)
+    export OUTCOMES
     : > "$LOG"
     : > "$STEPS_TSV"
     rm -f "$RESULTS_DIR/gpu_check-ncu.csv"
@@ -215,7 +217,7 @@ main() {
 
     [[ -s $WORK/env.json ]] || "$PYTHON" "$ROOT/benches/gpu_check.py" env --out "$WORK/env.json" > /dev/null 2>&1
     "$PYTHON" "$ROOT/benches/gpu_check.py" summary --steps "$STEPS_TSV" --env "$WORK/env.json" --work "$WORK" \
-        --results "$RESULTS_DIR" --ncu "$RESULTS_DIR/gpu_check-ncu.csv" 2>&1 | tee -a "$LOG"
+        --outcomes "$OUTCOMES" --results "$RESULTS_DIR" --ncu "$RESULTS_DIR/gpu_check-ncu.csv" 2>&1 | tee -a "$LOG"
     NOT_OK=$(awk -F'\t' '$2 != "ok" && $2 != "skipped" {print $1}' "$STEPS_TSV" | tr '\n' ' ')
     if (( NGPU == 0 )); then VERDICT="no CUDA device: GPU steps skipped"; else VERDICT="steps not ok: ${NOT_OK:-none}"; fi
     echo "gpu_check: done in $(( $(date +%s) - START )) s; $VERDICT; $(ls "$RESULTS_DIR" | wc -l) files in $RESULTS_DIR" | tee -a "$LOG"

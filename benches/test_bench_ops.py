@@ -247,7 +247,7 @@ def test_summary_of_a_stopped_tests_step_counts_what_finished(tmp_path):
     (work / "tests-outcomes.jsonl").write_text("".join(json.dumps(o) + "\n" for o in outcomes) + '{"id": "cut')
     (work / "env.json").write_text(json.dumps({"cuda_available": True, "gpus": [{"name": "NVIDIA H200"}]}))
     gpu_check.main(["summary", "--steps", str(work / "steps.tsv"), "--env", str(work / "env.json"), "--work", str(work),
-                    "--results", str(results)])
+                    "--outcomes", str(work / "tests-outcomes.jsonl"), "--results", str(results)])
     text = (results / "gpu_check-summary.md").read_text()
     assert "stopped after 7 tests: 1 failed, 5 passed, 1 skipped; hit its 110 s limit" in text
     assert "## Failed tests (1)" in text and "- failed: `tests/test_a.py::test_bad[cuda]`: AssertionError: off" in text

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The test command (CI's main job, through .ci/run): installs (scripts/install.sh: torch 2.14.1, the
 # extension with its CUDA half where nvcc exists), checks the CUDA side with .ci/check_cuda.sh (ptxas
-# spills; SASS/PTX targets of the built library), then runs the whole test suite (tests/ and the scripts' tests in benches/). Triton tests run
-# on the CPU through the interpreter; GPU tests skip without a GPU. Each step prints its duration.
+# spills; SASS/PTX targets of the built library), then runs the whole test suite (tests/, then the
+# scripts' tests in benches/). Triton tests run on the CPU through the interpreter; GPU tests skip
+# without a GPU. Each step prints its duration.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 timed() { local start=$SECONDS; "$@"; echo "test.sh: '$*' took $((SECONDS - start)) s"; }
