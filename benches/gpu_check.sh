@@ -8,7 +8,8 @@
 # and the script goes on to the next:
 #   env        versions (python, torch, triton, nvcc, driver, ncu, compute-sanitizer, GPUs)
 #   build      DISALIGN_CUDA=1 MAX_JOBS=16 setup.py build_ext --inplace (no downloads)
-#   tests      pytest tests -k "cuda or test_triton_backend" with DISALIGN_BIG_TESTS=1 (>2^31 elements),
+#   tests      pytest tests -k "cuda or test_triton_backend" (not the CPU emulation of the kernels,
+#              test_cuda_emulated.py) with DISALIGN_BIG_TESTS=1 (>2^31 elements),
 #              each outcome recorded as it finishes (benches/pytest_outcomes.py: a timeout keeps them)
 #   bench      benches/bench_ops.py: SPEC shapes, stage2 + full, bfloat16 + float32, native, triton,
 #              eager, compile, liger (from benches/wheels), copy yardstick, JSON + Markdown
@@ -87,10 +88,12 @@ step_tests() {
     local extra=()
     "$PYTHON" -c 'import xdist' 2>/dev/null && extra+=(-n 8)
     "$PYTHON" -c 'import pytest_timeout' 2>/dev/null && extra+=(--timeout 90)
+    # test_cuda_emulated.py is the CPU emulation of the same kernels, for machines without a GPU.
     # Each outcome goes to tests-outcomes.jsonl as it finishes (benches/pytest_outcomes.py), so a step
     # stopped at its limit still tells how far it got and what failed.
     GPU_CHECK_OUTCOMES="$OUTCOMES" PYTHONPATH="$ROOT/benches:$PYTHONPATH" DISALIGN_BIG_TESTS=1 \
         "$PYTHON" -m pytest tests -k "cuda or test_triton_backend" -q -rfE -p no:cacheprovider -p pytest_outcomes \
+        --ignore tests/test_cuda_emulated.py \
         --maxfail 50 ${extra[@]+"${extra[@]}"}
 }
 

@@ -108,7 +108,7 @@ cudaError_t calibrate(const CalibrateArgs& args, cudaStream_t stream) {
     const int grid = static_cast<int>(
         std::min<int64_t>((L.lines + lines_per_block - 1) / lines_per_block, 16LL * dev.multiprocessors));
     const auto kernel = pixels ? calibrate_kernel<scalar_t, acc_t, true> : calibrate_kernel<scalar_t, acc_t, false>;
-    kernel<<<grid, kBlock, 0, stream>>>(
+    DISALIGN_LAUNCH(kernel, grid, kBlock, 0, stream)(
         g, L, static_cast<const scalar_t*>(args.logits.data), args.logits.strides,
         static_cast<scalar_t*>(args.out.data), args.out.strides, static_cast<const acc_t*>(args.alpha),
         static_cast<const acc_t*>(args.beta), static_cast<const acc_t*>(args.confidence));

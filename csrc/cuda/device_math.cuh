@@ -12,6 +12,12 @@
 
 namespace disalign::cuda {
 
+// The kernel's dynamic shared memory, `name`, 16-byte aligned. A macro (as DISALIGN_LAUNCH in
+// launch_common.cuh) so that tests/cuda_emu, which runs these kernels on the CPU, can provide its own.
+#ifndef DISALIGN_DYNAMIC_SHARED
+#define DISALIGN_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+
 constexpr int kBlock = 256;
 constexpr int kWarp = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
@@ -130,9 +136,14 @@ __device__ __forceinline__ float scaled_max(float m) {
   return m * kLog2e;
 }
 __device__ __forceinline__ float exp_from_max(float x, float m_scaled) {
+  const float v = fma(x, kLog2e, -m_scaled);
+#if defined(DISALIGN_CUDA_EMULATION)  // tests/cuda_emu: the CPU's exp2, flushed to zero below 2^-126 as MUFU.EX2
+  return v < -126.0f ? 0.0f : exp2f(v);
+#else
   float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(fma(x, kLog2e, -m_scaled)));
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(v));
   return y;
+#endif
 }
 __device__ __forceinline__ double scaled_max(double m) {
   return m;

@@ -12,6 +12,12 @@
 
 namespace disalign::cuda {
 
+// kernel<<<grid, block, shared_bytes, stream>>>: a macro so that tests/cuda_emu can launch the same
+// kernels on the CPU.
+#ifndef DISALIGN_LAUNCH
+#define DISALIGN_LAUNCH(kernel, grid, block, shared_bytes, stream) kernel<<<grid, block, shared_bytes, stream>>>
+#endif
+
 static_assert(kBlock == kTileThreads, "plan.h and device_math.cuh describe the same block size");
 
 // Calls f(scalar_t{}, acc_t{}) for the dtype.

@@ -129,8 +129,8 @@ int cached_blocks_per_sm(int device, const void* kernel, int shared_bytes, int m
 template <typename acc_t>
 cudaError_t launch_total_weight(const void* target, bool target_is_int64, const acc_t* weight, int64_t ignore_index,
                                 int64_t classes, int64_t rows, int blocks, acc_t* partials, cudaStream_t stream) {
-  total_weight_kernel<acc_t>
-      <<<blocks, kBlock, 0, stream>>>(target, target_is_int64, weight, ignore_index, classes, rows, partials);
+  DISALIGN_LAUNCH(total_weight_kernel<acc_t>, blocks, kBlock, 0, stream)(
+      target, target_is_int64, weight, ignore_index, classes, rows, partials);
   return cudaGetLastError();
 }
 
@@ -145,7 +145,7 @@ cudaError_t launch_finalize(int64_t classes, int blocks, int64_t row_stride, con
   const int64_t items = ((grad_alpha != nullptr) + (grad_beta != nullptr)) * classes + 1;
   const int warps_per_block = kBlock / kWarp;
   const int grid = static_cast<int>((items + warps_per_block - 1) / warps_per_block);
-  finalize_kernel<acc_t><<<grid, kBlock, 0, stream>>>(
+  DISALIGN_LAUNCH(finalize_kernel<acc_t>, grid, kBlock, 0, stream)(
       classes, blocks, row_stride, alpha_partials, beta_partials, grad_alpha, grad_beta, loss_partials,
       weight_partials, num_weight_partials, loss);
   return cudaGetLastError();

@@ -115,7 +115,7 @@ using Flag = std::integral_constant<bool, B>;
 template <typename scalar_t, typename acc_t, bool PIXELS, bool CALIBRATE, bool GRAD>
 __global__ void __launch_bounds__(kBlock, kTileBlocksPerSM) tile_kernel(const TileParams<scalar_t, acc_t> p) {
   constexpr int V = kVec<scalar_t>;
-  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  DISALIGN_DYNAMIC_SHARED(shared_bytes);
   const int T = p.tile_rows;
   const int64_t C = p.classes;
   const int LS = p.line_stride;

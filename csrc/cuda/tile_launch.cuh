@@ -156,7 +156,7 @@ cudaError_t launch_tiles(const Args& args, void* workspace, cudaStream_t stream)
         loss = args.loss;
       }
     }
-    kernel<<<plan.blocks, kBlock, plan.shared_bytes, stream>>>(p);
+    DISALIGN_LAUNCH(kernel, plan.blocks, kBlock, plan.shared_bytes, stream)(p);
     err = cudaGetLastError();
     if (err != cudaSuccess) {
       return err;

@@ -4,8 +4,7 @@
 //             multiprocessors max_shared_per_block shared_per_sm registers_per_thread
 //             [data_address stride_batch stride_classes stride_spatial]
 // (with the optional operand, the plan also carries copy_unit's choice for it: "copy_unit").
-// The occupancy model stands in for cudaOccupancyMaxActiveBlocksPerMultiprocessor: threads, registers
-// (256-register warp granules) and shared memory (1 KiB reserved per block), at most 32 blocks.
+// Occupancy: cuda_plan/occupancy.h's model (as in the kernel emulation, tests/cuda_emu).
 //
 // Input line `copy ADDR N ELEM` instead: the planner's copy unit for such a line is not asked; the
 // line copies of csrc/cuda/line_copy.h (the kernel's kCopyRealign path, the same code) run on host
@@ -14,6 +13,7 @@
 // copied, accesses outside the line or its shared line, bytes beyond the line touched).
 #include "cuda/line_copy.h"
 #include "cuda/plan.h"
+#include "occupancy.h"
 
 #include <algorithm>
 #include <cstdio>
@@ -145,12 +145,7 @@ int main() {
     dev.multiprocessors = sms;
     dev.max_shared_per_block = max_shared;
     auto occupancy = [&](int shared_bytes) {
-      const int warps = kTileThreads / 32;
-      const int by_threads = 2048 / kTileThreads;
-      const int regs_per_warp = (regs * 32 + 255) / 256 * 256;
-      const int by_regs = (65536 / regs_per_warp) / warps;
-      const int by_smem = shared_per_sm / (shared_bytes + 1024);
-      return std::max(0, std::min({by_threads, by_regs, by_smem, 32}));
+      return modelled_blocks_per_sm(kTileThreads, regs, shared_per_sm, shared_bytes);
     };
     const TilePlan p = plan_tiles(q, dev, occupancy);
     unsigned long long data;

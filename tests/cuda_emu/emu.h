@@ -1,0 +1,108 @@
+// The CUDA kernels of csrc/cuda run on the CPU, for tests without a GPU (tests/test_cuda_emulated.py).
+//
+// A launch runs its blocks one after another; a block's threads are cooperative fibers (ucontext) of
+// one OS thread, each running the kernel from the start until it reaches a barrier
+// (__syncthreads), a warp exchange (__shfl_xor_sync) or its end. When every thread of the block
+// waits or has ended, the scheduler releases the warps whose live lanes all wait at a warp exchange,
+// else the block barrier, where every live thread must wait at the same barrier for the same time;
+// anything else is reported as the launch's error (divergent barriers, a shuffle with exited lanes,
+// a deadlock). Threads run in an order that the schedule seed changes between phases, so a result
+// that depends on the order of threads between two barriers (a shared-memory race) changes with it.
+//
+// The launch checks what the GPU would refuse (grid of 0 or > 2^31 - 1 blocks, more than 1024
+// threads, dynamic shared memory above the device's opt-in limit, or above 48 KiB without
+// cudaFuncSetAttribute for that kernel), fills the dynamic shared memory with 0xff bytes (NaN in
+// every float type) before each block, so a read of an element no thread wrote shows, and checks a
+// guard area past its end afterwards.
+//
+// What is not emulated: the GPU's rounding (nvcc contracts a*b + c into FMAs where it chooses;
+// MUFU.EX2 is approximate; here the host compiler's rounding and exp2f), timing, memory-model
+// subtleties beyond the barriers, out-of-bounds global accesses (the tests guard the operands).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+namespace emu {
+
+struct Dim3 {
+  unsigned x = 1, y = 1, z = 1;
+};
+
+// The emulated device: what cudaDeviceGetAttribute and the occupancy query answer. Each
+// configuration gets its own device index, so the kernels' per-device caches stay right.
+struct DeviceConfig {
+  int multiprocessors = 4;
+  int max_shared_per_block = 232448;  // opt-in limit (H200)
+  int shared_per_sm = 233472;
+  int registers_per_thread = 64;      // for the occupancy model (tests/cuda_plan/occupancy.h)
+};
+void configure(const DeviceConfig& config, uint64_t schedule_seed);
+
+// Device side (emu_device.h).
+const Dim3& thread_idx();
+extern Dim3 block_idx, grid_dim, block_dim;
+void sync_block(int line);
+void sync_warp();
+unsigned lane();
+unsigned char* dynamic_shared();
+unsigned char* warp_slot(unsigned lane);  // 8 bytes per lane of the calling thread's warp
+[[noreturn]] void fail(const std::string& message);
+
+// The faulty kernels of emu_selftest.cpp by name, launched with `grid` blocks of 64 threads and
+// `shared_bytes` of dynamic shared memory; their 64 outputs, or std::runtime_error with the
+// emulation's message.
+std::vector<int> selftest(const std::string& name, int grid, size_t shared_bytes);
+
+// Host side: runs body() in every thread of every block; records the launch's error.
+void launch(const void* kernel, Dim3 grid, Dim3 block, size_t shared_bytes, cudaStream_t stream,
+            const std::function<void()>& body);
+
+struct Launcher {
+  const void* kernel;
+  Dim3 grid, block;
+  size_t shared_bytes;
+  cudaStream_t stream;
+  template <typename... Params, typename... Args>
+  void run(void (*k)(Params...), Args&&... args) const {
+    // The parameters are copied once, as the GPU copies them to its constant bank.
+    std::function<void()> body = [k, params = std::make_tuple(static_cast<Params>(args)...)]() {
+      std::apply(k, params);
+    };
+    launch(kernel, grid, block, shared_bytes, stream, body);
+  }
+};
+
+inline Dim3 dim(unsigned x) {
+  return Dim3{x, 1, 1};
+}
+
+template <typename... Params>
+struct KernelCall {
+  void (*k)(Params...);
+  Launcher launcher;
+  template <typename... Args>
+  void operator()(Args&&... args) const {
+    launcher.run(k, std::forward<Args>(args)...);
+  }
+};
+
+template <typename... Params>
+KernelCall<Params...> kernel_call(void (*k)(Params...), long long grid, long long block, size_t shared,
+                                  cudaStream_t stream) {
+  // A grid beyond what a Dim3 holds is refused by launch() like the GPU would (clamped here to a
+  // value it refuses).
+  const unsigned g = grid < 0 || grid > 0xffffffffLL ? 0xffffffffu : static_cast<unsigned>(grid);
+  return KernelCall<Params...>{k, Launcher{reinterpret_cast<const void*>(k), dim(g), dim(static_cast<unsigned>(block)),
+                                           shared, stream}};
+}
+
+}  // namespace emu

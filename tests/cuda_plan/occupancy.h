@@ -1,0 +1,20 @@
+// The occupancy model that stands in for cudaOccupancyMaxActiveBlocksPerMultiprocessor where no GPU
+// answers it (the planner driver plan_main.cpp, the kernel emulation tests/cuda_emu): threads,
+// registers (256-register warp granules) and shared memory (1 KiB reserved per block), at most 32
+// blocks, for blocks of `threads` threads on an SM of 2048 threads and 64K registers.
+#pragma once
+
+#include <algorithm>
+
+namespace disalign::cuda {
+
+inline int modelled_blocks_per_sm(int threads, int registers_per_thread, int shared_per_sm, int shared_bytes) {
+  const int warps = (threads + 31) / 32;
+  const int by_threads = 2048 / threads;
+  const int regs_per_warp = (registers_per_thread * 32 + 255) / 256 * 256;
+  const int by_regs = (65536 / regs_per_warp) / warps;
+  const int by_smem = shared_per_sm / (shared_bytes + 1024);
+  return std::max(0, std::min({by_threads, by_regs, by_smem, 32}));
+}
+
+}  // namespace disalign::cuda

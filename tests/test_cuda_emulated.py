@@ -1,0 +1,353 @@
+"""The CUDA kernels of csrc/cuda, run on the CPU by tests/cuda_emu, against disalign_ops.reference.
+
+No GPU has run these kernels yet. The emulation (tests/cuda_emu/emu.h) compiles the kernel files and
+the CUDA binding (csrc/cuda/disalign_cuda.cpp) unchanged with the host compiler, runs each block's
+256 threads as cooperative fibers with CUDA's barrier and warp-exchange semantics, and registers the
+binding's ops as torch.ops.disalign_emu on CPU tensors, for an emulated device (SM count, shared
+memory, occupancy) so that the planner's real plans run: cached and recomputed exponentials, chunked
+classes, per-block accumulators in the workspace, several tiles per block, every copy unit. Besides
+the values it checks what the GPU would refuse or what would be undefined there: divergent barriers,
+shuffles with exited lanes, launch configurations, dynamic shared memory past the launch's size or
+read before any thread wrote it (filled with NaN), and, by running the threads in other orders,
+results that depend on the order of threads between barriers (races).
+
+What it cannot tell: the GPU's own rounding (nvcc's FMA contraction, MUFU.EX2), timing, and
+out-of-bounds global accesses (compute-sanitizer in benches/gpu_check.sh does that on a GPU).
+Needs a C++ compiler, ninja and CUDA's headers (a toolkit, e.g. /usr/local/cuda); no GPU, no CUDA
+build of torch.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import runpy
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import GRAD_INPUTS, TOLERANCES, Result, assert_matches, loss_and_grads, make_inputs, reference_loss, upstream
+from disalign_ops import reference
+
+ROOT = Path(__file__).resolve().parent.parent
+EMU = Path(__file__).resolve().parent / "cuda_emu"
+SOURCES = [EMU / "emu_kernels.cpp", EMU / "emu_runtime.cpp", EMU / "emu_selftest.cpp", EMU / "emu_binding.cpp",
+           ROOT / "csrc" / "cuda" / "plan.cpp", ROOT / "csrc" / "common" / "op_common.cpp"]
+
+sys.path.insert(0, str(ROOT / "benches"))
+import cuda_plan  # noqa: E402
+
+sys.path.pop(0)
+
+# Emulated devices: (multiprocessors, opt-in shared bytes per block, shared bytes per SM, registers
+# per thread for the occupancy model). "sm86" has the smallest opt-in limit of the targets (99 KiB),
+# so long rows are chunked; "one_sm" runs every tile of a launch in one or two blocks.
+DEVICES = {
+    "h200": cuda_plan.Device("h200", 132, 232448, 233472),
+    "sm86": cuda_plan.Device("sm86", 84, 101376, 102400),
+    "one_sm": cuda_plan.Device("one_sm", 1, 232448, 233472),
+}
+REGISTERS = 64
+
+
+def _cuda_include() -> Path | None:
+    """CUDA's headers for the host compiler (cuda_fp16.h and the crt/ headers it includes)."""
+    from torch.utils import cpp_extension
+
+    homes = [os.environ.get("CUDA_HOME"), cpp_extension.CUDA_HOME, "/usr/local/cuda"]
+    candidates = [Path(h) / "include" for h in homes if h]
+    try:
+        import nvidia
+
+        candidates += [Path(p) for p in glob.glob(os.path.join(list(nvidia.__path__)[0], "cu*", "include"))]
+    except ImportError:
+        pass
+    for c in candidates:
+        if (c / "cuda_fp16.h").exists() and (c / "crt" / "host_defines.h").exists():
+            return c
+    return None
+
+
+@pytest.fixture(scope="module")
+def emu():
+    from torch.utils import cpp_extension
+
+    if shutil.which(os.environ.get("CXX", "c++")) is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler")
+    if not cpp_extension.is_ninja_available():
+        pytest.skip("no ninja (torch.utils.cpp_extension.load needs it)")
+    include = _cuda_include()
+    if include is None:
+        pytest.skip("no CUDA headers (cuda_fp16.h with crt/): set CUDA_HOME to a CUDA toolkit")
+    macros = runpy.run_path(str(ROOT / "disalign_ops" / "_gpu_plan.py"))["compiler_macros"]()
+    cpp_extension.load(
+        name="disalign_cuda_emu",
+        sources=[str(s) for s in SOURCES],
+        extra_include_paths=[str(EMU / "include"), str(ROOT / "csrc"), str(include)],
+        # -U_FORTIFY_SOURCE: the fibers switch stacks with _longjmp, which the fortified __longjmp_chk
+        # (on by default in some distributions' compilers) refuses.
+        extra_cflags=["-O1", "-U_FORTIFY_SOURCE", "-Wno-unknown-pragmas", "-Wno-sign-compare",
+                      *(f"-D{k}={v}" for k, v in macros)],
+        extra_ldflags=["-Wl,-Bsymbolic"],  # its calls of the CUDA runtime API reach the emulation's
+        is_python_module=False,
+        verbose=False,
+    )
+    return torch.ops.disalign_emu
+
+
+def _configure(emu, device: str, seed: int = 0):
+    d = DEVICES[device]
+    emu.configure(d.multiprocessors, d.max_shared_per_block, d.shared_per_sm, REGISTERS, seed)
+
+
+def _emulated(emu, inputs, reduction: str, wrt, grad_output) -> Result:
+    """The emulated ops as the autograd functions use them: the fused forward with the gradients for
+    an upstream gradient of 1 ("mean" / "sum"), or the forward and the per-row backward ("none")."""
+    mask = [name in wrt for name in GRAD_INPUTS]
+    args = (inputs.logits, inputs.target, inputs.alpha, inputs.beta, inputs.confidence, inputs.weight,
+            inputs.ignore_index)
+    if reduction == "none":
+        loss = emu.cross_entropy(*args, "none", [False] * 4)[0]
+        grads = emu.cross_entropy_backward(grad_output, *args, mask) if wrt else ()
+    else:
+        assert float(grad_output) == 1.0
+        loss, *grads = emu.cross_entropy(*args, reduction, mask)
+    return Result(loss, {name: grads[i] for i, name in enumerate(GRAD_INPUTS) if name in wrt})
+
+
+def _compare(emu, inputs, reduction: str, wrt=GRAD_INPUTS, equal_nan=False) -> Result:
+    grad_output = upstream(inputs, reduction) if reduction == "none" else torch.tensor(1.0)
+    expected = loss_and_grads(reference_loss, inputs, reduction, wrt, grad_output)
+    actual = _emulated(emu, inputs, reduction, wrt, grad_output)
+    assert_matches(actual, expected, inputs.logits.dtype, equal_nan=equal_nan)
+    return actual
+
+
+# Per conftest layout, a shape with ragged tiles and an odd or unaligned class / pixel count.
+LAYOUT_SHAPES = {
+    "nc": (37, 41),
+    "nc_transposed": (37, 40),
+    "nc_class_sliced": (19, 41),
+    "nc_batch_strided": (9, 40),
+    "nchw": (2, 40, 7, 9),
+    "nchw_channels_last": (2, 40, 7, 9),
+    "nchw_spatial_sliced": (2, 40, 7, 9),
+    "nchw_batch_strided": (2, 12, 5, 5),
+    "nchw_classes_outermost": (2, 12, 5, 5),
+}
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# (reduction, gradients): full mode, stage 2, the per-row backward, the forward alone.
+MODES = {
+    "full": ("mean", GRAD_INPUTS),
+    "stage2": ("sum", ("alpha", "beta", "confidence")),
+    "none": ("none", GRAD_INPUTS),
+    "forward": ("mean", ()),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUT_SHAPES)
+def test_loss_every_layout(emu, layout, dtype, mode):
+    _configure(emu, "h200")
+    reduction, wrt = MODES[mode]
+    _compare(emu, make_inputs(LAYOUT_SHAPES[layout], dtype=dtype, layout=layout, seed=1), reduction, wrt)
+
+
+# Shapes and devices that reach the planner's other plans (PLAN_FEATURES checks which).
+PLAN_CASES = {
+    "many-tiles-per-block": ((300, 40), "nc", "one_sm"),
+    "pixels-many-tiles": ((3, 20, 11, 13), "nchw", "one_sm"),
+    "det-like-odd-rows": ((9, 1231), "nc", "h200"),
+    "long-rows-chunked": ((3, 3000), "nc", "sm86"),
+    "long-rows-uncached": ((4, 20000), "nc", "h200"),
+    "pixels-chunked": ((2, 3000, 3, 3), "nchw", "sm86"),
+    "channels-last-long-rows": ((2, 3000, 2, 2), "nchw_channels_last", "sm86"),
+}
+
+
+@pytest.mark.parametrize("mode", ("full", "stage2", "none"))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float64), ids=str)
+@pytest.mark.parametrize("case", PLAN_CASES)
+def test_loss_every_plan(emu, case, dtype, mode):
+    shape, layout, device = PLAN_CASES[case]
+    _configure(emu, device)
+    reduction, wrt = MODES[mode]
+    _compare(emu, make_inputs(shape, dtype=dtype, layout=layout, seed=2), reduction, wrt)
+
+
+def _plan_of(exe, shape, layout, device, dtype):
+    """The planner's plan (benches/cuda_plan.py) of a PLAN_CASES call in stage 2."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    acc = 8 if dtype == torch.float64 else 4
+    spatial = 1
+    for d in shape[2:]:
+        spatial *= d
+    pixels = layout in ("nchw", "nchw_spatial_sliced", "nchw_batch_strided", "nchw_classes_outermost",
+                        "nc_transposed")
+    request = dict(batch=shape[0], classes=shape[1], spatial=spatial, pixels=pixels, elem=elem, acc=acc,
+                   want_loss=True, mean=False, registers=REGISTERS)
+    return cuda_plan.plans(exe, [request], DEVICES[device])[0]
+
+
+def test_plan_cases_reach_every_plan_feature(tmp_path):
+    """PLAN_CASES run the plans they are meant to: if the planner changes, the cases are re-chosen."""
+    exe = cuda_plan.build(tmp_path)
+    found = set()
+    for shape, layout, device in PLAN_CASES.values():
+        for dtype in (torch.float32, torch.bfloat16, torch.float64):
+            p = _plan_of(exe, shape, layout, device, dtype)
+            kind = "pixels" if layout == "nchw" else "classes"
+            found.add(f"{kind} chunked" if p["num_chunks"] > 1 else f"{kind} one chunk")
+            if p["num_tiles"] > p["blocks"]:
+                found.add(f"{kind} several tiles per block")
+            if not p["e_cached"]:
+                found.add(f"{kind} exponentials recomputed" + (" in one chunk" if p["num_chunks"] == 1 else ""))
+            if not p["acc_in_shared"]:
+                found.add(f"{kind} accumulators in the workspace")
+    for kind in ("pixels", "classes"):
+        for feature in ("chunked", "several tiles per block", "exponentials recomputed",
+                        "accumulators in the workspace"):
+            assert f"{kind} {feature}" in found, (kind, feature, sorted(found))
+    assert "classes exponentials recomputed in one chunk" in found, sorted(found)
+
+
+@pytest.mark.parametrize("case", ["nc", "nchw", "nc_transposed", "nchw_channels_last", "long-rows-chunked",
+                                  "pixels-chunked"])
+def test_results_do_not_depend_on_thread_order(emu, case):
+    """Bitwise the same results whatever order the threads run in between barriers (no shared-memory
+    race), and the same as the first run (no state carried between calls)."""
+    if case in PLAN_CASES:
+        shape, layout, device = PLAN_CASES[case]
+    else:
+        shape, layout, device = LAYOUT_SHAPES[case], case, "h200"
+    inputs = make_inputs(shape, dtype=torch.bfloat16, layout=layout, seed=3)
+    args = (inputs.logits, inputs.target, inputs.alpha, inputs.beta, inputs.confidence, inputs.weight,
+            inputs.ignore_index, "mean", [True] * 4)
+    runs = []
+    for seed in (0, 1, 2, 3, 0):
+        _configure(emu, device, seed)
+        runs.append(emu.cross_entropy(*args))
+    for seed, run in zip((1, 2, 3, 0), runs[1:]):
+        for name, a, b in zip(("loss",) + GRAD_INPUTS, runs[0], run):
+            assert torch.equal(a, b), f"{name} differs with schedule seed {seed}"
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (3, 1), (0, 5, 4, 4), (2, 5, 0, 3)])
+@pytest.mark.parametrize("reduction", ("mean", "sum", "none"))
+def test_empty_and_single_class(emu, shape, reduction):
+    _configure(emu, "h200")
+    _compare(emu, make_inputs(shape, dtype=torch.float32), reduction, equal_nan=True)
+
+
+def test_all_rows_ignored(emu):
+    _configure(emu, "h200")
+    actual = _compare(emu, make_inputs((6, 5), dtype=torch.float32, ignored_fraction=1.0), "mean",
+                      equal_nan=True)
+    assert actual.loss.isnan()  # 0 / 0, as F.cross_entropy
+    assert all(torch.count_nonzero(g) == 0 for g in actual.grads.values())
+
+
+@pytest.mark.parametrize("layout", ["nc", "nchw"])
+def test_bad_targets_poison_their_rows_only(emu, layout):
+    """Out-of-range targets are never used as an index: their rows get NaN, the others stay right."""
+    _configure(emu, "h200")
+    shape = (6, 5) if layout == "nc" else (2, 5, 3, 1)
+    inputs = make_inputs(shape, dtype=torch.float32, layout=layout, ignored_fraction=0.0)
+    target = inputs.target.clone().view(-1)
+    bad = torch.tensor([2, 4])
+    target[bad] = torch.tensor([7, -3])
+    inputs = inputs.with_(target=target.view(inputs.target.shape))
+    grad_output = torch.ones(inputs.target.shape)
+    actual = _emulated(emu, inputs, "none", GRAD_INPUTS, grad_output)
+    loss = actual.loss.view(-1)
+    assert loss[bad].isnan().all() and loss[[0, 1, 3, 5]].isfinite().all()
+    rows = actual.grads["logits"].movedim(1, -1).reshape(-1, shape[1])
+    assert rows[bad].isnan().all() and rows[[0, 1, 3, 5]].isfinite().all()
+    assert actual.grads["alpha"].isnan().all()  # every class gradient sums the poisoned rows
+    assert actual.grads["confidence"].view(-1)[bad].isnan().all()
+    good = inputs.with_(target=torch.where(target == 7, -100, torch.where(target == -3, -100, target))
+                        .view(inputs.target.shape))
+    expected = loss_and_grads(reference_loss, good, "none", GRAD_INPUTS, grad_output)
+    keep = torch.tensor([0, 1, 3, 5])
+    torch.testing.assert_close(loss[keep], expected.loss.view(-1)[keep], **TOLERANCES[torch.float32])
+    _configure(emu, "h200")
+    mean = emu.cross_entropy(inputs.logits, inputs.target, inputs.alpha, inputs.beta, inputs.confidence,
+                             inputs.weight, -100, "mean", [True] * 4)
+    assert mean[0].isnan() and mean[1].isnan().all()
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16), ids=str)
+def test_huge_logits(emu, dtype):
+    """|z| near fp16's max and 1e4-scale float32 logits: finite and right (against a float64 reference)."""
+    _configure(emu, "h200")
+    inputs = make_inputs((8, 50), dtype=dtype, seed=4)
+    with torch.no_grad():
+        inputs.logits.mul_(6e4 / inputs.logits.abs().max() if dtype == torch.float16 else 3000.0)
+    out = _emulated(emu, inputs, "mean", GRAD_INPUTS, torch.tensor(1.0))
+    exact = loss_and_grads(reference_loss, inputs.double(), "mean", GRAD_INPUTS, torch.tensor(1.0, dtype=torch.float64))
+    assert out.loss.isfinite() and all(g.isfinite().all() for g in out.grads.values())
+    torch.testing.assert_close(out.loss.double(), exact.loss, rtol=1e-5, atol=0)
+    for name in ("logits", "confidence"):
+        got, want = out.grads[name].double(), exact.grads[name]
+        assert (got - want).norm() <= 1e-2 * want.norm() + 1e-6, name
+
+
+CALIBRATE_SHAPES = {"nc": (37, 41), "nchw": (2, 40, 7, 9), "nc_transposed": (9, 33),
+                    "nchw_channels_last": (2, 13, 3, 5), "nc_class_sliced": (7, 41)}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", CALIBRATE_SHAPES)
+def test_calibrate_and_backward(emu, layout, dtype):
+    _configure(emu, "h200")
+    inputs = make_inputs(CALIBRATE_SHAPES[layout], dtype=dtype, layout=layout, seed=5)
+    zhat = emu.calibrate(inputs.logits, inputs.alpha, inputs.beta, inputs.confidence)
+    expected = reference.calibrate(inputs.logits, inputs.alpha, inputs.beta, inputs.confidence)
+    assert zhat.dtype == dtype and zhat.shape == inputs.logits.shape
+    torch.testing.assert_close(zhat, expected, **TOLERANCES[dtype])
+    grad = torch.randn(inputs.logits.shape, generator=torch.Generator().manual_seed(6)).to(dtype)
+    got = emu.calibrate_backward(grad, inputs.logits, inputs.alpha, inputs.beta, inputs.confidence, [True] * 4)
+    leaves = [t.detach().clone().requires_grad_() for t in (inputs.logits, inputs.alpha, inputs.beta,
+                                                          inputs.confidence)]
+    reference.calibrate(*leaves).backward(grad)
+    for name, g, leaf in zip(GRAD_INPUTS, got, leaves):
+        scale = leaf.grad.double().abs().max().item() + 1.0  # sums of ~N products: absolute in their scale
+        torch.testing.assert_close(g.double(), leaf.grad.double(), rtol=TOLERANCES[dtype]["rtol"],
+                                   atol=TOLERANCES[dtype]["rtol"] * scale, msg=lambda m: f"grad of {name}: {m}")
+
+
+# ------------------------------------------------------------------------------------------------ the emulation itself
+
+
+def test_emulation_finds_an_order_dependent_result(emu):
+    """A kernel that reads another thread's shared slot without a barrier gives different results
+    under different schedules; with the barrier it does not."""
+    outs = {}
+    for seed in (0, 1, 2):
+        _configure(emu, "h200", seed)
+        outs[seed] = (emu.selftest("missing_barrier", 1, 0), emu.selftest("with_barrier", 1, 0))
+    assert any(not torch.equal(outs[0][0], outs[s][0]) for s in (1, 2))
+    assert all(torch.equal(outs[0][1], outs[s][1]) for s in (1, 2))
+    assert torch.equal(outs[0][1], (torch.arange(64) + 1) % 64)
+
+
+@pytest.mark.parametrize("kernel, grid, shared, message", [
+    ("divergent_barrier", 1, 0, "divergent __syncthreads"),
+    ("shuffle_after_exit", 1, 0, "exited lanes"),
+    ("shared_overrun", 1, 256, "past the 256 bytes"),
+    ("with_barrier", 0, 0, "invalid launch configuration: grid 0"),
+    ("with_barrier", 1, 60000, "above the kernel's limit 49152"),
+])
+def test_emulation_reports_what_the_gpu_would_not_do(emu, kernel, grid, shared, message):
+    _configure(emu, "h200")
+    with pytest.raises(RuntimeError, match=message):
+        emu.selftest(kernel, grid, shared)
+
+
+def test_emulation_poisons_unwritten_shared_memory(emu):
+    _configure(emu, "h200")
+    assert torch.equal(emu.selftest("uninitialised_shared", 1, 256), torch.full((64,), -1))
