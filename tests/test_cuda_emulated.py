@@ -215,6 +215,43 @@ def test_plan_cases_reach_every_plan_feature(tmp_path):
     assert "classes exponentials recomputed in one chunk" in found, sorted(found)
 
 
+# The GPU benchmark shapes (docs/contract.md section 5), reduced to a few tiles with the same tile
+# plan on an H200 (test_bench_cases_have_the_benchmark_plans checks it): what the lent GPU will run.
+BENCH_CASES = {
+    "cls-imagenet": (64, 1000),
+    "cls-inat": (4, 8142),
+    "seg-ade": (1, 150, 32, 32),
+    "det-lvis": (16, 1231),
+}
+PLAN_KEYS = ("vec", "tile_rows", "pixel_vectors", "group", "chunk_classes", "num_chunks", "slices", "line_stride",
+             "e_stride", "ab_stride", "acc_stride", "e_cached", "acc_in_shared", "shared_bytes")
+
+
+def test_bench_cases_have_the_benchmark_plans(tmp_path):
+    exe = cuda_plan.build(tmp_path)
+    for name, shape in BENCH_CASES.items():
+        for dtype in (torch.float32, torch.bfloat16):
+            layout = "nc" if len(shape) == 2 else "nchw"
+            small = _plan_of(exe, shape, layout, "h200", dtype)
+            batch, classes, spatial, pixels = cuda_plan.BENCH_SHAPES[name]
+            elem = torch.empty((), dtype=dtype).element_size()
+            full = cuda_plan.plans(exe, [dict(batch=batch, classes=classes, spatial=spatial, pixels=pixels, elem=elem,
+                                              acc=4, want_loss=True, mean=False, registers=REGISTERS)],
+                                   DEVICES["h200"])[0]
+            assert {k: small[k] for k in PLAN_KEYS} == {k: full[k] for k in PLAN_KEYS}, (name, dtype)
+            assert small["num_tiles"] > 1
+
+
+@pytest.mark.parametrize("mode", ("full", "stage2"))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("case", BENCH_CASES)
+def test_loss_benchmark_plans(emu, case, dtype, mode):
+    shape = BENCH_CASES[case]
+    _configure(emu, "h200")
+    reduction, wrt = MODES[mode]
+    _compare(emu, make_inputs(shape, dtype=dtype, layout="nc" if len(shape) == 2 else "nchw", seed=7), reduction, wrt)
+
+
 @pytest.mark.parametrize("case", ["nc", "nchw", "nc_transposed", "nchw_channels_last", "long-rows-chunked",
                                   "pixels-chunked"])
 def test_results_do_not_depend_on_thread_order(emu, case):

@@ -1,13 +1,14 @@
 // The CUDA kernels of csrc/cuda run on the CPU, for tests without a GPU (tests/test_cuda_emulated.py).
 //
-// A launch runs its blocks one after another; a block's threads are cooperative fibers (ucontext) of
-// one OS thread, each running the kernel from the start until it reaches a barrier
+// A launch runs its blocks one after another (in an order the schedule seed changes); a block's
+// threads are cooperative fibers (ucontext) of one OS thread, each running the kernel from the start until it reaches a barrier
 // (__syncthreads), a warp exchange (__shfl_xor_sync) or its end. When every thread of the block
 // waits or has ended, the scheduler releases the warps whose live lanes all wait at a warp exchange,
 // else the block barrier, where every live thread must wait at the same barrier for the same time;
 // anything else is reported as the launch's error (divergent barriers, a shuffle with exited lanes,
 // a deadlock). Threads run in an order that the schedule seed changes between phases, so a result
-// that depends on the order of threads between two barriers (a shared-memory race) changes with it.
+// that depends on the order of threads between two barriers (a shared-memory race), or on the order
+// of blocks, changes with it.
 //
 // The launch checks what the GPU would refuse (grid of 0 or > 2^31 - 1 blocks, more than 1024
 // threads, dynamic shared memory above the device's opt-in limit, or above 48 KiB without
@@ -66,43 +67,29 @@ std::vector<int> selftest(const std::string& name, int grid, size_t shared_bytes
 void launch(const void* kernel, Dim3 grid, Dim3 block, size_t shared_bytes, cudaStream_t stream,
             const std::function<void()>& body);
 
-struct Launcher {
-  const void* kernel;
+// DISALIGN_LAUNCH(kernel, grid, block, shared, stream)(args...): the arguments are converted to the
+// kernel's parameter types and copied once, as the GPU copies them to its constant bank.
+template <typename... Params>
+struct KernelCall {
+  void (*kernel)(Params...);
   Dim3 grid, block;
   size_t shared_bytes;
   cudaStream_t stream;
-  template <typename... Params, typename... Args>
-  void run(void (*k)(Params...), Args&&... args) const {
-    // The parameters are copied once, as the GPU copies them to its constant bank.
-    std::function<void()> body = [k, params = std::make_tuple(static_cast<Params>(args)...)]() {
-      std::apply(k, params);
-    };
-    launch(kernel, grid, block, shared_bytes, stream, body);
-  }
-};
-
-inline Dim3 dim(unsigned x) {
-  return Dim3{x, 1, 1};
-}
-
-template <typename... Params>
-struct KernelCall {
-  void (*k)(Params...);
-  Launcher launcher;
   template <typename... Args>
   void operator()(Args&&... args) const {
-    launcher.run(k, std::forward<Args>(args)...);
+    const std::function<void()> body = [k = kernel, params = std::make_tuple(static_cast<Params>(args)...)]() {
+      std::apply(k, params);
+    };
+    launch(reinterpret_cast<const void*>(kernel), grid, block, shared_bytes, stream, body);
   }
 };
 
 template <typename... Params>
-KernelCall<Params...> kernel_call(void (*k)(Params...), long long grid, long long block, size_t shared,
+KernelCall<Params...> kernel_call(void (*kernel)(Params...), long long grid, long long block, size_t shared_bytes,
                                   cudaStream_t stream) {
-  // A grid beyond what a Dim3 holds is refused by launch() like the GPU would (clamped here to a
-  // value it refuses).
+  // A grid a Dim3 cannot hold becomes one that launch() refuses, as the GPU would.
   const unsigned g = grid < 0 || grid > 0xffffffffLL ? 0xffffffffu : static_cast<unsigned>(grid);
-  return KernelCall<Params...>{k, Launcher{reinterpret_cast<const void*>(k), dim(g), dim(static_cast<unsigned>(block)),
-                                           shared, stream}};
+  return KernelCall<Params...>{kernel, Dim3{g, 1, 1}, Dim3{static_cast<unsigned>(block), 1, 1}, shared_bytes, stream};
 }
 
 }  // namespace emu

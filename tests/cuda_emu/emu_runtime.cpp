@@ -328,7 +328,15 @@ void launch(const void* kernel, Dim3 grid, Dim3 block, size_t shared_bytes, cuda
   block_dim = block;
   e.body = &body;
   e.error.clear();
-  for (uint64_t b = 0; b < blocks; ++b) {
+  // Blocks in the schedule's order too: a block that relied on another block's results of the same
+  // launch would see them or not.
+  if (blocks > (1u << 20)) {
+    fail_launch(cudaErrorLaunchFailure, "emulation: grids above 2^20 blocks are not emulated");
+    return;
+  }
+  std::vector<unsigned> block_order;
+  order_for(block_order, static_cast<unsigned>(blocks), e.seed, -1);
+  for (uint64_t b : block_order) {
     block_idx = Dim3{static_cast<unsigned>(b % grid.x), static_cast<unsigned>(b / grid.x % grid.y),
                      static_cast<unsigned>(b / (static_cast<uint64_t>(grid.x) * grid.y))};
     if (!run_block(nthreads, shared_bytes)) {
