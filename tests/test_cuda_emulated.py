@@ -179,6 +179,12 @@ def test_loss_every_plan(emu, case, dtype, mode):
     _compare(emu, make_inputs(shape, dtype=dtype, layout=layout, seed=2), reduction, wrt)
 
 
+def _pixels_contiguous(layout: str) -> bool:
+    """Whether the kernels see a conftest layout with the pixels contiguous (csrc/common: NCHW and
+    its slices, a transposed (N, C)) rather than the classes ((N, C), channels-last)."""
+    return layout in ("nchw", "nchw_spatial_sliced", "nchw_batch_strided", "nchw_classes_outermost", "nc_transposed")
+
+
 def _plan_of(exe, shape, layout, device, dtype):
     """The planner's plan (benches/cuda_plan.py) of a PLAN_CASES call in stage 2."""
     elem = torch.empty((), dtype=dtype).element_size()
@@ -186,8 +192,7 @@ def _plan_of(exe, shape, layout, device, dtype):
     spatial = 1
     for d in shape[2:]:
         spatial *= d
-    pixels = layout in ("nchw", "nchw_spatial_sliced", "nchw_batch_strided", "nchw_classes_outermost",
-                        "nc_transposed")
+    pixels = _pixels_contiguous(layout)
     request = dict(batch=shape[0], classes=shape[1], spatial=spatial, pixels=pixels, elem=elem, acc=acc,
                    want_loss=True, mean=False, registers=REGISTERS)
     return cuda_plan.plans(exe, [request], DEVICES[device])[0]
@@ -200,7 +205,7 @@ def test_plan_cases_reach_every_plan_feature(tmp_path):
     for shape, layout, device in PLAN_CASES.values():
         for dtype in (torch.float32, torch.bfloat16, torch.float64):
             p = _plan_of(exe, shape, layout, device, dtype)
-            kind = "pixels" if layout == "nchw" else "classes"
+            kind = "pixels" if _pixels_contiguous(layout) else "classes"
             found.add(f"{kind} chunked" if p["num_chunks"] > 1 else f"{kind} one chunk")
             if p["num_tiles"] > p["blocks"]:
                 found.add(f"{kind} several tiles per block")
