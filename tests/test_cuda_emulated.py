@@ -322,6 +322,30 @@ def test_bad_targets_poison_their_rows_only(emu, layout):
     assert mean[0].isnan() and mean[1].isnan().all()
 
 
+@pytest.mark.parametrize("layout", ["classes", "pixels"])
+def test_offsets_past_2_31_elements(emu, layout):
+    """Rows (classes contiguous) or class planes (pixels contiguous) 2^31 + 13 elements apart: the
+    kernels' element offsets are 64-bit. The 4 GiB bf16 storage is allocated, never touched but
+    for the elements used (the pages stay unmapped)."""
+    _configure(emu, "h200")
+    far = 2**31 + 13
+    classes, n = (41, 2) if layout == "classes" else (2, 5)
+    storage = torch.empty(far + max(classes, n), dtype=torch.bfloat16)
+    if layout == "classes":
+        logits = storage.as_strided((n, classes), (far, 1))
+    else:
+        logits = storage.as_strided((1, classes, n), (2 * far, far, 1))
+    inputs = make_inputs(tuple(logits.shape), dtype=torch.bfloat16, ignored_fraction=0.0, seed=8)
+    logits.copy_(inputs.logits)
+    args = (inputs.target, inputs.alpha, inputs.beta, inputs.confidence, inputs.weight, -100, "sum",
+            [False, True, True, True])
+    far_out = emu.cross_entropy(logits, *args)
+    dense_out = emu.cross_entropy(inputs.logits, *args)
+    for name, a, b in zip(("loss", "logits", "alpha", "beta", "confidence"), far_out, dense_out):
+        assert torch.equal(a, b), name
+    _compare(emu, inputs, "sum", ("alpha", "beta", "confidence"))
+
+
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16), ids=str)
 def test_huge_logits(emu, dtype):
     """|z| near fp16's max and 1e4-scale float32 logits: finite and right (against a float64 reference)."""
