@@ -157,7 +157,32 @@ def test_loss_every_layout(emu, layout, dtype, mode):
     _compare(emu, make_inputs(LAYOUT_SHAPES[layout], dtype=dtype, layout=layout, seed=1), reduction, wrt)
 
 
-# Shapes and devices that reach the planner's other plans (PLAN_FEATURES checks which).
+# Operands left out, int32 targets, another ignore_index, and every single gradient alone (the
+# kernels skip the work of the gradients not asked for).
+OPTIONS = {
+    "no-confidence": dict(confidence=False),
+    "no-weight": dict(weight=False),
+    "int32-target-ignore-255": dict(target_dtype=torch.int32, ignore_index=255),
+}
+SUBSETS = (("logits",), ("alpha",), ("beta",), ("confidence",), ("alpha", "confidence"))
+
+
+@pytest.mark.parametrize("option", list(OPTIONS) + [f"only-{'-'.join(s)}" for s in SUBSETS])
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("layout", ["nc", "nchw", "long-rows-chunked"])
+def test_options_and_gradient_subsets(emu, layout, dtype, option):
+    shape, layout, device = PLAN_CASES[layout] if layout in PLAN_CASES else (LAYOUT_SHAPES[layout], layout, "h200")
+    _configure(emu, device)
+    kwargs = OPTIONS.get(option, {})
+    wrt = next((s for s in SUBSETS if option == f"only-{'-'.join(s)}"), GRAD_INPUTS)
+    if kwargs.get("confidence") is False:
+        wrt = tuple(w for w in wrt if w != "confidence")
+    for reduction in ("mean", "none"):
+        _compare(emu, make_inputs(shape, dtype=dtype, layout=layout, seed=9, **kwargs), reduction, wrt)
+
+
+# Shapes and devices that reach the planner's other plans (test_plan_cases_reach_every_plan_feature
+# checks which).
 PLAN_CASES = {
     "many-tiles-per-block": ((300, 40), "nc", "one_sm"),
     "pixels-many-tiles": ((3, 20, 11, 13), "nchw", "one_sm"),
