@@ -89,9 +89,11 @@ def emu():
         extra_include_paths=[str(EMU / "include"), str(ROOT / "csrc"), str(include)],
         # -U_FORTIFY_SOURCE: the fibers switch stacks with _longjmp, which the fortified __longjmp_chk
         # (on by default in some distributions' compilers) refuses.
-        extra_cflags=["-O1", "-U_FORTIFY_SOURCE", "-Wno-unknown-pragmas", "-Wno-sign-compare",
+        # -fvisibility=hidden and -Bsymbolic: the emulation's CUDA runtime API functions are its own,
+        # never exported to (or replaced by) libcudart where a CUDA build of torch loaded it.
+        extra_cflags=["-O1", "-U_FORTIFY_SOURCE", "-fvisibility=hidden", "-Wno-unknown-pragmas", "-Wno-sign-compare",
                       *(f"-D{k}={v}" for k, v in macros)],
-        extra_ldflags=["-Wl,-Bsymbolic"],  # its calls of the CUDA runtime API reach the emulation's
+        extra_ldflags=["-Wl,-Bsymbolic"],
         is_python_module=False,
         verbose=False,
     )

@@ -1,6 +1,7 @@
 // The scheduler of the CPU emulation of CUDA kernels (emu.h), and the functions of CUDA's runtime API
 // that csrc/cuda calls, answered for the emulated device (CUDA's own declarations; the library is
-// linked with -Bsymbolic, so its calls reach these definitions even where libcudart is loaded).
+// built with -fvisibility=hidden and linked with -Bsymbolic, so its calls reach these definitions
+// and no other library's calls do, also where libcudart is loaded).
 #include "emu.h"
 
 #include "../cuda_plan/occupancy.h"
