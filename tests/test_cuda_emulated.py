@@ -20,6 +20,7 @@ build of torch.
 from __future__ import annotations
 
 import glob
+import math
 import os
 import runpy
 import shutil
@@ -105,12 +106,17 @@ def _configure(emu, device: str, seed: int = 0):
     emu.configure(d.multiprocessors, d.max_shared_per_block, d.shared_per_sm, REGISTERS, seed)
 
 
+def _loss_args(inputs, logits=None):
+    """The cross_entropy ops' arguments up to ignore_index (the logits replaced when given)."""
+    return (inputs.logits if logits is None else logits, inputs.target, inputs.alpha, inputs.beta, inputs.confidence,
+            inputs.weight, inputs.ignore_index)
+
+
 def _emulated(emu, inputs, reduction: str, wrt, grad_output) -> Result:
     """The emulated ops as the autograd functions use them: the fused forward with the gradients for
     an upstream gradient of 1 ("mean" / "sum"), or the forward and the per-row backward ("none")."""
     mask = [name in wrt for name in GRAD_INPUTS]
-    args = (inputs.logits, inputs.target, inputs.alpha, inputs.beta, inputs.confidence, inputs.weight,
-            inputs.ignore_index)
+    args = _loss_args(inputs)
     if reduction == "none":
         loss = emu.cross_entropy(*args, "none", [False] * 4)[0]
         grads = emu.cross_entropy_backward(grad_output, *args, mask) if wrt else ()
@@ -159,6 +165,19 @@ def test_loss_every_layout(emu, layout, dtype, mode):
     _compare(emu, make_inputs(LAYOUT_SHAPES[layout], dtype=dtype, layout=layout, seed=1), reduction, wrt)
 
 
+# Shapes and devices that reach the planner's other plans (test_plan_cases_reach_every_plan_feature
+# checks which).
+PLAN_CASES = {
+    "many-tiles-per-block": ((300, 40), "nc", "one_sm"),
+    "pixels-many-tiles": ((3, 20, 11, 13), "nchw", "one_sm"),
+    "det-like-odd-rows": ((9, 1231), "nc", "h200"),
+    "long-rows-chunked": ((3, 3000), "nc", "sm86"),
+    "long-rows-uncached": ((4, 20000), "nc", "h200"),
+    "pixels-chunked": ((2, 3000, 3, 3), "nchw", "sm86"),
+    "channels-last-long-rows": ((2, 3000, 2, 2), "nchw_channels_last", "sm86"),
+}
+
+
 # Operands left out, int32 targets, another ignore_index, and every single gradient alone (the
 # kernels skip the work of the gradients not asked for).
 OPTIONS = {
@@ -183,19 +202,6 @@ def test_options_and_gradient_subsets(emu, layout, dtype, option):
         _compare(emu, make_inputs(shape, dtype=dtype, layout=layout, seed=9, **kwargs), reduction, wrt)
 
 
-# Shapes and devices that reach the planner's other plans (test_plan_cases_reach_every_plan_feature
-# checks which).
-PLAN_CASES = {
-    "many-tiles-per-block": ((300, 40), "nc", "one_sm"),
-    "pixels-many-tiles": ((3, 20, 11, 13), "nchw", "one_sm"),
-    "det-like-odd-rows": ((9, 1231), "nc", "h200"),
-    "long-rows-chunked": ((3, 3000), "nc", "sm86"),
-    "long-rows-uncached": ((4, 20000), "nc", "h200"),
-    "pixels-chunked": ((2, 3000, 3, 3), "nchw", "sm86"),
-    "channels-last-long-rows": ((2, 3000, 2, 2), "nchw_channels_last", "sm86"),
-}
-
-
 @pytest.mark.parametrize("mode", ("full", "stage2", "none"))
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float64), ids=str)
 @pytest.mark.parametrize("case", PLAN_CASES)
@@ -212,17 +218,17 @@ def _pixels_contiguous(layout: str) -> bool:
     return layout in ("nchw", "nchw_spatial_sliced", "nchw_batch_strided", "nchw_classes_outermost", "nc_transposed")
 
 
-def _plan_of(exe, shape, layout, device, dtype):
-    """The planner's plan (benches/cuda_plan.py) of a PLAN_CASES call in stage 2."""
-    elem = torch.empty((), dtype=dtype).element_size()
-    acc = 8 if dtype == torch.float64 else 4
-    spatial = 1
-    for d in shape[2:]:
-        spatial *= d
-    pixels = _pixels_contiguous(layout)
-    request = dict(batch=shape[0], classes=shape[1], spatial=spatial, pixels=pixels, elem=elem, acc=acc,
+def _stage2_plan(exe, batch, classes, spatial, pixels, device, dtype):
+    """The planner's plan (benches/cuda_plan.py) of a stage-2 "sum" call."""
+    request = dict(batch=batch, classes=classes, spatial=spatial, pixels=pixels,
+                   elem=torch.empty((), dtype=dtype).element_size(), acc=8 if dtype == torch.float64 else 4,
                    want_loss=True, mean=False, registers=REGISTERS)
     return cuda_plan.plans(exe, [request], DEVICES[device])[0]
+
+
+def _plan_of(exe, shape, layout, device, dtype):
+    """The plan of a call with logits of `shape` in a conftest layout."""
+    return _stage2_plan(exe, shape[0], shape[1], math.prod(shape[2:]), _pixels_contiguous(layout), device, dtype)
 
 
 def test_plan_cases_reach_every_plan_feature(tmp_path):
@@ -265,11 +271,7 @@ def test_bench_cases_have_the_benchmark_plans(tmp_path):
         for dtype in (torch.float32, torch.bfloat16):
             layout = "nc" if len(shape) == 2 else "nchw"
             small = _plan_of(exe, shape, layout, "h200", dtype)
-            batch, classes, spatial, pixels = cuda_plan.BENCH_SHAPES[name]
-            elem = torch.empty((), dtype=dtype).element_size()
-            full = cuda_plan.plans(exe, [dict(batch=batch, classes=classes, spatial=spatial, pixels=pixels, elem=elem,
-                                              acc=4, want_loss=True, mean=False, registers=REGISTERS)],
-                                   DEVICES["h200"])[0]
+            full = _stage2_plan(exe, *cuda_plan.BENCH_SHAPES[name], "h200", dtype)
             assert {k: small[k] for k in PLAN_KEYS} == {k: full[k] for k in PLAN_KEYS}, (name, dtype)
             assert small["num_tiles"] > 1
 
@@ -294,8 +296,7 @@ def test_results_do_not_depend_on_thread_order(emu, case):
     else:
         shape, layout, device = LAYOUT_SHAPES[case], case, "h200"
     inputs = make_inputs(shape, dtype=torch.bfloat16, layout=layout, seed=3)
-    args = (inputs.logits, inputs.target, inputs.alpha, inputs.beta, inputs.confidence, inputs.weight,
-            inputs.ignore_index, "mean", [True] * 4)
+    args = (*_loss_args(inputs), "mean", [True] * 4)
     runs = []
     for seed in (0, 1, 2, 3, 0):
         _configure(emu, device, seed)
@@ -338,14 +339,14 @@ def test_bad_targets_poison_their_rows_only(emu, layout):
     assert rows[bad].isnan().all() and rows[[0, 1, 3, 5]].isfinite().all()
     assert actual.grads["alpha"].isnan().all()  # every class gradient sums the poisoned rows
     assert actual.grads["confidence"].view(-1)[bad].isnan().all()
-    good = inputs.with_(target=torch.where(target == 7, -100, torch.where(target == -3, -100, target))
-                        .view(inputs.target.shape))
+    good_target = target.clone()
+    good_target[bad] = -100
+    good = inputs.with_(target=good_target.view(inputs.target.shape))
     expected = loss_and_grads(reference_loss, good, "none", GRAD_INPUTS, grad_output)
     keep = torch.tensor([0, 1, 3, 5])
     torch.testing.assert_close(loss[keep], expected.loss.view(-1)[keep], **TOLERANCES[torch.float32])
     _configure(emu, "h200")
-    mean = emu.cross_entropy(inputs.logits, inputs.target, inputs.alpha, inputs.beta, inputs.confidence,
-                             inputs.weight, -100, "mean", [True] * 4)
+    mean = emu.cross_entropy(*_loss_args(inputs), "mean", [True] * 4)
     assert mean[0].isnan() and mean[1].isnan().all()
 
 
@@ -364,10 +365,9 @@ def test_offsets_past_2_31_elements(emu, layout):
         logits = storage.as_strided((1, classes, n), (2 * far, far, 1))
     inputs = make_inputs(tuple(logits.shape), dtype=torch.bfloat16, ignored_fraction=0.0, seed=8)
     logits.copy_(inputs.logits)
-    args = (inputs.target, inputs.alpha, inputs.beta, inputs.confidence, inputs.weight, -100, "sum",
-            [False, True, True, True])
-    far_out = emu.cross_entropy(logits, *args)
-    dense_out = emu.cross_entropy(inputs.logits, *args)
+    mask = [False, True, True, True]
+    far_out = emu.cross_entropy(*_loss_args(inputs, logits), "sum", mask)
+    dense_out = emu.cross_entropy(*_loss_args(inputs), "sum", mask)
     for name, a, b in zip(("loss", "logits", "alpha", "beta", "confidence"), far_out, dense_out):
         assert torch.equal(a, b), name
     _compare(emu, inputs, "sum", ("alpha", "beta", "confidence"))
