@@ -90,6 +90,7 @@ def kernel_key(demangled: str) -> tuple | None:
 def analyse(compiled: dict[str, tuple[Path, str]]) -> dict[tuple, dict]:
     """{kernel key: {name, registers, spills, loops: {marker: per-element counts}}} for sm_90."""
     markers = {name: su.source_markers(ROOT / "csrc" / "cuda" / name) for name in MARKED}
+    tags = {name: su.source_tags(ROOT / "csrc" / "cuda" / name) for name in MARKED}
     kernels = {}
     for cubin, log in compiled.values():
         resources = {name: info for (name, arch), info in su.parse_ptxas_log(log).items() if arch == ARCH}
@@ -111,7 +112,9 @@ def analyse(compiled: dict[str, tuple[Path, str]]) -> dict[tuple, dict]:
                 found = su.find_marked_loops(functions[mangled], ROOT / "csrc" / "cuda" / source, markers[source])
                 for marker, elements, loop in found:
                     per_lane = 16 // elem if elements == "V" else int(elements)
-                    entry["loops"].setdefault(marker, []).append(loop.per_element(per_lane))
+                    counts = loop.per_element(per_lane)
+                    counts["tags"] = sorted(su.loop_tags(loop, ROOT / "csrc" / "cuda" / source, tags[source]))
+                    entry["loops"].setdefault(marker, []).append(counts)
             kernels[key or ("other", demangled)] = entry
     return kernels
 
@@ -120,11 +123,17 @@ def steady_state(variants: list[dict], marker: str, e_cached: bool) -> dict:
     """The loop a planned launch spends its time in, among a marker's compiled variants: the sweep
     has one loop reading the cached exponentials (no MUFU.EX2) and one recomputing them (plans
     without the cache); every marker also has a one-element-per-lane loop for ragged tails, the
-    smaller. So: the largest variant, among those without exp2 for a cached sweep."""
-    if marker.startswith("sweep"):
-        fitting = [v for v in variants if (v["exp2"] == 0) == e_cached] or variants
-    else:
-        fitting = variants
+    smaller. With cached exponentials, dconfidence's dot is taken in the sweep (tile_kernel.cuh:
+    dot_in_sweep; the benchmarks train the confidence in both modes): the sweep variant tagged
+    `dot` and the exponential pass without it. So: the largest variant among those that fit."""
+    def fits(v: dict) -> bool:
+        dot = "dot" in v.get("tags", ())
+        if marker.startswith("sweep"):
+            return (v["exp2"] == 0) == e_cached and dot == e_cached
+        if marker.endswith("-exp"):  # the cached exponential pass (plans with e_cached)
+            return not dot
+        return True
+    fitting = [v for v in variants if fits(v)] or variants
     return max(fitting, key=lambda v: v["instructions"])
 
 

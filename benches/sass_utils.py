@@ -15,7 +15,9 @@ Vocabulary:
 
 Loops are tied to the source by line info (compile with -lineinfo): a loop "is" the loop whose
 source lines carry a marker comment `SASS_LOOP(name, elements)` (see find_marked_loops), so the
-normalisation comes from the source, not from a guess about the loads.
+normalisation comes from the source, not from a guess about the loads. Where one marked loop compiles
+to variants that differ by an optional part (a template flag), a `SASS_TAG(tag)` comment on a line
+of that part tags the variants whose line info reaches it (loop_tags).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ _FUNC = re.compile(r"^\s*(?:Function\s*:\s*(\S+)|\.text\.(\S+):)\s*$")
 _LINE = re.compile(r'(?:File|inlined at) "([^"]*)", line (\d+)')
 _TARGET = re.compile(r"`\((\.L_x_\d+)\)|\b0x([0-9a-f]+)\b")
 _MARKER = re.compile(r"SASS_LOOP\(\s*([\w\-]+)\s*,\s*(\w+)\s*\)")
+_TAG = re.compile(r"SASS_TAG\(\s*([\w\-]+)\s*\)")
 
 
 @dataclasses.dataclass
@@ -278,6 +281,22 @@ def source_markers(source: str | Path) -> dict[int, tuple[str, str]]:
         if m:
             result[number] = (m.group(1), m.group(2))
     return result
+
+
+def source_tags(source: str | Path) -> dict[int, str]:
+    """{line number: tag} of the SASS_TAG markers in a source file."""
+    result = {}
+    for number, text in enumerate(Path(source).read_text().splitlines(), start=1):
+        m = _TAG.search(text)
+        if m:
+            result[number] = m.group(1)
+    return result
+
+
+def loop_tags(loop: Loop, source: str | Path, tags: dict[int, str]) -> set[str]:
+    """The SASS_TAG tags of `source` (matched by file name) whose lines the loop's line info reaches."""
+    base = os.path.basename(str(source))
+    return {tags[n] for f, n in loop.source_lines if os.path.basename(f) == base and n in tags}
 
 
 # Per-SM limits used for blocks-per-SM (the CUDA occupancy calculator's rules).

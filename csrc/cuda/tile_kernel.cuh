@@ -33,9 +33,12 @@
 
 namespace disalign::cuda {
 
-// Resident blocks per SM the register budget is sized for (<= 128 registers): the vector loops keep
-// several 8-element arrays live; shared memory usually limits residency to 2-3 blocks anyway.
-constexpr int kTileBlocksPerSM = 2;
+// Resident blocks per SM the register budget is sized for: 2 (<= 128 registers) where the vector
+// loops keep 8-element arrays live (half / bf16) or values are 8 bytes; 3 (<= 80 registers) for
+// float, whose 4-element vectors fit, so that register use never drops float plans below the 3 blocks
+// their shared memory allows (shared memory usually limits residency to 2-3 blocks anyway).
+template <typename scalar_t>
+constexpr int kTileBlocksPerSM = sizeof(scalar_t) == 4 ? 3 : 2;
 
 template <typename scalar_t, typename acc_t>
 struct TileParams {
@@ -113,7 +116,7 @@ template <bool B>
 using Flag = std::integral_constant<bool, B>;
 
 template <typename scalar_t, typename acc_t, bool PIXELS, bool CALIBRATE, bool GRAD>
-__global__ void __launch_bounds__(kBlock, kTileBlocksPerSM) tile_kernel(const TileParams<scalar_t, acc_t> p) {
+__global__ void __launch_bounds__(kBlock, kTileBlocksPerSM<scalar_t>) tile_kernel(const TileParams<scalar_t, acc_t> p) {
   constexpr int V = kVec<scalar_t>;
   DISALIGN_DYNAMIC_SHARED(shared_bytes);
   const int T = p.tile_rows;
@@ -143,6 +146,10 @@ __global__ void __launch_bounds__(kBlock, kTileBlocksPerSM) tile_kernel(const Ti
   const bool want_beta = p.beta_partials != nullptr;
   const bool want_ds = p.grad_confidence != nullptr;
   const bool want_sweep = want_alpha || want_beta || GRAD;
+  // With cached exponentials and a sweep, dconfidence's dot sum_j e_j * u_j (u = a*z + b) is taken in
+  // the sweep, which holds z, a and b anyway, instead of the exponential pass (which then reads only
+  // zhat): one pass computes u instead of two.
+  const bool dot_in_sweep = !CALIBRATE && p.e_cached && want_ds && want_sweep;
   const int64_t block_row = static_cast<int64_t>(blockIdx.x) * p.ws_slices * AS;
   acc_t* acc_alpha = p.acc_in_shared ? reinterpret_cast<acc_t*>(shared_bytes + p.offset_acc)
                                      : (want_alpha ? p.alpha_partials + block_row : nullptr);
@@ -374,19 +381,32 @@ __global__ void __launch_bounds__(kBlock, kTileBlocksPerSM) tile_kernel(const Ti
           if (n_pix == V) {
             if (!CALIBRATE && cache) {
               // zhat from the max pass (full vectors only, as here).
-              for (int jl = member; jl < classes; jl += G) {  // SASS_LOOP(ce-pixels-exp, V)
-                const acc_t a = sa[jl];
-                const acc_t b = sb[jl];
-                acc_t z[V], x[V], e[V];
-                load_n<V>(tile + jl * LS + p0, z);
-                load_n<V>(ebuf + jl * ES + p0, x);
+              auto exp_pass = [&](auto with_dot) {
+                for (int jl = member; jl < classes; jl += G) {  // SASS_LOOP(ce-pixels-exp, V)
+                  acc_t x[V], e[V];
+                  load_n<V>(ebuf + jl * ES + p0, x);
 #pragma unroll
-                for (int i = 0; i < V; ++i) {
-                  e[i] = exp_from_max(x[i], mrow[i]);
-                  sum[i] += e[i];
-                  dot[i] = fma(e[i], affine_u(z[i], a, b), dot[i]);
+                  for (int i = 0; i < V; ++i) {
+                    e[i] = exp_from_max(x[i], mrow[i]);
+                    sum[i] += e[i];
+                  }
+                  if constexpr (decltype(with_dot)::value) {
+                    const acc_t a = sa[jl];
+                    const acc_t b = sb[jl];
+                    acc_t z[V];
+                    load_n<V>(tile + jl * LS + p0, z);
+#pragma unroll
+                    for (int i = 0; i < V; ++i) {
+                      dot[i] = fma(e[i], affine_u(z[i], a, b), dot[i]);  // SASS_TAG(dot)
+                    }
+                  }
+                  store_n<V>(ebuf + jl * ES + p0, e);
                 }
-                store_n<V>(ebuf + jl * ES + p0, e);
+              };
+              if (dot_in_sweep) {
+                exp_pass(Flag<false>{});
+              } else {
+                exp_pass(Flag<true>{});
               }
             } else {
               for (int jl = member; jl < classes; jl += G) {  // SASS_LOOP(ce-pixels-exp-uncached, V)
@@ -443,20 +463,33 @@ __global__ void __launch_bounds__(kBlock, kTileBlocksPerSM) tile_kernel(const Ti
           const int nfull = classes / V;
           if (!CALIBRATE && cache) {
             // zhat from the max pass (full vectors only, as here).
-            for (int k = member; k < nfull; k += G) {  // SASS_LOOP(ce-classes-exp, V)
-              const int off = k * V;
-              acc_t z[V], a[V], b[V], x[V], e[V];
-              load_n<V>(line + off, z);
-              load_n<V>(sa + off, a);
-              load_n<V>(sb + off, b);
-              load_n<V>(eline + off, x);
+            auto exp_pass = [&](auto with_dot) {
+              for (int k = member; k < nfull; k += G) {  // SASS_LOOP(ce-classes-exp, V)
+                const int off = k * V;
+                acc_t x[V], e[V];
+                load_n<V>(eline + off, x);
 #pragma unroll
-              for (int i = 0; i < V; ++i) {
-                e[i] = exp_from_max(x[i], mrow[0]);
-                sum[0] += e[i];
-                dot[0] = fma(e[i], affine_u(z[i], a[i], b[i]), dot[0]);
+                for (int i = 0; i < V; ++i) {
+                  e[i] = exp_from_max(x[i], mrow[0]);
+                  sum[0] += e[i];
+                }
+                if constexpr (decltype(with_dot)::value) {
+                  acc_t z[V], a[V], b[V];
+                  load_n<V>(line + off, z);
+                  load_n<V>(sa + off, a);
+                  load_n<V>(sb + off, b);
+#pragma unroll
+                  for (int i = 0; i < V; ++i) {
+                    dot[0] = fma(e[i], affine_u(z[i], a[i], b[i]), dot[0]);  // SASS_TAG(dot)
+                  }
+                }
+                store_n<V>(eline + off, e);
               }
-              store_n<V>(eline + off, e);
+            };
+            if (dot_in_sweep) {
+              exp_pass(Flag<false>{});
+            } else {
+              exp_pass(Flag<true>{});
             }
           } else {
             for (int k = member; k < nfull; k += G) {  // SASS_LOOP(ce-classes-exp-uncached, V)
@@ -522,7 +555,7 @@ __global__ void __launch_bounds__(kBlock, kTileBlocksPerSM) tile_kernel(const Ti
         return PIXELS ? fold_pixel_partials(partials, r, pixel_slots, G, SumOp{})
                       : read_row_partials(partials, r, G, SumOp{});
       };
-      const acc_t dot = want_ds ? fold(part1) : acc_t(0);
+      const acc_t dot = want_ds && !dot_in_sweep ? fold(part1) : acc_t(0);
       if (CALIBRATE) {
         if (want_ds) {
           p.grad_confidence[rowg] = dot;
@@ -568,7 +601,7 @@ __global__ void __launch_bounds__(kBlock, kTileBlocksPerSM) tile_kernel(const Ti
           p.loss_rows[rowg] = loss;
         }
         loss_slot += loss;
-        if (want_ds) {
+        if (want_ds && !dot_in_sweep) {
           p.grad_confidence[rowg] = ds;
         }
       }
@@ -578,8 +611,15 @@ __global__ void __launch_bounds__(kBlock, kTileBlocksPerSM) tile_kernel(const Ti
     if (want_sweep) {
       __syncthreads();
       // Cached or recomputed exponentials as a template choice, so each hot loop has one body.
-      auto sweep = [&](auto cached) {
+      // with_dot: the sweep also takes dconfidence's dot (dot_in_sweep; cached exponentials only).
+      auto sweep = [&](auto cached, auto with_dot) {
         constexpr bool cache = decltype(cached)::value && !CALIBRATE;
+        constexpr bool dot = decltype(with_dot)::value && cache;
+        acc_t px_dot[PIXELS ? V : 1];  // pixels: sum_j e'_j * u_j of the thread's pixels
+#pragma unroll
+        for (int i = 0; i < (PIXELS ? V : 1); ++i) {
+          px_dot[i] = 0;
+        }
         for_each_chunk([&](int first_class, int classes) {
           if (PIXELS) {
             if (n_pix > 0) {
@@ -615,6 +655,13 @@ __global__ void __launch_bounds__(kBlock, kTileBlocksPerSM) tile_kernel(const Ti
                     g[i] = fma(t, a, e[i] * gwp[i0 + i]);
                     da = fma(t, z[i], da);
                     db += t;
+                  }
+                  if constexpr (dot) {
+                    const acc_t b = sb[jl];
+#pragma unroll
+                    for (int i = 0; i < N; ++i) {
+                      px_dot[i0 + i] = fma(e[i], affine_u(z[i], a, b), px_dot[i0 + i]);  // SASS_TAG(dot)
+                    }
                   }
                 } else {
                   if (CALIBRATE) {
@@ -699,6 +746,16 @@ __global__ void __launch_bounds__(kBlock, kTileBlocksPerSM) tile_kernel(const Ti
                     da[i] = fma(t, z[i], da[i]);
                     db[i] += t;
                   }
+                  if constexpr (dot) {
+                    // This vector's part of the row's dot, left in its first exponential's slot
+                    // (read above; the vector is this thread's alone) for the row fold below.
+                    acc_t d = 0;
+#pragma unroll
+                    for (int i = 0; i < N; ++i) {
+                      d = fma(e[i], affine_u(z[i], a[i], b[i]), d);  // SASS_TAG(dot)
+                    }
+                    ebuf[r * ES + jl0] = d;
+                  }
                 } else {
                   const acc_t s = row_s[r];
                   if (CALIBRATE) {
@@ -772,11 +829,44 @@ __global__ void __launch_bounds__(kBlock, kTileBlocksPerSM) tile_kernel(const Ti
                 p.grad_unit);
           }
         });
+        if constexpr (dot) {
+          // dconfidence = gwp * sum_j e'_j * u_j: the cached e' carries the one-hot term, so this is
+          // w_y * upstream * (sum_j p_j u_j - u_y). Ignored rows get 0, poisoned rows NaN (row_gw).
+          __syncthreads();
+          if (PIXELS) {
+#pragma unroll
+            for (int i = 0; i < V; ++i) {
+              part1[member * pixel_slots + p0 + i] = px_dot[i];
+            }
+          } else {
+            acc_t d = 0;
+            if (row_active) {
+              const acc_t* eline = ebuf + row * ES;
+              const int nfull = static_cast<int>(C / V);  // one chunk holds every class when e_cached
+              for (int k = member; k < nfull; k += G) {
+                d += eline[k * V];
+              }
+              for (int jl = nfull * V + member; jl < C; jl += G) {
+                d += eline[jl];
+              }
+            }
+            write_row_partial(part1, d, row, member, G, SumOp{});
+          }
+          __syncthreads();
+          if (threadIdx.x < valid) {
+            const int r = threadIdx.x;
+            const acc_t sum_eu = PIXELS ? fold_pixel_partials(part1, r, pixel_slots, G, SumOp{})
+                                        : read_row_partials(part1, r, G, SumOp{});
+            p.grad_confidence[first_row + r] = row_y[r] >= 0 ? row_gwp[r] * sum_eu : row_gw[r];
+          }
+        }
       };
-      if (!CALIBRATE && p.e_cached) {
-        sweep(Flag<true>{});
+      if (dot_in_sweep) {
+        sweep(Flag<true>{}, Flag<true>{});
+      } else if (!CALIBRATE && p.e_cached) {
+        sweep(Flag<true>{}, Flag<false>{});
       } else {
-        sweep(Flag<false>{});
+        sweep(Flag<false>{}, Flag<false>{});
       }
     }
     __syncthreads();  // the next tile overwrites the tile and the row metadata
