@@ -84,8 +84,15 @@ def emu():
     if include is None:
         pytest.skip("no CUDA headers (cuda_fp16.h with crt/): set CUDA_HOME to a CUDA toolkit")
     macros = runpy.run_path(str(ROOT / "disalign_ops" / "_gpu_plan.py"))["compiler_macros"]()
+    # A build directory per Python and torch release: torch's default (per Python and CUDA version)
+    # would let two torch releases of one CUDA version (scripts/check_torch.sh) share, and load,
+    # each other's objects.
+    build = Path(cpp_extension.get_default_build_root()) / (
+        f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__}") / "disalign_cuda_emu"
+    build.mkdir(parents=True, exist_ok=True)
     cpp_extension.load(
         name="disalign_cuda_emu",
+        build_directory=str(build),
         sources=[str(s) for s in SOURCES],
         extra_include_paths=[str(EMU / "include"), str(ROOT / "csrc"), str(include)],
         # -U_FORTIFY_SOURCE: the fibers switch stacks with _longjmp, which the fortified __longjmp_chk
