@@ -45,9 +45,14 @@ FLAGS = ["-std=c++17", "-O3", f"-I{ROOT / 'csrc'}", "-D__CUDA_NO_HALF_OPERATORS_
          "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
 DTYPES = {"bf16": ("__nv_bfloat16", 2, 4), "fp32": ("float", 4, 4)}
 # Loops of one tile-kernel call, in pass order (a kernel runs each once per element). Plans that cache
-# the exponentials (e_cached) run the exponential pass on the u = a*z + b the max pass cached; the
-# others (and calibrate_backward) run its "-uncached" loop.
+# the exponentials (e_cached) run the exponential pass on the zhat the max pass cached; the others
+# (and calibrate_backward) run its "-uncached" loop.
 PASSES = ["ce-classes-max", "ce-classes-exp", "sweep-classes", "ce-pixels-max", "ce-pixels-exp", "sweep-pixels"]
+# Loops that run a few iterations per item of an enclosing loop: the (N, C) sweep walks the tile_rows /
+# slices rows of one (slice, class vector) item, one row for cls-inat. The item loop's own instructions
+# (accumulator load / store, item stepping) are then part of the per-element cost: counted as
+# item_overhead / rows per item on top of the row loop.
+PER_ITEM = {"sweep-classes"}
 
 
 def passes_for(e_cached: bool) -> list[str]:
@@ -113,13 +118,25 @@ def analyse(compiled: dict[str, tuple[Path, str]]) -> dict[tuple, dict]:
                 for marker, elements, loop in found:
                     per_lane = 16 // elem if elements == "V" else int(elements)
                     counts = loop.per_element(per_lane)
-                    counts["tags"] = sorted(su.loop_tags(loop, ROOT / "csrc" / "cuda" / source, tags[source]))
+                    loop_tags = su.loop_tags(loop, ROOT / "csrc" / "cuda" / source, tags[source])
+                    body = loop.instructions
+                    if marker in PER_ITEM:
+                        outer = su.enclosing_loop(functions[mangled], loop)
+                        counts["item_overhead"] = len(outer.instructions) - len(loop.instructions) if outer else 0
+                        if outer:
+                            loop_tags |= su.loop_tags(outer, ROOT / "csrc" / "cuda" / source, tags[source])
+                            body = outer.instructions
+                    counts["tags"] = sorted(loop_tags)
+                    # Generic / global loads and stores (LD, ST): in a sweep, the per-class accumulators
+                    # behind a generic pointer (workspace plans); shared accumulators use LDS / STS.
+                    counts["generic_memory"] = sum(1 for i in body if i.base in ("LD", "ST"))
                     entry["loops"].setdefault(marker, []).append(counts)
             kernels[key or ("other", demangled)] = entry
     return kernels
 
 
-def steady_state(variants: list[dict], marker: str, e_cached: bool) -> dict:
+def steady_state(variants: list[dict], marker: str, e_cached: bool, acc_shared: bool = True,
+                 rows_per_item: int = 1) -> dict:
     """The loop a planned launch spends its time in, among a marker's compiled variants: the sweep
     has one loop reading the cached exponentials (no MUFU.EX2) and one recomputing them (plans
     without the cache); every marker also has a one-element-per-lane loop for ragged tails, the
@@ -128,13 +145,20 @@ def steady_state(variants: list[dict], marker: str, e_cached: bool) -> dict:
     `dot` and the exponential pass without it. So: the largest variant among those that fit."""
     def fits(v: dict) -> bool:
         dot = "dot" in v.get("tags", ())
+        generic_acc = v.get("generic_memory", 0) > 0
         if marker.startswith("sweep"):
-            return (v["exp2"] == 0) == e_cached and dot == e_cached
+            # Cached sweeps with shared accumulators (every benchmark plan) address them as shared
+            # memory; the others through a generic pointer (LD / ST in the loop or its item loop).
+            return (v["exp2"] == 0) == e_cached and dot == e_cached and generic_acc == (not (e_cached and acc_shared))
         if marker.endswith("-exp"):  # the cached exponential pass (plans with e_cached)
             return not dot
         return True
     fitting = [v for v in variants if fits(v)] or variants
-    return max(fitting, key=lambda v: v["instructions"])
+    best = dict(max(fitting, key=lambda v: v["instructions"]))
+    if best.get("item_overhead"):
+        best["rows_per_item"] = rows_per_item
+        best["per_element"] = (best["instructions"] + best["item_overhead"] / rows_per_item) / best["elements_per_iteration"]
+    return best
 
 
 def rows_for_benchmarks(kernels: dict, planner: Path) -> list[dict]:
@@ -149,7 +173,9 @@ def rows_for_benchmarks(kernels: dict, planner: Path) -> list[dict]:
                 req = dict(batch=batch, classes=classes, spatial=spatial, pixels=pixels, elem=elem, acc=acc,
                            registers=k["registers"] or 64)
                 (plan,) = cuda_plan.plans(planner, [req], cuda_plan.H200)
-                loops = {name: steady_state(k["loops"][name], name, plan["e_cached"])
+                rows_per_item = -(-plan["tile_rows"] // max(1, plan["slices"]))
+                loops = {name: steady_state(k["loops"][name], name, plan["e_cached"], plan["acc_in_shared"],
+                                            rows_per_item)
                          for name in passes_for(plan["e_cached"]) if name in k["loops"]}
                 total = sum(v["per_element"] for v in loops.values())
                 exp2 = sum(v["exp2_per_element"] for v in loops.values())

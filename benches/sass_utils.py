@@ -260,6 +260,12 @@ def find_loops(instrs: list[Instruction], labels: dict[str, int]) -> list[Loop]:
     return loops
 
 
+def enclosing_loop(func: Function, loop: Loop) -> Loop | None:
+    """The smallest loop of func that strictly contains `loop` (None at the top level)."""
+    outer = [o for o in func.loops if o.start <= loop.start and loop.end <= o.end and (o.start, o.end) != (loop.start, loop.end)]
+    return min(outer, key=lambda o: o.end - o.start, default=None)
+
+
 def find_marked_loops(func: Function, source: str | Path, markers: dict[int, tuple[str, str]] | None = None):
     """[(marker name, elements expression, Loop)]: each innermost loop whose line info reaches a
     source line carrying `SASS_LOOP(name, elements)` in `source` (matched by file name)."""

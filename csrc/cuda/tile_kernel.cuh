@@ -6,13 +6,15 @@
 // rows (kClassesContiguous: (N, C), NHWC) or classes (kPixelsContiguous: NCHW, transposed (N, C)),
 // 16-byte aligned, so every hot loop reads 16-byte vectors (8 half / bf16, 4 float elements):
 //   1. row max of zhat, with zhat kept in the exponentials' buffer (e_cached);
-//   2. exponentials e = exp(zhat - max) of that zhat, their sum (and sum e * u for ds, u = a*z + b),
-//      with e kept in shared memory (e_cached) for the sweep: one exponential per element; the row's
-//      thread subtracts the sum from its target's e, which puts the one-hot term into e;
+//   2. exponentials e = exp(zhat - max) of that zhat and their sum, with e kept in shared memory
+//      (e_cached) for the sweep: one exponential per element; the row's thread subtracts the sum
+//      from its target's e, which puts the one-hot term into e;
 //   3. the sweep: dzhat = w_y * upstream * e / sum, grad_logits (staged in place in the tile,
 //      stored coalesced), and the alpha / beta gradients accumulated in registers, then in
-//      per-block accumulators. Without the cache (chunked plans) passes 2 and 3 recompute u and e
-//      and the sweep subtracts the one-hot term per element.
+//      per-block accumulators; with the cache, also dconfidence's dot sum_j e_j * u_j
+//      (u = a*z + b: the sweep has z, a and b at hand), folded per row after the sweep
+//      (dot_in_sweep). Without the cache (chunked plans) pass 2 takes the dot, passes 2 and 3
+//      recompute e, and the sweep subtracts the one-hot term per element.
 // Classes contiguous: the row passes give each row G = 256 / T threads walking its class vectors;
 // the sweep walks columns (a thread owns a class vector, alpha / beta / the accumulators stay in
 // registers across the rows). Pixels contiguous: a thread owns a vector of pixels (their s, max,
@@ -53,6 +55,7 @@ struct TileParams {
   int64_t tiles_per_image;
   FastDivider by_tiles_per_image;
   FastDivider by_spatial;
+  FastDivider by_vectors;  // by the full class vectors of a chunk, chunk_classes / V (column walk)
   int offset_tile2, offset_e, offset_ab, offset_acc, offset_partials, offset_rows;
   // Operands.
   const scalar_t* logits;
@@ -169,11 +172,14 @@ __global__ void __launch_bounds__(kBlock, kTileBlocksPerSM<scalar_t>) tile_kerne
     uniform_grad = reciprocal(part0[0]);
   }
   if (want_sweep) {
+    // In shared memory both accumulators exist whenever one is wanted (plan.cpp), and the cached
+    // sweeps accumulate into both without testing which is wanted.
+    const bool both = p.acc_in_shared && (want_alpha || want_beta);
     for (int64_t i = threadIdx.x; i < static_cast<int64_t>(p.slices) * AS; i += kBlock) {
-      if (want_alpha) {
+      if (want_alpha || both) {
         acc_alpha[i] = 0;
       }
-      if (want_beta) {
+      if (want_beta || both) {
         acc_beta[i] = 0;
       }
     }
@@ -621,9 +627,15 @@ __global__ void __launch_bounds__(kBlock, kTileBlocksPerSM<scalar_t>) tile_kerne
       __syncthreads();
       // Cached or recomputed exponentials as a template choice, so each hot loop has one body.
       // with_dot: the sweep also takes dconfidence's dot (dot_in_sweep; cached exponentials only).
-      auto sweep = [&](auto cached, auto with_dot) {
+      // shared_acc: the accumulators are in shared memory (acc_in_shared), addressed from the shared
+      // array itself so that the compiler emits shared-memory accesses, both present (no test of
+      // want_alpha / want_beta per access).
+      auto sweep = [&](auto cached, auto with_dot, auto shared_acc) {
         constexpr bool cache = decltype(cached)::value && !CALIBRATE;
         constexpr bool dot = decltype(with_dot)::value && cache;
+        constexpr bool sh_acc = decltype(shared_acc)::value;
+        acc_t* const acc_a_base = sh_acc ? reinterpret_cast<acc_t*>(shared_bytes + p.offset_acc) : acc_alpha;
+        acc_t* const acc_b_base = sh_acc ? acc_a_base + p.slices * AS : acc_beta;
         acc_t px_dot[PIXELS ? V : 1];  // pixels: sum_j e'_j * u_j of the thread's pixels
 #pragma unroll
         for (int i = 0; i < (PIXELS ? V : 1); ++i) {
@@ -702,11 +714,16 @@ __global__ void __launch_bounds__(kBlock, kTileBlocksPerSM<scalar_t>) tile_kerne
                   store_n<N>(tile + at, g);
                 }
                 const int slot = pv * AS + first_class + jl;
-                if (want_alpha) {
-                  acc_alpha[slot] += da;
-                }
-                if (want_beta) {
-                  acc_beta[slot] += db;
+                if constexpr (sh_acc) {
+                  acc_a_base[slot] += da;
+                  acc_b_base[slot] += db;
+                } else {
+                  if (want_alpha) {
+                    acc_alpha[slot] += da;
+                  }
+                  if (want_beta) {
+                    acc_beta[slot] += db;
+                  }
                 }
               };
               if (n_pix == V) {
@@ -731,10 +748,17 @@ __global__ void __launch_bounds__(kBlock, kTileBlocksPerSM<scalar_t>) tile_kerne
               acc_t a[N], b[N], da[N], db[N];
               load_n<N>(sa + jl0, a);
               load_n<N>(sb + jl0, b);
+              acc_t* acc_a = acc_a_base + q * AS + first_class + jl0;
+              acc_t* acc_b = acc_b_base + q * AS + first_class + jl0;
+              if constexpr (sh_acc) {  // accumulate onto the block's sums in place
+                load_n<N>(acc_a, da);
+                load_n<N>(acc_b, db);
+              } else {
 #pragma unroll
-              for (int i = 0; i < N; ++i) {
-                da[i] = 0;
-                db[i] = 0;
+                for (int i = 0; i < N; ++i) {
+                  da[i] = 0;
+                  db[i] = 0;
+                }
               }
               // Pointers stepped per row (not recomputed from r: 2 address instructions per row fewer).
               scalar_t* zp = tile + q * LS + jl0;
@@ -804,8 +828,11 @@ __global__ void __launch_bounds__(kBlock, kTileBlocksPerSM<scalar_t>) tile_kerne
                   store_n<N>(zp, g);
                 }
               }
-              acc_t* acc_a = acc_alpha + q * AS + first_class + jl0;
-              acc_t* acc_b = acc_beta + q * AS + first_class + jl0;
+              if constexpr (sh_acc) {
+                store_n<N>(acc_a, da);
+                store_n<N>(acc_b, db);
+                return;
+              }
               if (want_alpha) {
                 acc_t cur[N];
                 load_n<N>(acc_a, cur);
@@ -825,10 +852,27 @@ __global__ void __launch_bounds__(kBlock, kTileBlocksPerSM<scalar_t>) tile_kerne
                 store_n<N>(acc_b, cur);
               }
             };
+            // Items (slice q, class vector v) = threadIdx.x + k * kBlock, stepped without a division
+            // per item (p.by_vectors divides by a full chunk's vectors).
             const int nfull = classes / V;
-            for (int item = threadIdx.x; item < p.slices * nfull; item += kBlock) {
-              const int q = item / nfull;
-              sweep_columns(Flag<true>{}, q, (item - q * nfull) * V);
+            if (nfull > 0) {
+              const bool full_chunk = classes == p.chunk_classes;
+              auto vectors_in = [&](int x) {
+                return full_chunk ? static_cast<int>(p.by_vectors.quotient(x)) : x / nfull;
+              };
+              int q = vectors_in(threadIdx.x);
+              int v = threadIdx.x - q * nfull;
+              const int dq = vectors_in(kBlock);
+              const int dv = kBlock - dq * nfull;
+              for (int item = threadIdx.x; item < p.slices * nfull; item += kBlock) {
+                sweep_columns(Flag<true>{}, q, v * V);
+                q += dq;
+                v += dv;
+                if (v >= nfull) {
+                  v -= nfull;
+                  ++q;
+                }
+              }
             }
             const int rem = classes - nfull * V;
             for (int item = threadIdx.x; item < p.slices * rem; item += kBlock) {
@@ -875,12 +919,21 @@ __global__ void __launch_bounds__(kBlock, kTileBlocksPerSM<scalar_t>) tile_kerne
           }
         }
       };
-      if (dot_in_sweep) {
-        sweep(Flag<true>{}, Flag<true>{});
-      } else if (!CALIBRATE && p.e_cached) {
-        sweep(Flag<true>{}, Flag<false>{});
+      if (!CALIBRATE && p.e_cached) {
+        auto cached_sweep = [&](auto with_dot) {
+          if (p.acc_in_shared && (want_alpha || want_beta)) {  // no accumulators without class gradients
+            sweep(Flag<true>{}, with_dot, Flag<true>{});
+          } else {
+            sweep(Flag<true>{}, with_dot, Flag<false>{});
+          }
+        };
+        if (dot_in_sweep) {
+          cached_sweep(Flag<true>{});
+        } else {
+          cached_sweep(Flag<false>{});
+        }
       } else {
-        sweep(Flag<false>{}, Flag<false>{});
+        sweep(Flag<false>{}, Flag<false>{}, Flag<false>{});
       }
     }
     __syncthreads();  // the next tile overwrites the tile and the row metadata

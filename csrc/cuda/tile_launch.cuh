@@ -86,6 +86,7 @@ void fill_plan(TileParams<scalar_t, acc_t>& p, const TilePlan& plan, const Geome
   p.tiles_per_image = plan.tiles_per_image;
   p.by_tiles_per_image = FastDivider(std::max<int64_t>(plan.tiles_per_image, 1));
   p.by_spatial = FastDivider(std::max<int64_t>(g.spatial, 1));
+  p.by_vectors = FastDivider(std::max(plan.chunk_classes / plan.vec, 1));
   p.offset_tile2 = plan.offset_tile2;
   p.offset_e = plan.offset_e;
   p.offset_ab = plan.offset_ab;
