@@ -136,7 +136,7 @@ def analyse(compiled: dict[str, tuple[Path, str]]) -> dict[tuple, dict]:
 
 
 def steady_state(variants: list[dict], marker: str, e_cached: bool, acc_shared: bool = True,
-                 rows_per_item: int = 1) -> dict:
+                 rows_per_item: int = 1, slices: int = 1) -> dict:
     """The loop a planned launch spends its time in, among a marker's compiled variants: the sweep
     has one loop reading the cached exponentials (no MUFU.EX2) and one recomputing them (plans
     without the cache); every marker also has a one-element-per-lane loop for ragged tails, the
@@ -149,7 +149,10 @@ def steady_state(variants: list[dict], marker: str, e_cached: bool, acc_shared: 
         if marker.startswith("sweep"):
             # Cached sweeps with shared accumulators (every benchmark plan) address them as shared
             # memory; the others through a generic pointer (LD / ST in the loop or its item loop).
-            return (v["exp2"] == 0) == e_cached and dot == e_cached and generic_acc == (not (e_cached and acc_shared))
+            ok = (v["exp2"] == 0) == e_cached and dot == e_cached and generic_acc == (not (e_cached and acc_shared))
+            # The (N, C) sweep's item loop: one per class vector where the plan has one slice (tag
+            # one-slice), else the (slice, vector) walk.
+            return ok and (marker not in PER_ITEM or ("one-slice" in v.get("tags", ())) == (slices == 1))
         if marker.endswith("-exp"):  # the cached exponential pass (plans with e_cached)
             return not dot
         return True
@@ -175,7 +178,7 @@ def rows_for_benchmarks(kernels: dict, planner: Path) -> list[dict]:
                 (plan,) = cuda_plan.plans(planner, [req], cuda_plan.H200)
                 rows_per_item = -(-plan["tile_rows"] // max(1, plan["slices"]))
                 loops = {name: steady_state(k["loops"][name], name, plan["e_cached"], plan["acc_in_shared"],
-                                            rows_per_item)
+                                            rows_per_item, plan["slices"])
                          for name in passes_for(plan["e_cached"]) if name in k["loops"]}
                 total = sum(v["per_element"] for v in loops.values())
                 exp2 = sum(v["exp2_per_element"] for v in loops.values())

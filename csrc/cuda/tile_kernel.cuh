@@ -855,7 +855,11 @@ __global__ void __launch_bounds__(kBlock, kTileBlocksPerSM<scalar_t>) tile_kerne
             // Items (slice q, class vector v) = threadIdx.x + k * kBlock, stepped without a division
             // per item (p.by_vectors divides by a full chunk's vectors).
             const int nfull = classes / V;
-            if (nfull > 0) {
+            if (p.slices == 1) {  // an item per class vector (q = 0): its pointers step by kBlock vectors
+              for (int jl0 = threadIdx.x * V; jl0 < nfull * V; jl0 += kBlock * V) {  // SASS_TAG(one-slice)
+                sweep_columns(Flag<true>{}, 0, jl0);
+              }
+            } else if (nfull > 0) {
               const bool full_chunk = classes == p.chunk_classes;
               auto vectors_in = [&](int x) {
                 return full_chunk ? static_cast<int>(p.by_vectors.quotient(x)) : x / nfull;
