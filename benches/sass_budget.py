@@ -160,7 +160,8 @@ def steady_state(variants: list[dict], marker: str, e_cached: bool, acc_shared: 
     best = dict(max(fitting, key=lambda v: v["instructions"]))
     if best.get("item_overhead"):
         best["rows_per_item"] = rows_per_item
-        best["per_element"] = (best["instructions"] + best["item_overhead"] / rows_per_item) / best["elements_per_iteration"]
+        per_row = best["instructions"] + best["item_overhead"] / rows_per_item
+        best["per_element"] = per_row / best["elements_per_iteration"]
     return best
 
 

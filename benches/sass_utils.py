@@ -262,7 +262,8 @@ def find_loops(instrs: list[Instruction], labels: dict[str, int]) -> list[Loop]:
 
 def enclosing_loop(func: Function, loop: Loop) -> Loop | None:
     """The smallest loop of func that strictly contains `loop` (None at the top level)."""
-    outer = [o for o in func.loops if o.start <= loop.start and loop.end <= o.end and (o.start, o.end) != (loop.start, loop.end)]
+    outer = [o for o in func.loops
+             if o.start <= loop.start and loop.end <= o.end and (o.start, o.end) != (loop.start, loop.end)]
     return min(outer, key=lambda o: o.end - o.start, default=None)
 
 

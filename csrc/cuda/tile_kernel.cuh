@@ -298,7 +298,8 @@ __global__ void __launch_bounds__(kBlock, kTileBlocksPerSM<scalar_t>) tile_kerne
             const scalar_t* zp = tile + member * LS + p0;
             acc_t* ep = ebuf + member * ES + p0;
             const acc_t* ap = sa + member;
-            for (int jl = member; jl < classes; jl += G, zp += G * LS, ep += G * ES, ap += G) {  // SASS_LOOP(ce-pixels-max, V)
+            for (int jl = member; jl < classes;  // SASS_LOOP(ce-pixels-max, V)
+                 jl += G, zp += G * LS, ep += G * ES, ap += G) {
               const acc_t a = ap[0];
               const acc_t b = ap[p.ab_stride];
               acc_t z[V], x[V];
@@ -332,7 +333,8 @@ __global__ void __launch_bounds__(kBlock, kTileBlocksPerSM<scalar_t>) tile_kerne
           const scalar_t* zp = line + member * V;
           acc_t* ep = eline + member * V;
           const acc_t* ap = sa + member * V;
-          for (int k = member; k < nfull; k += G, zp += G * V, ep += G * V, ap += G * V) {  // SASS_LOOP(ce-classes-max, V)
+          for (int k = member; k < nfull;  // SASS_LOOP(ce-classes-max, V)
+               k += G, zp += G * V, ep += G * V, ap += G * V) {
             acc_t z[V], a[V], b[V], x[V];
             load_n<V>(zp, z);
             load_n<V>(ap, a);
@@ -766,7 +768,8 @@ __global__ void __launch_bounds__(kBlock, kTileBlocksPerSM<scalar_t>) tile_kerne
               const acc_t* gwps_r = row_gwps + q;
               const int zstep = p.slices * LS;
               const int estep = p.slices * ES;
-              for (int r = q; r < valid; r += p.slices, zp += zstep, ep += estep, gwps_r += p.slices) {  // SASS_LOOP(sweep-classes, V)
+              for (int r = q; r < valid;  // SASS_LOOP(sweep-classes, V)
+                   r += p.slices, zp += zstep, ep += estep, gwps_r += p.slices) {
                 acc_t z[N], dz[N];
                 load_n<N>(zp, z);
                 acc_t g[N];
