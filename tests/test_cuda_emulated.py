@@ -253,9 +253,11 @@ def test_plan_cases_reach_every_plan_feature(tmp_path):
                 found.add(f"{kind} exponentials recomputed" + (" in one chunk" if p["num_chunks"] == 1 else ""))
             if not p["acc_in_shared"]:
                 found.add(f"{kind} accumulators in the workspace")
+            if p["pipelined"] and p["num_tiles"] > p["blocks"]:
+                found.add(f"{kind} pipelined over several tiles per block")
     for kind in ("pixels", "classes"):
         for feature in ("chunked", "several tiles per block", "exponentials recomputed",
-                        "accumulators in the workspace"):
+                        "accumulators in the workspace", "pipelined over several tiles per block"):
             assert f"{kind} {feature}" in found, (kind, feature, sorted(found))
     assert "classes exponentials recomputed in one chunk" in found, sorted(found)
 
@@ -269,7 +271,7 @@ BENCH_CASES = {
     "det-lvis": (16, 1231),
 }
 PLAN_KEYS = ("vec", "tile_rows", "pixel_vectors", "group", "chunk_classes", "num_chunks", "slices", "line_stride",
-             "e_stride", "ab_stride", "acc_stride", "e_cached", "acc_in_shared", "shared_bytes")
+             "e_stride", "ab_stride", "acc_stride", "e_cached", "acc_in_shared", "pipelined", "shared_bytes")
 
 
 def test_bench_cases_have_the_benchmark_plans(tmp_path):

@@ -36,7 +36,14 @@ def _check_layout(req, p, device):
     T, V, acc, elem = p["tile_rows"], p["vec"], req["acc"], req["elem"]
     lines = p["chunk_classes"] if req["pixels"] else T
     offsets = [0, p["offset_tile2"], p["offset_e"], p["offset_ab"], p["offset_acc"], p["offset_partials"],
-               p["offset_rows"], p["shared_bytes"]]
+               p["offset_rows"]]
+    if p["pipelined"]:  # the next tile's buffer and row bases after the row metadata
+        offsets += [p["offset_tile_next"], p["offset_rows_next"]]
+        assert p["offset_tile_next"] - p["offset_rows"] >= p["row_meta_bytes"]
+        assert p["offset_rows_next"] - p["offset_tile_next"] >= lines * p["line_stride"] * req["elem"]
+        assert p["shared_bytes"] - p["offset_rows_next"] >= T * 8
+        assert p["num_chunks"] == 1 and not req.get("calibrate")
+    offsets.append(p["shared_bytes"])
     assert offsets == sorted(offsets)
     assert all(o % 16 == 0 for o in offsets)
     tiles = 2 if req.get("calibrate") else 1
@@ -48,7 +55,7 @@ def _check_layout(req, p, device):
     if p["acc_in_shared"] and (req.get("want_alpha", True) or req.get("want_beta", True)):
         assert p["offset_partials"] - p["offset_acc"] >= 2 * p["slices"] * p["acc_stride"] * acc
     assert p["offset_rows"] - p["offset_partials"] >= 2 * p["row_partial_entries"] * acc
-    assert p["shared_bytes"] - p["offset_rows"] >= p["row_meta_bytes"]
+    assert (p["offset_tile_next"] if p["pipelined"] else p["shared_bytes"]) - p["offset_rows"] >= p["row_meta_bytes"]
     assert p["shared_bytes"] <= device.max_shared_per_block
     # 16-byte vectors: lines start on 16 bytes; the kernel's vector loops read vec elements at a time.
     assert (p["line_stride"] * elem) % 16 == 0 and V * elem == 16
@@ -98,6 +105,7 @@ def test_benchmark_shapes_fill_the_gpu(planner, name, dtype, mode):
     assert p["blocks"] >= min(sms, p["num_tiles"])
     assert p["blocks_per_sm"] >= 1
     assert p["e_cached"], "one exponential per element needs the exponentials cached"
+    assert p["pipelined"], "the next tile's copy overlaps this tile's passes"
     batch, classes, spatial, _ = shape
     logits_bytes = batch * classes * spatial * req["elem"]
     partial_bytes = p["blocks"] * p["ws_slices"] * p["acc_stride"] * req["acc"] * 2

@@ -70,8 +70,9 @@ TilePlan plan_tiles(const TileRequest& q, const DeviceLimits& dev, const std::fu
   const int64_t t_min = std::min<int64_t>(q.pixels ? 32 : 1, t_max);
   const int acc_vec = std::max(V, 16 / q.acc);  // acc values per 16 bytes, at least one vector
 
-  // Shared layout for (T, chunk, e_cached, acc_in_shared); returns total bytes.
-  auto layout = [&](int64_t T, int64_t chunk, bool e_cached, bool acc_shared, TilePlan* p) -> size_t {
+  // Shared layout for (T, chunk, e_cached, acc_in_shared, pipelined); returns total bytes.
+  auto layout = [&](int64_t T, int64_t chunk, bool e_cached, bool acc_shared, TilePlan* p,
+                    bool pipelined = false) -> size_t {
     p->tile_rows = static_cast<int>(T);
     p->pixel_vectors = static_cast<int>(q.pixels ? std::max<int64_t>(1, T / V) : 1);
     p->group = q.pixels ? kTileThreads / p->pixel_vectors : static_cast<int>(kTileThreads / T);
@@ -113,6 +114,13 @@ TilePlan plan_tiles(const TileRequest& q, const DeviceLimits& dev, const std::fu
     at += align_up(2 * row_partial_entries(q, *p) * q.acc, 16);
     p->offset_rows = static_cast<int>(at);
     at += align_up(row_meta_bytes(q, static_cast<int>(T)), 16);
+    p->pipelined = pipelined;
+    if (pipelined) {
+      p->offset_tile_next = static_cast<int>(at);
+      at += align_up(static_cast<size_t>(lines * p->line_stride * q.elem), 16);
+      p->offset_rows_next = static_cast<int>(at);
+      at += align_up(static_cast<size_t>(T) * sizeof(int64_t), 16);
+    }
     p->shared_bytes = static_cast<int>(at);
     return at;
   };
@@ -132,6 +140,15 @@ TilePlan plan_tiles(const TileRequest& q, const DeviceLimits& dev, const std::fu
               round_up(C, acc_vec) * q.acc : 0;
       const bool acc_shared = acc_bytes <= max_shared / 2;
       if (layout(T, C, e_cached, acc_shared, &p) <= max_shared) {
+        // The pipelined layout where it fits and keeps two blocks resident, or as many as without it
+        // (cross entropy; calibrate_backward's two operands are not pipelined): the copy of the next
+        // tile overlaps this tile's passes in every block, which two or three plain blocks per SM
+        // only do by chance (and the partial-row budget often leaves one block per SM anyway).
+        TilePlan piped = p;
+        if (!q.calibrate && layout(T, C, e_cached, acc_shared, &piped, true) <= max_shared &&
+            blocks_per_sm(piped.shared_bytes) >= std::min(2, blocks_per_sm(p.shared_bytes))) {
+          p = piped;
+        }
         plan = p;
         done = true;
       }

@@ -83,7 +83,8 @@ struct TileRequest {
 // in this order: tile (lines x line_stride elements), tile2 (calibrate), exponentials (lines x
 // e_stride acc values, when e_cached), alpha and beta of the chunk (ab_stride each), class-gradient
 // accumulators (slices x 2 x ab_stride... see acc_stride, when acc_in_shared), row partials, row
-// metadata. Lines are rows (classes contiguous) or classes (pixels contiguous).
+// metadata, and when pipelined the next tile's buffer (offset_tile_next) and row bases. Lines are
+// rows (classes contiguous) or classes (pixels contiguous).
 struct TilePlan {
   int vec = 1;            // elements per 16-byte vector of the logits' dtype
   int tile_rows = 1;      // T
@@ -98,9 +99,13 @@ struct TilePlan {
   int acc_stride = 0;   // acc values per accumulator slice (shared or workspace)
   bool e_cached = false;
   bool acc_in_shared = true;
+  // The next tile's logits are copied (cp.async) into a second buffer while this tile is computed:
+  // single-chunk cross-entropy plans where the buffer costs no resident block.
+  bool pipelined = false;
   int64_t num_tiles = 0;
   int64_t tiles_per_image = 0;
   int offset_tile2 = 0, offset_e = 0, offset_ab = 0, offset_acc = 0, offset_partials = 0, offset_rows = 0;
+  int offset_tile_next = 0, offset_rows_next = 0;  // pipelined: the second tile buffer, its row bases
   int shared_bytes = 0;
   int blocks_per_sm = 0;
   int blocks = 1;

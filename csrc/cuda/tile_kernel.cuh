@@ -20,6 +20,10 @@
 // registers across the rows). Pixels contiguous: a thread owns a vector of pixels (their s, max,
 // gradient scale, target stay in registers) and walks classes in all three passes.
 // Plans that do not fit (very large C) recompute the exponential in the sweep (e_cached false).
+// Pipelined plans (single chunk, cross entropy; plan.cpp) double-buffer the logits tile: the next
+// tile's cp.async copy is issued before this tile's is awaited, so the block's HBM reads overlap its
+// passes (one resident block per SM on cls-inat, and the partial-row budget leaves one on every
+// (N, C) benchmark shape, would otherwise alternate between reading and computing).
 //
 // Determinism: every reduction has a fixed order; the per-class gradients go to per-block partials
 // summed by finalize_kernel in block order; the grid depends only on the shapes and the device.
@@ -57,6 +61,8 @@ struct TileParams {
   FastDivider by_spatial;
   FastDivider by_vectors;  // by the full class vectors of a chunk, chunk_classes / V (column walk)
   int offset_tile2, offset_e, offset_ab, offset_acc, offset_partials, offset_rows;
+  bool pipelined;
+  int offset_tile_next, offset_rows_next;
   // Operands.
   const scalar_t* logits;
   Strides logits_strides;
@@ -204,10 +210,8 @@ __global__ void __launch_bounds__(kBlock, kTileBlocksPerSM<scalar_t>) tile_kerne
   const int p0 = pv * V;
   const int pixel_slots = p.pixel_vectors * V;
 
-  acc_t loss_slot = 0;  // thread r: sum of the losses of the rows in tile slot r
-  for (int64_t tile_id = blockIdx.x; tile_id < p.num_tiles; tile_id += gridDim.x) {
-    int64_t first_row;
-    int valid;
+  // The rows of a tile: the first (a global row index) and how many are valid.
+  auto tile_rows_of = [&](int64_t tile_id, int64_t& first_row, int& valid) {
     if (PIXELS) {
       const int64_t image = p.by_tiles_per_image.quotient(tile_id);
       const int64_t first_pixel = (tile_id - image * p.tiles_per_image) * T;
@@ -216,6 +220,47 @@ __global__ void __launch_bounds__(kBlock, kTileBlocksPerSM<scalar_t>) tile_kerne
     } else {
       first_row = tile_id * T;
       valid = static_cast<int>(min(static_cast<int64_t>(T), p.rows - first_row));
+    }
+  };
+  // Pipelined plans (single chunk, cross entropy): tile k + 1's logits are copied (cp.async) into the
+  // other buffer while tile k is computed; `tile` and `row_base` point at the current tile's buffer.
+  // (Offsets from the shared array, not an array of pointers: the compiler then keeps every access
+  // to them a shared-memory one.)
+  auto tile_buf = [&](int slot) {
+    return reinterpret_cast<scalar_t*>(shared_bytes + (slot != 0 ? p.offset_tile_next : 0));
+  };
+  auto base_buf = [&](int slot) {
+    return reinterpret_cast<int64_t*>(shared_bytes + (slot != 0 ? p.offset_rows_next : p.offset_rows));
+  };
+  // Row bases of tile_id into base_buf[slot], then its copy, committed as one cp.async group.
+  auto issue_tile = [&](int slot, int64_t tile_id) {
+    int64_t first_row;
+    int valid;
+    tile_rows_of(tile_id, first_row, valid);
+    if (threadIdx.x < valid) {
+      const int64_t rowg = first_row + threadIdx.x;
+      const int64_t b = p.by_spatial.quotient(rowg);
+      base_buf(slot)[threadIdx.x] = b * p.logits_strides.batch + (rowg - b * p.spatial) * p.logits_strides.spatial;
+    }
+    __syncthreads();
+    copy_tile<PIXELS, true>(
+        tile_buf(slot), LS, const_cast<scalar_t*>(p.logits), p.logits_strides,
+        TileSpan{base_buf(slot), valid, 0, static_cast<int>(C)}, p.logits_unit);
+    __pipeline_commit();
+  };
+  int slot = 0;
+  if (p.pipelined && blockIdx.x < p.num_tiles) {
+    issue_tile(0, blockIdx.x);
+  }
+
+  acc_t loss_slot = 0;  // thread r: sum of the losses of the rows in tile slot r
+  for (int64_t tile_id = blockIdx.x; tile_id < p.num_tiles; tile_id += gridDim.x, slot ^= 1) {
+    int64_t first_row;
+    int valid;
+    tile_rows_of(tile_id, first_row, valid);
+    if (p.pipelined) {
+      tile = tile_buf(slot);
+      row_base = base_buf(slot);
     }
 
     // Per-row metadata; thread r keeps its row's target and upstream gradient.
@@ -226,7 +271,9 @@ __global__ void __launch_bounds__(kBlock, kTileBlocksPerSM<scalar_t>) tile_kerne
       const int64_t rowg = first_row + r;
       const int64_t b = p.by_spatial.quotient(rowg);
       const int64_t s = rowg - b * p.spatial;
-      row_base[r] = b * p.logits_strides.batch + s * p.logits_strides.spatial;
+      if (!p.pipelined) {  // pipelined: issue_tile wrote them
+        row_base[r] = b * p.logits_strides.batch + s * p.logits_strides.spatial;
+      }
       if (CALIBRATE) {
         row_base2[r] = b * p.grad_in_strides.batch + s * p.grad_in_strides.spatial;
       }
@@ -257,7 +304,17 @@ __global__ void __launch_bounds__(kBlock, kTileBlocksPerSM<scalar_t>) tile_kerne
       }
       wait_tile();
     };
-    if (single_chunk) {
+    if (p.pipelined) {
+      // The next tile's copy goes out before this one's is awaited (the oldest group).
+      const int64_t next = tile_id + gridDim.x;
+      if (next < p.num_tiles) {
+        issue_tile(slot ^ 1, next);
+        __pipeline_wait_prior(1);
+      } else {
+        __pipeline_wait_prior(0);
+      }
+      __syncthreads();
+    } else if (single_chunk) {
       load_chunk(0, static_cast<int>(C));
     }
     // Calls body(first_class, classes) per chunk; every thread must call it (barriers inside).

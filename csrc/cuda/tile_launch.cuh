@@ -93,6 +93,9 @@ void fill_plan(TileParams<scalar_t, acc_t>& p, const TilePlan& plan, const Geome
   p.offset_acc = plan.offset_acc;
   p.offset_partials = plan.offset_partials;
   p.offset_rows = plan.offset_rows;
+  p.pipelined = plan.pipelined;
+  p.offset_tile_next = plan.offset_tile_next;
+  p.offset_rows_next = plan.offset_rows_next;
 }
 
 template <typename scalar_t>

@@ -11,6 +11,8 @@
 #include <ucontext.h>
 
 #include <algorithm>
+#include <cstring>
+#include <deque>
 #include <map>
 #include <numeric>
 #include <sstream>
@@ -25,6 +27,13 @@ namespace {
 
 enum class State { kRunning, kAtBarrier, kAtWarpSync, kDone };
 
+// A cp.async not yet completed: its destination and the source bytes read at issue.
+struct PendingCopy {
+  void* dst;
+  size_t bytes;
+  unsigned char data[16];
+};
+
 struct Thread {
   Dim3 idx;
   unsigned linear = 0;
@@ -35,7 +44,16 @@ struct Thread {
   int barrier_line = 0;     // the __syncthreads this thread waits at
   long barriers = 0;        // how many it has passed
   long warp_syncs = 0;      // warp exchanges passed
+  std::vector<PendingCopy> open_group;             // cp.async issued since the last commit
+  std::deque<std::vector<PendingCopy>> committed;  // committed groups, oldest first
 };
+
+void complete(std::vector<PendingCopy>& group) {
+  for (const PendingCopy& c : group) {
+    std::memcpy(c.dst, c.data, c.bytes);
+  }
+  group.clear();
+}
 
 constexpr size_t kStackBytes = 256 * 1024;
 constexpr unsigned kMaxThreads = 1024;
@@ -81,6 +99,12 @@ void thread_entry() {
       e.error = ex.what();
     }
   }
+  // Copies never waited for complete at the thread's exit (after everything it did).
+  for (auto& group : t->committed) {
+    complete(group);
+  }
+  t->committed.clear();
+  complete(t->open_group);
   t->state = State::kDone;
   _longjmp(e.scheduler_resume, 1);  // never resumed
 }
@@ -152,6 +176,8 @@ bool run_block(unsigned nthreads, size_t shared_bytes) {
     t.state = State::kRunning;
     t.started = false;
     t.barriers = t.warp_syncs = 0;
+    t.open_group.clear();
+    t.committed.clear();
     getcontext(&t.context);
     t.context.uc_stack.ss_sp = e.stacks + i * kStackBytes;
     t.context.uc_stack.ss_size = kStackBytes;
@@ -268,6 +294,29 @@ const Dim3& thread_idx() {
 void sync_block(int line) {
   emulator().current->barrier_line = line;
   yield(State::kAtBarrier);
+}
+
+void pipeline_copy(void* dst, const void* src, size_t bytes) {
+  if (bytes > sizeof(PendingCopy::data)) {
+    fail("cp.async of " + std::to_string(bytes) + " bytes (at most 16)");
+  }
+  PendingCopy c{dst, bytes, {}};
+  std::memcpy(c.data, src, bytes);
+  emulator().current->open_group.push_back(c);
+}
+
+void pipeline_commit() {
+  Thread* t = emulator().current;
+  t->committed.push_back(std::move(t->open_group));
+  t->open_group.clear();
+}
+
+void pipeline_wait_prior(size_t groups) {
+  Thread* t = emulator().current;
+  while (t->committed.size() > groups) {
+    complete(t->committed.front());
+    t->committed.pop_front();
+  }
 }
 
 void sync_warp() {
