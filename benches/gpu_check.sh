@@ -67,16 +67,12 @@ step_env() {
 
 step_build() {
     cd "$ROOT" || return 1
-    local nvcc
-    nvcc=$(find_tool nvcc) || { echo "no nvcc"; return 1; }
-    export CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$nvcc")")}
-    # A toolkit without the math-library headers (cublas_v2.h, which torch's headers include) gets
-    # them from the pip nvidia packages next to torch.
-    if [[ ! -e $CUDA_HOME/include/cublas_v2.h ]]; then
-        local inc
-        inc=$("$PYTHON" -c 'import glob, os, nvidia; print(next(iter(glob.glob(os.path.join(nvidia.__path__[0], "cu1*", "include"))), ""))' 2>/dev/null)
-        [[ -n $inc ]] && export CPATH=$inc${CPATH:+:$CPATH} && echo "CPATH += $inc"
-    fi
+    find_tool nvcc > /dev/null || { echo "no nvcc"; return 1; }
+    # The toolkit (CUDA_HOME, also where nvcc is a wrapper script) and the math-library headers
+    # torch's headers include (CPATH, from the pip nvidia packages where the toolkit lacks them):
+    # the project's one detection, as scripts/install.sh uses it.
+    # shellcheck source=../scripts/cuda_env.sh
+    source "$ROOT/scripts/cuda_env.sh" "$PYTHON"
     export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
     echo "CUDA_HOME=$CUDA_HOME TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=${MAX_JOBS:-16}"
     DISALIGN_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} "$PYTHON" setup.py build_ext --inplace || return 1
