@@ -178,6 +178,7 @@ PLAN_CASES = {
     "many-tiles-per-block": ((300, 40), "nc", "one_sm"),
     "pixels-many-tiles": ((3, 20, 11, 13), "nchw", "one_sm"),
     "det-like-odd-rows": ((9, 1231), "nc", "h200"),
+    "even-rows-4-byte-units": ((40, 1002), "nc", "one_sm"),  # half / bf16 rows in 4-byte cp.async, pipelined
     "long-rows-chunked": ((3, 3000), "nc", "sm86"),
     "long-rows-uncached": ((4, 20000), "nc", "h200"),
     "pixels-chunked": ((2, 3000, 3, 3), "nchw", "sm86"),

@@ -185,9 +185,10 @@ def _unit(planner, shape, dtype, address, strides):
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 def test_planner_chooses_the_realigned_copy_for_misaligned_2_byte_lines(planner, dtype):
-    """2-byte types along a stride-1 axis without an aligned 8-byte unit (odd C as det-lvis, odd
+    """2-byte types along a stride-1 axis without an aligned 4-byte unit (odd C as det-lvis, odd
     H*W, offset slices, odd row strides) are copied by line_copy.h; aligned ones keep cp.async in
-    16-byte units; a non-unit stride along the line stays element by element; fp32 keeps its units."""
+    16-, 8- or 4-byte units (cls-inat's 8142 classes: 4); a non-unit stride along the line stays
+    element by element; fp32 keeps its units."""
     elem = ELEMS[dtype][0]
     realign_or = (lambda unit: cuda_plan.COPY_REALIGN) if elem == 2 else (lambda unit: unit)
     base = 1 << 20  # 256-byte aligned, as a fresh allocation
@@ -195,7 +196,9 @@ def test_planner_chooses_the_realigned_copy_for_misaligned_2_byte_lines(planner,
     assert _unit(planner, (8192, 1232, 1, False), dtype, base, (1232, 1, 1)) == 16
     assert _unit(planner, (8192, 1231, 1, False), dtype, base, (1231, 1, 1)) == realign_or(4 if elem == 4 else 2)
     assert _unit(planner, (4096, 1000, 1, False), dtype, base + elem, (1000, 1, 1)) == realign_or(elem)  # slice [:, 1:]
-    assert _unit(planner, (4096, 1000, 1, False), dtype, base, (1002, 1, 1)) == realign_or(8)  # padded rows
+    assert _unit(planner, (4096, 1000, 1, False), dtype, base, (1002, 1, 1)) == (4 if elem == 2 else 8)  # padded rows
+    assert _unit(planner, (4096, 8142, 1, False), dtype, base, (8142, 1, 1)) == (4 if elem == 2 else 8)  # cls-inat
+    assert _unit(planner, (4096, 1000, 1, False), dtype, base, (1001, 1, 1)) == realign_or(4)  # odd row stride
     assert _unit(planner, (64, 1000, 1, False), dtype, base, (1000 * 3, 3, 1)) == elem  # classes not contiguous
     # NCHW, pixels contiguous: odd H*W, an image slice.
     assert _unit(planner, (8, 150, 64 * 64, True), dtype, base, (150 * 4096, 4096, 1)) == 16

@@ -225,12 +225,15 @@ int copy_unit(uintptr_t data, const Strides& st, const TileRequest& q, const Til
     } else {
       ok = ok && g.classes % per == 0 && plan.chunk_classes % per == 0 && (g.spatial == 1 || st.spatial % per == 0);
     }
-    if (ok && (unit >= 8 || elem != 2)) {
+    // 2-byte elements in 4-byte units too (cls-inat's 8142 classes): asynchronous, so a pipelined
+    // plan's next tile is in flight during this one's passes, where line_copy.h's 16-byte loads are
+    // synchronous (each thread waits for its loads before the store; no overlap with the passes).
+    if (ok) {
       return unit;
     }
   }
-  // 2-byte elements in 4- or 2-byte units: one cp.async per one or two elements, ~1.5-4 instructions
-  // per element and 2-4 bytes per request; line_copy.h moves 16 bytes per request instead.
+  // 2-byte elements at a 2-byte phase (odd C, odd H*W, odd strides, slices): one element per
+  // request; line_copy.h moves 16 bytes per request instead.
   return elem == 2 ? kCopyRealign : elem;
 }
 

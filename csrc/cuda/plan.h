@@ -133,7 +133,7 @@ constexpr int kCopyRealign = 0;
 
 // How an operand's tile lines are copied: the widest unit (bytes) of cp.async / vector stores along
 // a stride-1 axis when every line start is aligned to it (16, 8, 4); for 2-byte types along a
-// stride-1 axis where no 8-byte unit fits (odd C or H*W, odd strides, misaligned slices),
+// stride-1 axis where no 4-byte unit fits (odd C or H*W, odd strides, misaligned slices),
 // kCopyRealign; otherwise one element.
 int copy_unit(uintptr_t data, const Strides& st, const TileRequest& q, const TilePlan& plan);
 
