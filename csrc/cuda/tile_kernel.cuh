@@ -232,6 +232,8 @@ __global__ void __launch_bounds__(kBlock, kTileBlocksPerSM<scalar_t>) tile_kerne
   auto base_buf = [&](int slot) {
     return reinterpret_cast<int64_t*>(shared_bytes + (slot != 0 ? p.offset_rows_next : p.offset_rows));
   };
+  // Offset of row (image b, spatial position s) in an operand with strides st.
+  auto row_offset = [&](const Strides& st, int64_t b, int64_t s) { return b * st.batch + s * st.spatial; };
   // Row bases of tile_id into base_buf[slot], then its copy, committed as one cp.async group.
   auto issue_tile = [&](int slot, int64_t tile_id) {
     int64_t first_row;
@@ -240,7 +242,7 @@ __global__ void __launch_bounds__(kBlock, kTileBlocksPerSM<scalar_t>) tile_kerne
     if (threadIdx.x < valid) {
       const int64_t rowg = first_row + threadIdx.x;
       const int64_t b = p.by_spatial.quotient(rowg);
-      base_buf(slot)[threadIdx.x] = b * p.logits_strides.batch + (rowg - b * p.spatial) * p.logits_strides.spatial;
+      base_buf(slot)[threadIdx.x] = row_offset(p.logits_strides, b, rowg - b * p.spatial);
     }
     __syncthreads();
     copy_tile<PIXELS, true>(
@@ -272,13 +274,13 @@ __global__ void __launch_bounds__(kBlock, kTileBlocksPerSM<scalar_t>) tile_kerne
       const int64_t b = p.by_spatial.quotient(rowg);
       const int64_t s = rowg - b * p.spatial;
       if (!p.pipelined) {  // pipelined: issue_tile wrote them
-        row_base[r] = b * p.logits_strides.batch + s * p.logits_strides.spatial;
+        row_base[r] = row_offset(p.logits_strides, b, s);
       }
       if (CALIBRATE) {
-        row_base2[r] = b * p.grad_in_strides.batch + s * p.grad_in_strides.spatial;
+        row_base2[r] = row_offset(p.grad_in_strides, b, s);
       }
       if (GRAD) {
-        row_base_out[r] = b * p.grad_strides.batch + s * p.grad_strides.spatial;
+        row_base_out[r] = row_offset(p.grad_strides, b, s);
       }
       row_s[r] = p.confidence != nullptr ? p.confidence[rowg] : acc_t(1);
       if (!CALIBRATE) {
