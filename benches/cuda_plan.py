@@ -32,9 +32,12 @@ class Device:
     multiprocessors: int
     max_shared_per_block: int
     shared_per_sm: int
+    # SMs per GPC where thread-block clusters are launched (sm_90; occupancy.h's cluster model stands
+    # in for cudaOccupancyMaxActiveClusters); 0: no clusters.
+    gpc_sms: int = 0
 
 
-H200 = Device("H200 (sm_90)", 132, 232448, 233472)
+H200 = Device("H200 (sm_90)", 132, 232448, 233472, gpc_sms=16)
 A100 = Device("A100 (sm_80)", 108, 166912, 167936)
 
 
@@ -65,7 +68,7 @@ def plans(exe: Path, requests: list[dict], device: Device = H200, registers: int
         fields = [r["batch"], r["classes"], r["spatial"], int(r["pixels"]), r["elem"], r.get("acc", 4),
                   int(r.get("calibrate", False)), int(r.get("want_alpha", True)), int(r.get("want_beta", True)),
                   int(r.get("want_loss", True)), int(r.get("mean", True)), device.multiprocessors,
-                  device.max_shared_per_block, device.shared_per_sm, r.get("registers", registers)]
+                  device.max_shared_per_block, device.shared_per_sm, r.get("registers", registers), device.gpc_sms]
         if "operand" in r:
             address, strides = r["operand"]
             fields += [address, *strides]

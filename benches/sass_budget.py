@@ -185,11 +185,12 @@ def rows_for_benchmarks(kernels: dict, planner: Path) -> list[dict]:
                 exp2 = sum(v["exp2_per_element"] for v in loops.values())
                 budget = su.BUDGET_PER_ELEMENT[elem]
                 logits_bytes = batch * classes * spatial * elem
-                partial_bytes = plan["blocks"] * plan["ws_slices"] * plan["acc_stride"] * acc * 2
+                partial_bytes = plan["partial_rows"] * plan["ws_slices"] * plan["acc_stride"] * acc * 2
                 rows.append({
                     "shape": shape_name, "dtype": dtype, "mode": mode, "kernel": k["kernel"],
                     "registers": k["registers"], "spill_bytes": k["spill_bytes"], "shared_bytes": plan["shared_bytes"],
-                    "blocks_per_sm": plan["blocks_per_sm"], "grid": plan["blocks"], "tiles": plan["num_tiles"],
+                    "blocks_per_sm": plan["blocks_per_sm"], "grid": plan["blocks"], "cluster": plan["cluster"],
+                    "tiles": plan["num_tiles"],
                     "tile_rows": plan["tile_rows"], "e_cached": plan["e_cached"],
                     "partials_fraction_of_logits": partial_bytes / logits_bytes,
                     "loops": loops, "per_element": total, "exp2_per_element": exp2, "budget_per_element": budget,
@@ -214,12 +215,12 @@ def triton_rows() -> tuple[list[dict], str]:
 
 
 def markdown(rows: list[dict], others: list[dict], triton: list[dict]) -> str:
-    out = ["| shape | dtype | mode | regs | spill B | smem B | blocks/SM | grid | partials % | loops (warp-instr/elem, exp2/elem) | total/elem | exp2/elem | budget | ok |",
+    out = ["| shape | dtype | mode | regs | spill B | smem B | blocks/SM | grid (cluster) | partials % | loops (warp-instr/elem, exp2/elem) | total/elem | exp2/elem | budget | ok |",
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         loops = ", ".join(f"{n} {v['per_element']:.3f}/{v['exp2_per_element']:.2f}" for n, v in r["loops"].items())
         out.append(f"| {r['shape']} | {r['dtype']} | {r['mode']} | {r['registers']} | {r['spill_bytes']} | "
-                   f"{r['shared_bytes']} | {r['blocks_per_sm']} | {r['grid']} | {100 * r['partials_fraction_of_logits']:.2f} | "
+                   f"{r['shared_bytes']} | {r['blocks_per_sm']} | {r['grid']} ({r['cluster']}) | {100 * r['partials_fraction_of_logits']:.2f} | "
                    f"{loops} | {r['per_element']:.3f} | {r['exp2_per_element']:.2f} | {r['budget_per_element']} | "
                    f"{'yes' if r['within_budget'] else 'NO'} |")
     out += ["", "| other kernel | regs | spill B | loops (warp-instr/elem) |", "| --- | --- | --- | --- |"]

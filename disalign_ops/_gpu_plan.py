@@ -18,8 +18,10 @@ PARTIALS_FRACTION_OF_LOGITS = 0.01
 # the two conflict: with one partial row per block and 132 SMs, (N, C) logits need
 # N >= 132 * 2 * 4 / (elem_size * PARTIALS_FRACTION_OF_LOGITS) rows (52800 for bf16, 26400 for fp32) to
 # fit 1%; cls-imagenet / cls-inat (N = 4096) then take ~12.9% (bf16) / ~6.4% (fp32) of the logits,
-# det-lvis (N = 8192) half of that. Meeting both needs a cross-block reduction that does not go
-# through global partial rows (thread-block clusters with distributed shared memory on sm_90).
+# det-lvis (N = 8192) half of that. Where that happens on sm_90, the CUDA planner launches the grid in
+# thread-block clusters whose blocks sum their accumulators through distributed shared memory, one
+# partial row per cluster of 2-16 blocks (csrc/cuda/plan.cpp); the Triton backend and sm_80 keep one
+# row per block.
 MIN_BLOCKS_PER_SM = 1
 
 

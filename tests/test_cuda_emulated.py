@@ -44,10 +44,11 @@ import cuda_plan  # noqa: E402
 sys.path.pop(0)
 
 # Emulated devices: (multiprocessors, opt-in shared bytes per block, shared bytes per SM, registers
-# per thread for the occupancy model). "sm86" has the smallest opt-in limit of the targets (99 KiB),
-# so long rows are chunked; "one_sm" runs every tile of a launch in one or two blocks.
+# per thread for the occupancy model, SMs per GPC where clusters are launched). "h200" launches
+# thread-block clusters (sm_90), the others do not; "sm86" has the smallest opt-in limit of the
+# targets (99 KiB), so long rows are chunked; "one_sm" runs every tile of a launch in one or two blocks.
 DEVICES = {
-    "h200": cuda_plan.Device("h200", 132, 232448, 233472),
+    "h200": cuda_plan.Device("h200", 132, 232448, 233472, gpc_sms=16),
     "sm86": cuda_plan.Device("sm86", 84, 101376, 102400),
     "one_sm": cuda_plan.Device("one_sm", 1, 232448, 233472),
 }
@@ -110,7 +111,7 @@ def emu():
 
 def _configure(emu, device: str, seed: int = 0):
     d = DEVICES[device]
-    emu.configure(d.multiprocessors, d.max_shared_per_block, d.shared_per_sm, REGISTERS, seed)
+    emu.configure(d.multiprocessors, d.max_shared_per_block, d.shared_per_sm, REGISTERS, d.gpc_sms, seed)
 
 
 def _loss_args(inputs, logits=None):
@@ -183,6 +184,9 @@ PLAN_CASES = {
     "long-rows-uncached": ((4, 20000), "nc", "h200"),
     "pixels-chunked": ((2, 3000, 3, 3), "nchw", "sm86"),
     "channels-last-long-rows": ((2, 3000, 2, 2), "nchw_channels_last", "sm86"),
+    # Thread-block clusters (h200 launches them): the class gradients summed across a cluster's blocks.
+    "classes-in-clusters": ((48, 1000), "nc", "h200"),
+    "pixels-in-clusters-several-tiles": ((3, 30, 17, 19), "nchw", "h200"),
 }
 
 
@@ -256,9 +260,14 @@ def test_plan_cases_reach_every_plan_feature(tmp_path):
                 found.add(f"{kind} accumulators in the workspace")
             if p["pipelined"] and p["num_tiles"] > p["blocks"]:
                 found.add(f"{kind} pipelined over several tiles per block")
+            if p["cluster"] > 1:
+                found.add(f"{kind} in clusters")
+                if p["num_tiles"] > p["blocks"]:
+                    found.add(f"{kind} in clusters with several tiles per block")
+    assert "pixels in clusters with several tiles per block" in found, sorted(found)
     for kind in ("pixels", "classes"):
         for feature in ("chunked", "several tiles per block", "exponentials recomputed",
-                        "accumulators in the workspace", "pipelined over several tiles per block"):
+                        "accumulators in the workspace", "pipelined over several tiles per block", "in clusters"):
             assert f"{kind} {feature}" in found, (kind, feature, sorted(found))
     assert "classes exponentials recomputed in one chunk" in found, sorted(found)
 
@@ -297,7 +306,7 @@ def test_loss_benchmark_plans(emu, case, dtype, mode):
 
 
 @pytest.mark.parametrize("case", ["nc", "nchw", "nc_transposed", "nchw_channels_last", "long-rows-chunked",
-                                  "pixels-chunked"])
+                                  "pixels-chunked", "classes-in-clusters", "pixels-in-clusters-several-tiles"])
 def test_results_do_not_depend_on_thread_order(emu, case):
     """Bitwise the same results whatever order the threads run in between barriers (no shared-memory
     race), and the same as the first run (no state carried between calls)."""
@@ -444,11 +453,33 @@ def test_emulation_finds_an_order_dependent_result(emu):
     ("shared_overrun", 1, 256, "past the 256 bytes"),
     ("with_barrier", 0, 0, "invalid launch configuration: grid 0"),
     ("with_barrier", 1, 60000, "above the kernel's limit 49152"),
+    ("cluster_barrier_after_exit", 2, 0, "cluster barrier at line .* has exited"),
+    ("cluster_peer_read", 3, 256, "not a multiple of the cluster 2"),
 ])
 def test_emulation_reports_what_the_gpu_would_not_do(emu, kernel, grid, shared, message):
     _configure(emu, "h200")
     with pytest.raises(RuntimeError, match=message):
         emu.selftest(kernel, grid, shared)
+
+
+def test_emulation_refuses_clusters_where_the_device_has_none(emu):
+    _configure(emu, "sm86")
+    with pytest.raises(RuntimeError, match="does not launch thread-block clusters"):
+        emu.selftest("cluster_peer_read", 2, 256)
+
+
+def test_emulation_runs_the_blocks_of_a_cluster_together(emu):
+    """Block 0 reads block 1's shared memory (distributed shared memory) after the cluster barrier:
+    with the final barrier it reads 2 (block 1's rank + 1) under every schedule; without it, block 1
+    may have exited, and some schedule reads its freed shared memory (0xff bytes: -1)."""
+    with_final, without = [], []
+    for seed in range(8):
+        _configure(emu, "h200", seed)
+        with_final.append(emu.selftest("cluster_peer_read", 2, 256))
+        without.append(emu.selftest("cluster_no_final_barrier", 2, 256))
+    assert all(torch.equal(o, torch.full((64,), 2)) for o in with_final)
+    assert any(torch.equal(o, torch.full((64,), 2)) for o in without)
+    assert any(bool((o == -1).any()) for o in without)
 
 
 def test_emulation_poisons_unwritten_shared_memory(emu):

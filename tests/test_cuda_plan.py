@@ -94,23 +94,31 @@ def _covered_rows(req, p):
 @pytest.mark.parametrize("name", sorted(cuda_plan.BENCH_SHAPES))
 @pytest.mark.parametrize("mode", ["stage2", "full"])
 def test_benchmark_shapes_fill_the_gpu(planner, name, dtype, mode):
-    """Every benchmark shape gets at least one resident block per SM, one exponential per element
-    (e_cached), and partial rows within the budget unless the one-block-per-SM floor needs more."""
+    """Every benchmark shape keeps the GPU busy (a block per SM; in thread-block clusters at least
+    7/8 of that), computes one exponential per element (e_cached) and pipelines its copies (H200), and writes
+    partial rows within the budget: on sm_90 (clusters) always, on sm_80 unless the
+    one-block-per-SM floor needs more."""
     shape = cuda_plan.BENCH_SHAPES[name]
-    req = _request(shape, dtype)
-    (p,) = cuda_plan.plans(planner, [req], cuda_plan.H200)
-    _check_layout(req, p, cuda_plan.H200)
-    assert _covered_rows(req, p)
-    sms = cuda_plan.H200.multiprocessors
-    assert p["blocks"] >= min(sms, p["num_tiles"])
-    assert p["blocks_per_sm"] >= 1
-    assert p["e_cached"], "one exponential per element needs the exponentials cached"
-    assert p["pipelined"], "the next tile's copy overlaps this tile's passes"
     batch, classes, spatial, _ = shape
-    logits_bytes = batch * classes * spatial * req["elem"]
-    partial_bytes = p["blocks"] * p["ws_slices"] * p["acc_stride"] * req["acc"] * 2
-    budget = logits_bytes * 0.01
-    assert partial_bytes <= budget or p["blocks"] <= sms, (partial_bytes, budget, p["blocks"])
+    req = _request(shape, dtype)
+    budget = batch * classes * spatial * req["elem"] * 0.01
+    for device in (cuda_plan.H200, cuda_plan.A100):
+        (p,) = cuda_plan.plans(planner, [req], device)
+        _check_layout(req, p, device)
+        assert _covered_rows(req, p)
+        sms = device.multiprocessors
+        floor = min(sms, p["num_tiles"])
+        assert p["blocks"] >= (floor if p["cluster"] == 1 else 0.875 * floor), (device, p["blocks"], p["cluster"])
+        assert p["blocks_per_sm"] >= 1
+        if device is cuda_plan.H200:  # (an A100's 164 KiB do not hold cls-inat's exponentials)
+            assert p["e_cached"], "one exponential per element needs the exponentials cached"
+            assert p["pipelined"], "the next tile's copy overlaps this tile's passes"
+        partial_bytes = p["partial_rows"] * p["ws_slices"] * p["acc_stride"] * req["acc"] * 2
+        if device.gpc_sms:
+            assert partial_bytes <= budget, (device, partial_bytes, budget, p["blocks"], p["cluster"])
+        else:
+            assert p["cluster"] == 1
+            assert partial_bytes <= budget or p["blocks"] <= sms, (partial_bytes, budget, p["blocks"])
 
 
 AWKWARD = [
@@ -132,12 +140,25 @@ def test_awkward_shapes_have_consistent_plans(planner, shape, dtype, calibrate, 
     assert 1 <= p["blocks"] <= max(1, p["num_tiles"])
     ws = [p["ws_alpha"], p["ws_beta"]] + ([p["ws_loss"], p["ws_weight"]] if not calibrate else [])
     assert all(w >= 0 for w in ws) and p["workspace_bytes"] >= max(ws)
+    # Clusters: only with shared accumulators on a device that has them; whole clusters; one
+    # partial row per cluster, and the workspace holds them.
+    K = p["cluster"]
+    assert K in (1, 2, 4, 8, 16) and p["blocks"] % K == 0 and p["partial_rows"] * K == p["blocks"]
+    if K > 1:
+        assert device.gpc_sms and p["acc_in_shared"]
+    rows_bytes = p["partial_rows"] * p["ws_slices"] * p["acc_stride"] * req["acc"]
+    assert p["ws_beta"] - p["ws_alpha"] >= rows_bytes
+    if not calibrate:
+        assert p["ws_loss"] - p["ws_beta"] >= rows_bytes
+        assert p["ws_weight"] - p["ws_loss"] >= p["blocks"] * req["acc"]  # one loss partial per block
 
 
 def test_partial_budget_comes_from_the_shared_constant(planner):
-    """A shape with rows enough for the budget to bind above the floor uses exactly the budget's rows."""
+    """A shape with rows enough for the budget to bind above the floor uses exactly the budget's rows
+    (one row per block: no clusters needed)."""
     req = _request((1 << 20, 1000, 1, False), "bf16")
     (p,) = cuda_plan.plans(planner, [req], cuda_plan.H200, registers=32)
+    assert p["cluster"] == 1 and p["partial_rows"] == p["blocks"]
     from_file = dict(cuda_plan.macros())
     fraction = float(from_file["DISALIGN_PARTIALS_BUDGET_FRACTION"])
     per_block = 2 * p["ws_slices"] * p["acc_stride"] * req["acc"]

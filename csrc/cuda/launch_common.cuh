@@ -18,6 +18,39 @@ namespace disalign::cuda {
 #define DISALIGN_LAUNCH(kernel, grid, block, shared_bytes, stream) kernel<<<grid, block, shared_bytes, stream>>>
 #endif
 
+// The same in thread-block clusters of `cluster` blocks along x (cudaLaunchKernelEx); errors are
+// read with cudaGetLastError, as after <<<>>>.
+#ifndef DISALIGN_LAUNCH_CLUSTER
+template <typename... Params>
+struct ClusterLaunch {
+  void (*kernel)(Params...);
+  cudaLaunchConfig_t config;
+  cudaLaunchAttribute attribute;
+  template <typename... Args>
+  void operator()(Args&&... args) {
+    config.attrs = &attribute;
+    config.numAttrs = 1;
+    (void)cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...);
+  }
+};
+template <typename... Params>
+ClusterLaunch<Params...> cluster_launch(void (*kernel)(Params...), unsigned grid, unsigned block, size_t shared_bytes,
+                                        cudaStream_t stream, unsigned cluster) {
+  ClusterLaunch<Params...> l{kernel, {}, {}};
+  l.config.gridDim = dim3(grid);
+  l.config.blockDim = dim3(block);
+  l.config.dynamicSmemBytes = shared_bytes;
+  l.config.stream = stream;
+  l.attribute.id = cudaLaunchAttributeClusterDimension;
+  l.attribute.val.clusterDim.x = cluster;
+  l.attribute.val.clusterDim.y = 1;
+  l.attribute.val.clusterDim.z = 1;
+  return l;
+}
+#define DISALIGN_LAUNCH_CLUSTER(kernel, grid, block, shared_bytes, stream, cluster) \
+  ::disalign::cuda::cluster_launch(kernel, grid, block, shared_bytes, stream, cluster)
+#endif
+
 static_assert(kBlock == kTileThreads, "plan.h and device_math.cuh describe the same block size");
 
 // Calls f(scalar_t{}, acc_t{}) for the dtype.
@@ -44,6 +77,17 @@ cudaError_t current_device_limits(int* device, DeviceLimits* limits);
 // the device's opt-in maximum once per (device, kernel). 0 on error (err set).
 int cached_blocks_per_sm(int device, const void* kernel, int shared_bytes, int max_shared, cudaError_t* err);
 
+// The largest cluster `kernel` can be launched in on `device` (device_max: 8 where the device
+// launches clusters, else 1): 1 when the kernel's PTX target is older than 9.0 (its cluster code
+// traps), 16 where the non-portable size is allowed. Cached per (device, kernel); failed probes
+// leave no error behind.
+int cached_max_cluster(int device, const void* kernel, int device_max);
+
+// cudaOccupancyMaxActiveClusters for clusters of `cluster` kBlock-thread blocks with `shared_bytes`,
+// cached per (device, kernel, shared bytes, cluster). 0 on error (err set).
+int cached_active_clusters(int device, const void* kernel, int shared_bytes, int cluster, int max_shared,
+                           cudaError_t* err);
+
 template <typename T>
 T* at_offset(void* workspace, size_t offset) {
   return offset == SIZE_MAX ? nullptr : reinterpret_cast<T*>(static_cast<unsigned char*>(workspace) + offset);
@@ -54,11 +98,11 @@ template <typename acc_t>
 cudaError_t launch_total_weight(const void* target, bool target_is_int64, const acc_t* weight, int64_t ignore_index,
                                 int64_t classes, int64_t rows, int blocks, acc_t* partials, cudaStream_t stream);
 
-// grad_alpha / grad_beta from the per-block partial rows (row stride row_stride, in block order) and
-// the reduced loss from its partials (divided by the total weight for "mean").
+// grad_alpha / grad_beta from the `rows` partial rows (row stride row_stride, in order) and the
+// reduced loss from its `loss_blocks` partials (divided by the total weight for "mean").
 template <typename acc_t>
-cudaError_t launch_finalize(int64_t classes, int blocks, int64_t row_stride, const acc_t* alpha_partials,
-                            const acc_t* beta_partials, acc_t* grad_alpha, acc_t* grad_beta,
+cudaError_t launch_finalize(int64_t classes, int rows, int64_t row_stride, const acc_t* alpha_partials,
+                            const acc_t* beta_partials, acc_t* grad_alpha, acc_t* grad_beta, int loss_blocks,
                             const acc_t* loss_partials, const acc_t* weight_partials, int num_weight_partials,
                             acc_t* loss, cudaStream_t stream);
 

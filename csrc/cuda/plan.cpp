@@ -53,7 +53,8 @@ int64_t partial_rows(int64_t logits_bytes, int64_t row_bytes, int multiprocessor
   return std::max<int64_t>({1, floor, std::min(wanted_blocks, budget)});
 }
 
-TilePlan plan_tiles(const TileRequest& q, const DeviceLimits& dev, const std::function<int(int)>& blocks_per_sm) {
+TilePlan plan_tiles(const TileRequest& q, const DeviceLimits& dev, const BlocksPerSM& blocks_per_sm,
+                    const ActiveClusters& active_clusters) {
   TilePlan plan;
   const Geometry& g = q.geometry;
   const int64_t rows = g.batch * g.spatial;
@@ -178,12 +179,42 @@ TilePlan plan_tiles(const TileRequest& q, const DeviceLimits& dev, const std::fu
   plan.blocks_per_sm = std::max(1, blocks_per_sm(plan.shared_bytes));
   int64_t blocks = std::min<int64_t>(plan.num_tiles, static_cast<int64_t>(plan.blocks_per_sm) * dev.multiprocessors);
   plan.ws_slices = plan.acc_in_shared ? 1 : plan.slices;
+  int64_t rows_out = blocks;
   if (class_grads) {
     const int64_t logits_bytes = rows * g.classes * q.elem;
     const int64_t per_block = static_cast<int64_t>(grads) * plan.ws_slices * plan.acc_stride * q.acc;
-    blocks = partial_rows(logits_bytes, per_block, dev.multiprocessors, blocks);
+    const int64_t wanted = blocks;
+    blocks = partial_rows(logits_bytes, per_block, dev.multiprocessors, wanted);
+    rows_out = blocks;
+    const auto within_budget = [&](int64_t partial_rows_) {
+      return static_cast<double>(partial_rows_ * per_block) <=
+          static_cast<double>(logits_bytes) * DISALIGN_PARTIALS_BUDGET_FRACTION;
+    };
+    if (!within_budget(rows_out) && plan.acc_in_shared && dev.max_cluster > 1 && active_clusters) {
+      // Thread-block clusters: the blocks of a cluster reduce their accumulators through distributed
+      // shared memory, one partial row per cluster. The floor's blocks (one wave, one per SM) in
+      // whole resident clusters, for the cluster sizes that keep enough of them; the smallest size
+      // within the budget, else the one with fewest rows.
+      const int64_t floor = std::min<int64_t>(wanted, int64_t{DISALIGN_MIN_BLOCKS_PER_SM} * dev.multiprocessors);
+      for (int K = 2; K <= dev.max_cluster; K *= 2) {
+        const int64_t resident =
+            std::min<int64_t>(floor, static_cast<int64_t>(active_clusters(plan.shared_bytes, K)) * K) / K * K;
+        if (resident < K || static_cast<double>(resident) < kClusterMinResidentFraction * static_cast<double>(floor)) {
+          continue;
+        }
+        if (resident / K < rows_out) {
+          blocks = resident;
+          rows_out = resident / K;
+          plan.cluster = K;
+        }
+        if (within_budget(rows_out)) {
+          break;
+        }
+      }
+    }
   }
   plan.blocks = static_cast<int>(std::max<int64_t>(blocks, 1));
+  plan.partial_rows = static_cast<int>(std::max<int64_t>(rows_out, 1));
 
   size_t ws = 0;
   auto reserve = [&](size_t bytes) {
@@ -191,7 +222,7 @@ TilePlan plan_tiles(const TileRequest& q, const DeviceLimits& dev, const std::fu
     ws = align_up(ws + bytes, 256);
     return at;
   };
-  const size_t class_rows = static_cast<size_t>(plan.blocks) * plan.ws_slices * plan.acc_stride * q.acc;
+  const size_t class_rows = static_cast<size_t>(plan.partial_rows) * plan.ws_slices * plan.acc_stride * q.acc;
   if (q.want_alpha) {
     plan.ws_alpha = reserve(class_rows);
   }

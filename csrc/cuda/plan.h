@@ -64,7 +64,16 @@ struct FastDivider {
 struct DeviceLimits {
   int multiprocessors = 0;
   int max_shared_per_block = 0;  // opt-in bytes of dynamic shared memory per block
+  // Largest thread-block cluster a kernel can be launched in: 1 where clusters are not available
+  // (before sm_90, or code compiled for an older PTX target), 8 (portable), 16 (non-portable size
+  // allowed).
+  int max_cluster = 1;
 };
+
+// A cluster plan may leave idle at most this fraction of the blocks the one-block-per-SM floor asks
+// for: the blocks of a cluster are co-scheduled on one GPC, and GPCs of 16-18 SMs hold whole
+// clusters of 8 only (H100 / H200: ~120 of 132 SMs busy at one block per SM, cudaOccupancyMaxActiveClusters).
+constexpr double kClusterMinResidentFraction = 0.875;
 
 // What a tile-kernel call computes, independent of the dtype.
 struct TileRequest {
@@ -109,6 +118,11 @@ struct TilePlan {
   int shared_bytes = 0;
   int blocks_per_sm = 0;
   int blocks = 1;
+  // Class-gradient reduction across the blocks of a thread-block cluster (sm_90): the `cluster`
+  // blocks of a cluster sum their shared accumulators through distributed shared memory, so one
+  // partial row per cluster reaches the workspace (partial_rows = blocks / cluster).
+  int cluster = 1;
+  int partial_rows = 1;
   int weight_blocks = 0;  // "mean" only
   int ws_slices = 1;      // accumulator slices per block in the workspace partials
   // Workspace byte offsets (SIZE_MAX: absent).
@@ -124,8 +138,17 @@ size_t row_meta_bytes(const TileRequest& q, int tile_rows);
 // partial_rows: the same rule on the same constants).
 int64_t partial_rows(int64_t logits_bytes, int64_t row_bytes, int multiprocessors, int64_t wanted_blocks);
 
-// The plan; blocks_per_sm(shared_bytes) is the kernel's occupancy for that dynamic shared size.
-TilePlan plan_tiles(const TileRequest& q, const DeviceLimits& dev, const std::function<int(int)>& blocks_per_sm);
+// The kernel's occupancy for a dynamic shared size: resident blocks per SM, and resident clusters of
+// `cluster` blocks on the device (cudaOccupancyMaxActiveClusters; only asked when dev.max_cluster > 1).
+using BlocksPerSM = std::function<int(int shared_bytes)>;
+using ActiveClusters = std::function<int(int shared_bytes, int cluster)>;
+
+// The plan. Clusters are planned where partial_rows' blocks exceed the budget (the one-block-per-SM
+// floor wins), the accumulators are in shared memory and the device allows them: the floor's blocks
+// in whole clusters, of the smallest size that brings the partial rows within the budget (else the
+// one with fewest rows) among those keeping kClusterMinResidentFraction of the floor resident.
+TilePlan plan_tiles(const TileRequest& q, const DeviceLimits& dev, const BlocksPerSM& blocks_per_sm,
+                    const ActiveClusters& active_clusters = nullptr);
 
 // copy_unit's answer for lines copied by line_copy.h: 16-byte accesses to each line's aligned body,
 // realigned in registers, head and tail element by element.

@@ -28,12 +28,12 @@ __global__ void __launch_bounds__(kBlock) total_weight_kernel(
   }
 }
 
-// One warp per (class, gradient): lanes stride over the block rows, then a butterfly; so C = 150
+// One warp per (class, gradient): lanes stride over the partial rows, then a butterfly; so C = 150
 // spreads over 38 blocks instead of one. The warp after the class items reduces the loss.
 template <typename acc_t>
 __global__ void __launch_bounds__(kBlock) finalize_kernel(
-    int64_t classes, int blocks, int64_t row_stride, const acc_t* alpha_partials, const acc_t* beta_partials,
-    acc_t* grad_alpha, acc_t* grad_beta, const acc_t* loss_partials, const acc_t* weight_partials,
+    int64_t classes, int rows, int64_t row_stride, const acc_t* alpha_partials, const acc_t* beta_partials,
+    acc_t* grad_alpha, acc_t* grad_beta, int loss_blocks, const acc_t* loss_partials, const acc_t* weight_partials,
     int num_weight_partials, acc_t* loss) {
   const int64_t warp = static_cast<int64_t>(blockIdx.x) * (kBlock / kWarp) + threadIdx.x / kWarp;
   const int arrays = (grad_alpha != nullptr ? 1 : 0) + (grad_beta != nullptr ? 1 : 0);
@@ -42,12 +42,12 @@ __global__ void __launch_bounds__(kBlock) finalize_kernel(
     const bool is_alpha = grad_alpha != nullptr && warp < classes;
     const int64_t j = warp - (grad_alpha != nullptr && !is_alpha ? classes : 0);
     const acc_t* partials = is_alpha ? alpha_partials : beta_partials;
-    const acc_t sum = warp_fixed_sum(partials + j, blocks, row_stride);
+    const acc_t sum = warp_fixed_sum(partials + j, rows, row_stride);
     if (threadIdx.x % kWarp == 0) {
       (is_alpha ? grad_alpha : grad_beta)[j] = sum;
     }
   } else if (warp == items && loss != nullptr) {
-    acc_t total = warp_fixed_sum(loss_partials, blocks);
+    acc_t total = warp_fixed_sum(loss_partials, loss_blocks);
     if (weight_partials != nullptr) {
       total /= warp_fixed_sum(weight_partials, num_weight_partials);  // 0/0 = NaN without counted rows
     }
@@ -93,6 +93,11 @@ cudaError_t current_device_limits(int* device, DeviceLimits* limits) {
   if (err == cudaSuccess) {
     err = cudaDeviceGetAttribute(&dev.max_shared_per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, *device);
   }
+  int cluster_launch = 0;
+  if (err == cudaSuccess) {
+    err = cudaDeviceGetAttribute(&cluster_launch, cudaDevAttrClusterLaunch, *device);
+  }
+  dev.max_cluster = cluster_launch != 0 ? 8 : 1;
   if (err == cudaSuccess) {
     cache.emplace(*device, dev);
     *limits = dev;
@@ -126,6 +131,63 @@ int cached_blocks_per_sm(int device, const void* kernel, int shared_bytes, int m
   return per_sm;
 }
 
+int cached_max_cluster(int device, const void* kernel, int device_max) {
+  static std::unordered_map<OccupancyKey, int, OccupancyHash> limits;
+  if (device_max <= 1) {
+    return 1;
+  }
+  std::lock_guard<std::mutex> lock(cache_mutex);
+  const OccupancyKey key{device, kernel, -1};
+  auto it = limits.find(key);
+  if (it != limits.end()) {
+    return it->second;
+  }
+  int limit = 1;
+  cudaFuncAttributes attr{};
+  if (cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.ptxVersion >= 90) {
+    limit = device_max;
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess) {
+      limit = 16;
+    }
+  }
+  (void)cudaGetLastError();  // a refused probe is an answer, not the next launch's error
+  limits.emplace(key, limit);
+  return limit;
+}
+
+int cached_active_clusters(int device, const void* kernel, int shared_bytes, int cluster, int max_shared,
+                           cudaError_t* err) {
+  static std::unordered_map<OccupancyKey, int, OccupancyHash> active;
+  cudaError_t e = cudaSuccess;
+  cached_blocks_per_sm(device, kernel, shared_bytes, max_shared, &e);  // raises the kernel's shared limit
+  if (e != cudaSuccess) {
+    *err = e;
+    return 0;
+  }
+  std::lock_guard<std::mutex> lock(cache_mutex);
+  const OccupancyKey key{device, kernel, shared_bytes * 32 + cluster};
+  auto it = active.find(key);
+  if (it != active.end()) {
+    return it->second;
+  }
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeClusterDimension;
+  attribute.val.clusterDim.x = static_cast<unsigned>(cluster);
+  attribute.val.clusterDim.y = 1;
+  attribute.val.clusterDim.z = 1;
+  // {gridDim, blockDim, dynamicSmemBytes, stream, attrs, numAttrs} (in order, not by name: the CPU
+  // emulation's gridDim / blockDim are macros).
+  cudaLaunchConfig_t config{dim3(static_cast<unsigned>(cluster)), dim3(kBlock), static_cast<size_t>(shared_bytes),
+                            nullptr, &attribute, 1};
+  int clusters = 0;
+  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess) {
+    clusters = 0;  // a size the device refuses for this kernel: not planned
+    (void)cudaGetLastError();
+  }
+  active.emplace(key, clusters);
+  return clusters;
+}
+
 template <typename acc_t>
 cudaError_t launch_total_weight(const void* target, bool target_is_int64, const acc_t* weight, int64_t ignore_index,
                                 int64_t classes, int64_t rows, int blocks, acc_t* partials, cudaStream_t stream) {
@@ -135,8 +197,8 @@ cudaError_t launch_total_weight(const void* target, bool target_is_int64, const 
 }
 
 template <typename acc_t>
-cudaError_t launch_finalize(int64_t classes, int blocks, int64_t row_stride, const acc_t* alpha_partials,
-                            const acc_t* beta_partials, acc_t* grad_alpha, acc_t* grad_beta,
+cudaError_t launch_finalize(int64_t classes, int rows, int64_t row_stride, const acc_t* alpha_partials,
+                            const acc_t* beta_partials, acc_t* grad_alpha, acc_t* grad_beta, int loss_blocks,
                             const acc_t* loss_partials, const acc_t* weight_partials, int num_weight_partials,
                             acc_t* loss, cudaStream_t stream) {
   if (grad_alpha == nullptr && grad_beta == nullptr && loss == nullptr) {
@@ -146,7 +208,7 @@ cudaError_t launch_finalize(int64_t classes, int blocks, int64_t row_stride, con
   const int warps_per_block = kBlock / kWarp;
   const int grid = static_cast<int>((items + warps_per_block - 1) / warps_per_block);
   DISALIGN_LAUNCH(finalize_kernel<acc_t>, grid, kBlock, 0, stream)(
-      classes, blocks, row_stride, alpha_partials, beta_partials, grad_alpha, grad_beta, loss_partials,
+      classes, rows, row_stride, alpha_partials, beta_partials, grad_alpha, grad_beta, loss_blocks, loss_partials,
       weight_partials, num_weight_partials, loss);
   return cudaGetLastError();
 }
@@ -155,9 +217,9 @@ template cudaError_t launch_total_weight<float>(const void*, bool, const float*,
                                                 float*, cudaStream_t);
 template cudaError_t launch_total_weight<double>(const void*, bool, const double*, int64_t, int64_t, int64_t, int,
                                                  double*, cudaStream_t);
-template cudaError_t launch_finalize<float>(int64_t, int, int64_t, const float*, const float*, float*, float*,
+template cudaError_t launch_finalize<float>(int64_t, int, int64_t, const float*, const float*, float*, float*, int,
                                             const float*, const float*, int, float*, cudaStream_t);
-template cudaError_t launch_finalize<double>(int64_t, int, int64_t, const double*, const double*, double*, double*,
+template cudaError_t launch_finalize<double>(int64_t, int, int64_t, const double*, const double*, double*, double*, int,
                                              const double*, const double*, int, double*, cudaStream_t);
 
 }  // namespace disalign::cuda

@@ -27,10 +27,15 @@
 //
 // Determinism: every reduction has a fixed order; the per-class gradients go to per-block partials
 // summed by finalize_kernel in block order; the grid depends only on the shapes and the device.
+// Cluster plans (sm_90, plan.h TilePlan::cluster) first sum the blocks of a thread-block cluster
+// through distributed shared memory, in rank order, so one partial row per cluster reaches the
+// workspace: the stage-2 extra memory of (N, C) logits, whose grid is one block per SM, drops by the
+// cluster size (8-16).
 // Loops marked SASS_LOOP(name, V) are the steady state benches/sass_budget.py counts (V elements
 // per lane per iteration).
 #pragma once
 
+#include "cuda/cluster.cuh"
 #include "cuda/device_math.cuh"
 #include "cuda/plan.h"
 #include "cuda/tile_copy.cuh"
@@ -55,6 +60,7 @@ struct TileParams {
   int tile_rows, pixel_vectors, group, chunk_classes, num_chunks, slices;
   int line_stride, e_stride, ab_stride, acc_stride, ws_slices;
   bool e_cached, acc_in_shared;
+  int cluster;  // blocks per thread-block cluster reducing the class gradients (1: none)
   int64_t num_tiles;
   int64_t tiles_per_image;
   FastDivider by_tiles_per_image;
@@ -1006,7 +1012,42 @@ __global__ void __launch_bounds__(kBlock, kTileBlocksPerSM<scalar_t>) tile_kerne
   }
 
   // Block results: per-class partials (slices folded in order) and the loss partial.
-  if (want_alpha || want_beta) {
+  if ((want_alpha || want_beta) && p.cluster > 1) {
+    // Cluster plans (shared accumulators, plan.h): once every block of the cluster is done, block
+    // `rank` sums its share of the classes over the cluster's blocks in rank order (each block's
+    // slices folded in order, as below) and writes them to the cluster's partial row; the second
+    // barrier keeps every block's shared memory alive until the others have read it.
+    cluster_barrier();
+    const unsigned K = static_cast<unsigned>(p.cluster);
+    const unsigned rank = cluster_rank();
+    const int64_t share = (C + K - 1) / K;
+    const int64_t first = rank * share;
+    const int64_t last = min(C, first + share);
+    const int64_t out_row = static_cast<int64_t>(blockIdx.x / K) * AS;
+    for (int64_t j = first + threadIdx.x; j < last; j += kBlock) {
+      acc_t da = 0;
+      acc_t db = 0;
+      for (unsigned k = 0; k < K; ++k) {
+        const acc_t* peer_alpha = cluster_peer(acc_alpha, k);
+        const acc_t* peer_beta = cluster_peer(acc_beta, k);
+        acc_t ka = 0;
+        acc_t kb = 0;
+        for (int q = 0; q < p.slices; ++q) {
+          ka += peer_alpha[q * AS + j];
+          kb += peer_beta[q * AS + j];
+        }
+        da += ka;
+        db += kb;
+      }
+      if (want_alpha) {
+        p.alpha_partials[out_row + j] = da;
+      }
+      if (want_beta) {
+        p.beta_partials[out_row + j] = db;
+      }
+    }
+    cluster_barrier();
+  } else if (want_alpha || want_beta) {
     acc_t* out_alpha = want_alpha ? p.alpha_partials + block_row : nullptr;
     acc_t* out_beta = want_beta ? p.beta_partials + block_row : nullptr;
     for (int64_t j = threadIdx.x; j < C; j += kBlock) {

@@ -45,10 +45,16 @@ cudaError_t plan_for(const Args& args, TileRequest* q, TilePlan* plan) {
     return err;
   }
   cudaError_t occ_err = cudaSuccess;
-  *plan = plan_tiles(*q, dev, [&](int shared_bytes) {
-    return cached_blocks_per_sm(device, reinterpret_cast<const void*>(kernel), shared_bytes, dev.max_shared_per_block,
-                                &occ_err);
-  });
+  const void* k = reinterpret_cast<const void*>(kernel);
+  dev.max_cluster = cached_max_cluster(device, k, dev.max_cluster);
+  *plan = plan_tiles(
+      *q, dev,
+      [&](int shared_bytes) {
+        return cached_blocks_per_sm(device, k, shared_bytes, dev.max_shared_per_block, &occ_err);
+      },
+      [&](int shared_bytes, int cluster) {
+        return cached_active_clusters(device, k, shared_bytes, cluster, dev.max_shared_per_block, &occ_err);
+      });
   return occ_err;
 }
 
@@ -82,6 +88,7 @@ void fill_plan(TileParams<scalar_t, acc_t>& p, const TilePlan& plan, const Geome
   p.ws_slices = plan.ws_slices;
   p.e_cached = plan.e_cached;
   p.acc_in_shared = plan.acc_in_shared;
+  p.cluster = plan.cluster;
   p.num_tiles = plan.num_tiles;
   p.tiles_per_image = plan.tiles_per_image;
   p.by_tiles_per_image = FastDivider(std::max<int64_t>(plan.tiles_per_image, 1));
@@ -103,7 +110,8 @@ int tile_copy_unit(const void* data, const Strides& strides, const TileRequest& 
   return copy_unit(reinterpret_cast<uintptr_t>(data), strides, q, plan);
 }
 
-// Plans and launches the tile kernel of an op, then the reduction of its per-block partials.
+// Plans and launches the tile kernel of an op (in thread-block clusters where the plan says so), then
+// the reduction of its partial rows (one per block, or per cluster) and per-block loss partials.
 template <typename Args>
 cudaError_t launch_tiles(const Args& args, void* workspace, cudaStream_t stream) {
   return dispatch_dtype(args.dtype, [&](auto scalar, auto acc) -> cudaError_t {
@@ -160,15 +168,19 @@ cudaError_t launch_tiles(const Args& args, void* workspace, cudaStream_t stream)
         loss = args.loss;
       }
     }
-    DISALIGN_LAUNCH(kernel, plan.blocks, kBlock, plan.shared_bytes, stream)(p);
+    if (plan.cluster > 1) {
+      DISALIGN_LAUNCH_CLUSTER(kernel, plan.blocks, kBlock, plan.shared_bytes, stream, plan.cluster)(p);
+    } else {
+      DISALIGN_LAUNCH(kernel, plan.blocks, kBlock, plan.shared_bytes, stream)(p);
+    }
     err = cudaGetLastError();
     if (err != cudaSuccess) {
       return err;
     }
     return launch_finalize<acc_t>(
-        args.geometry.classes, plan.blocks, static_cast<int64_t>(plan.ws_slices) * plan.acc_stride, p.alpha_partials,
-        p.beta_partials, static_cast<acc_t*>(args.grad_alpha), static_cast<acc_t*>(args.grad_beta),
-        p.loss_partials, p.weight_partials, plan.weight_blocks, static_cast<acc_t*>(loss), stream);
+        args.geometry.classes, plan.partial_rows, static_cast<int64_t>(plan.ws_slices) * plan.acc_stride,
+        p.alpha_partials, p.beta_partials, static_cast<acc_t*>(args.grad_alpha), static_cast<acc_t*>(args.grad_beta),
+        plan.blocks, p.loss_partials, p.weight_partials, plan.weight_blocks, static_cast<acc_t*>(loss), stream);
   });
 }
 

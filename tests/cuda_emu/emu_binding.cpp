@@ -1,6 +1,6 @@
 // The CUDA binding (csrc/cuda/disalign_cuda.cpp) over the emulated kernels, as the CPU operators of
 // torch.ops.disalign_emu (schemas inferred from the functions; the same as torch.ops.disalign's), plus
-// disalign_emu::configure(multiprocessors, max_shared_per_block, shared_per_sm, registers, seed) and
+// disalign_emu::configure(multiprocessors, max_shared_per_block, shared_per_sm, registers, gpc_sms, seed) and
 // disalign_emu::selftest(name, grid, shared_bytes) (emu_selftest.cpp).
 // The tensors are CPU tensors, which the emulated kernels read and write in place.
 #include <torch/library.h>
@@ -19,12 +19,13 @@ namespace {
 using EmulatedOps = disalign::Ops<disalign::cuda::CudaKernels>;
 
 void configure(int64_t multiprocessors, int64_t max_shared_per_block, int64_t shared_per_sm, int64_t registers,
-               int64_t schedule_seed) {
+               int64_t gpc_sms, int64_t schedule_seed) {
   emu::DeviceConfig c;
   c.multiprocessors = static_cast<int>(multiprocessors);
   c.max_shared_per_block = static_cast<int>(max_shared_per_block);
   c.shared_per_sm = static_cast<int>(shared_per_sm);
   c.registers_per_thread = static_cast<int>(registers);
+  c.gpc_sms = static_cast<int>(gpc_sms);
   emu::configure(c, static_cast<uint64_t>(schedule_seed));
 }
 

@@ -22,15 +22,17 @@
 
 // Qualifiers: CUDA's host_defines.h makes __device__, __global__ and __shared__ empty for a host
 // compiler; __shared__ variables are shared by the threads of a block, i.e. static here (the blocks of
-// a launch run one after another).
+// a launch run one after another; kernels launched in clusters use dynamic shared memory only).
 #undef __shared__
 #define __shared__ static
 #define __launch_bounds__(...)
 #define DISALIGN_DYNAMIC_SHARED(name) unsigned char* const name = ::emu::dynamic_shared()
 #define DISALIGN_LAUNCH(kernel, grid, block, shared_bytes, stream) ::emu::kernel_call(kernel, grid, block, shared_bytes, stream)
+#define DISALIGN_LAUNCH_CLUSTER(kernel, grid, block, shared_bytes, stream, cluster) \
+  ::emu::kernel_call(kernel, grid, block, shared_bytes, stream, cluster)
 
 #define threadIdx (::emu::thread_idx())
-#define blockIdx (::emu::block_idx)
+#define blockIdx (::emu::block_index())
 #define gridDim (::emu::grid_dim)
 #define blockDim (::emu::block_dim)
 #define __syncthreads() ::emu::sync_block(__LINE__)

@@ -21,11 +21,11 @@
 
 namespace emu {
 
-Dim3 block_idx, grid_dim, block_dim;
+Dim3 grid_dim, block_dim;
 
 namespace {
 
-enum class State { kRunning, kAtBarrier, kAtWarpSync, kDone };
+enum class State { kRunning, kAtBarrier, kAtClusterBarrier, kAtWarpSync, kDone };
 
 // A cp.async not yet completed: its destination and the source bytes read at issue.
 struct PendingCopy {
@@ -36,13 +36,15 @@ struct PendingCopy {
 
 struct Thread {
   Dim3 idx;
-  unsigned linear = 0;
+  unsigned linear = 0;  // in its block
+  unsigned block = 0;   // its block's rank in the cluster being run
   ucontext_t context;  // its start (makecontext); afterwards it is resumed by _longjmp to `resume`
   jmp_buf resume;
   bool started = false;
   State state = State::kDone;
-  int barrier_line = 0;     // the __syncthreads this thread waits at
-  long barriers = 0;        // how many it has passed
+  int barrier_line = 0;     // the __syncthreads (or cluster barrier) this thread waits at
+  long barriers = 0;        // how many __syncthreads it has passed
+  long cluster_barriers = 0;
   long warp_syncs = 0;      // warp exchanges passed
   std::vector<PendingCopy> open_group;             // cp.async issued since the last commit
   std::deque<std::vector<PendingCopy>> committed;  // committed groups, oldest first
@@ -56,7 +58,10 @@ void complete(std::vector<PendingCopy>& group) {
 }
 
 constexpr size_t kStackBytes = 256 * 1024;
-constexpr unsigned kMaxThreads = 1024;
+constexpr unsigned kMaxThreads = 1024;   // per block
+constexpr unsigned kMaxFibers = 4096;    // per cluster
+constexpr unsigned kPortableCluster = 8;
+constexpr unsigned kMaxCluster = 16;     // with cudaFuncAttributeNonPortableClusterSizeAllowed
 constexpr size_t kSharedGuard = 4096;
 constexpr int kLegacySharedLimit = 48 * 1024;
 
@@ -65,14 +70,19 @@ struct Emulator {
   int device = 0;
   uint64_t seed = 0;
   std::map<std::pair<int, const void*>, int> shared_limit;  // cudaFuncSetAttribute per (device, kernel)
+  std::map<std::pair<int, const void*>, bool> non_portable;  // cluster sizes above 8 allowed
   cudaError_t last_error = cudaSuccess;
   std::string message;
 
-  // The block being run.
-  std::vector<Thread> threads = std::vector<Thread>(kMaxThreads);
+  // The cluster (or block) being run.
+  std::vector<Thread> threads = std::vector<Thread>(kMaxFibers);
   unsigned char* stacks = nullptr;
-  std::vector<unsigned char> shared;
-  std::vector<unsigned char> warp_slots = std::vector<unsigned char>(kMaxThreads * 8);
+  std::vector<std::vector<unsigned char>> shared;  // per block of the cluster
+  std::vector<Dim3> block_ids;                     // per block of the cluster
+  std::vector<unsigned> block_live;                // threads of the block not done
+  unsigned nthreads = 0;                           // per block
+  size_t shared_bytes = 0;
+  std::vector<unsigned char> warp_slots = std::vector<unsigned char>(kMaxFibers * 8);
   Thread* current = nullptr;
   ucontext_t scheduler;
   jmp_buf scheduler_resume;
@@ -82,11 +92,22 @@ struct Emulator {
   const DeviceConfig& config() const {
     return configs[device];
   }
+  unsigned fiber(const Thread& t) const {
+    return t.block * nthreads + t.linear;
+  }
 };
 
 Emulator& emulator() {
   static Emulator e;
   return e;
+}
+
+// A block whose last thread has exited: its shared memory is gone (NaN for a late reader in the cluster).
+void block_exited(unsigned block) {
+  Emulator& e = emulator();
+  if (--e.block_live[block] == 0 && e.shared.size() > 1) {
+    std::fill(e.shared[block].begin(), e.shared[block].begin() + static_cast<long>(e.shared_bytes), 0xff);
+  }
 }
 
 void thread_entry() {
@@ -106,6 +127,7 @@ void thread_entry() {
   t->committed.clear();
   complete(t->open_group);
   t->state = State::kDone;
+  block_exited(t->block);
   _longjmp(e.scheduler_resume, 1);  // never resumed
 }
 
@@ -142,7 +164,7 @@ uint64_t mix(uint64_t x) {  // splitmix64
 
 std::string where(const Thread& t) {
   std::ostringstream s;
-  s << "thread " << t.linear << " of block " << block_idx.x;
+  s << "thread " << t.linear << " of block " << emulator().block_ids[t.block].x;
   return s.str();
 }
 
@@ -164,33 +186,181 @@ void order_for(std::vector<unsigned>& order, unsigned n, uint64_t seed, long pha
   }
 }
 
-// Runs one block to its end; returns false with e.error set on a failure.
-bool run_block(unsigned nthreads, size_t shared_bytes) {
+// Releases the warps of `block` whose live lanes all wait at a warp exchange; false with e.error set
+// on a failure.
+bool release_warps(unsigned block, bool& released, bool& live) {
   Emulator& e = emulator();
-  std::fill(e.shared.begin(), e.shared.begin() + static_cast<long>(shared_bytes), 0xff);
-  std::fill(e.shared.begin() + static_cast<long>(shared_bytes), e.shared.end(), 0xa5);
-  for (unsigned i = 0; i < nthreads; ++i) {
-    Thread& t = e.threads[i];
+  const unsigned n = e.nthreads;
+  for (unsigned first = 0; first < n; first += 32) {
+    const unsigned last = std::min(n, first + 32);
+    unsigned waiting = 0, alive = 0;
+    const Thread* a = nullptr;
+    for (unsigned i = first; i < last; ++i) {
+      const Thread& t = e.threads[block * n + i];
+      alive += t.state != State::kDone;
+      if (t.state == State::kAtWarpSync) {
+        if (a != nullptr && t.warp_syncs != a->warp_syncs) {
+          e.error = "warp exchange out of step: " + where(*a) + " is at its exchange " +
+              std::to_string(a->warp_syncs) + ", " + where(t) + " at " + std::to_string(t.warp_syncs);
+          return false;
+        }
+        a = &t;
+        ++waiting;
+      }
+    }
+    live = live || alive > 0;
+    if (waiting > 0 && waiting == alive) {
+      if (alive != last - first) {
+        e.error = "__shfl_xor_sync with the full mask in a warp with exited lanes (" + where(*a) + ")";
+        return false;
+      }
+      for (unsigned i = first; i < last; ++i) {
+        e.threads[block * n + i].state = State::kRunning;
+        ++e.threads[block * n + i].warp_syncs;
+      }
+      released = true;
+    }
+  }
+  return true;
+}
+
+// Releases `block` from its __syncthreads when every live thread waits there (at the same barrier);
+// `blocked` when some wait elsewhere (a cluster barrier, a warp exchange). False with e.error set.
+bool release_block(unsigned block, bool& released) {
+  Emulator& e = emulator();
+  const unsigned n = e.nthreads;
+  const Thread* a = nullptr;
+  bool other = false;
+  for (unsigned i = 0; i < n; ++i) {
+    const Thread& t = e.threads[block * n + i];
+    if (t.state == State::kDone) {
+      continue;
+    }
+    if (t.state != State::kAtBarrier) {
+      other = true;
+      continue;
+    }
+    if (a != nullptr && (t.barrier_line != a->barrier_line || t.barriers != a->barriers)) {
+      e.error = "divergent __syncthreads: " + where(*a) + " waits at line " + std::to_string(a->barrier_line) +
+          " (barrier " + std::to_string(a->barriers) + "), " + where(t) + " at line " +
+          std::to_string(t.barrier_line) + " (barrier " + std::to_string(t.barriers) + ")";
+      return false;
+    }
+    a = &t;
+  }
+  if (a == nullptr || other) {
+    return true;
+  }
+  for (unsigned i = 0; i < n; ++i) {
+    Thread& t = e.threads[block * n + i];
+    if (t.state == State::kAtBarrier) {
+      t.state = State::kRunning;
+      ++t.barriers;
+    }
+  }
+  released = true;
+  return true;
+}
+
+// Releases the cluster barrier when every thread of every block of the cluster waits at it.
+bool release_cluster(unsigned blocks, bool& released) {
+  Emulator& e = emulator();
+  const unsigned total = blocks * e.nthreads;
+  const Thread* a = nullptr;
+  const Thread* exited = nullptr;
+  for (unsigned i = 0; i < total; ++i) {
+    const Thread& t = e.threads[i];
+    if (t.state == State::kDone) {
+      exited = &t;
+      continue;
+    }
+    if (t.state != State::kAtClusterBarrier) {
+      return true;
+    }
+    if (a != nullptr && (t.barrier_line != a->barrier_line || t.cluster_barriers != a->cluster_barriers)) {
+      e.error = "divergent cluster barrier: " + where(*a) + " waits at line " + std::to_string(a->barrier_line) +
+          ", " + where(t) + " at line " + std::to_string(t.barrier_line);
+      return false;
+    }
+    a = &t;
+  }
+  if (a == nullptr) {
+    return true;
+  }
+  if (exited != nullptr) {
+    e.error = "cluster barrier at line " + std::to_string(a->barrier_line) + " while " + where(*exited) +
+        " has exited";
+    return false;
+  }
+  for (unsigned i = 0; i < total; ++i) {
+    e.threads[i].state = State::kRunning;
+    ++e.threads[i].cluster_barriers;
+  }
+  released = true;
+  return true;
+}
+
+// Runs the blocks of one cluster (one block without clusters) to their end; returns false with
+// e.error set on a failure.
+bool run_cluster(unsigned blocks) {
+  Emulator& e = emulator();
+  const unsigned n = e.nthreads;
+  e.block_live.assign(blocks, n);
+  for (unsigned b = 0; b < blocks; ++b) {
+    std::fill(e.shared[b].begin(), e.shared[b].begin() + static_cast<long>(e.shared_bytes), 0xff);
+    std::fill(e.shared[b].begin() + static_cast<long>(e.shared_bytes), e.shared[b].end(), 0xa5);
+  }
+  for (unsigned f = 0; f < blocks * n; ++f) {
+    Thread& t = e.threads[f];
+    const unsigned i = f % n;
     t.linear = i;
+    t.block = f / n;
     t.idx = Dim3{i % block_dim.x, (i / block_dim.x) % block_dim.y, i / (block_dim.x * block_dim.y)};
     t.state = State::kRunning;
     t.started = false;
-    t.barriers = t.warp_syncs = 0;
+    t.barriers = t.cluster_barriers = t.warp_syncs = 0;
     t.open_group.clear();
     t.committed.clear();
     getcontext(&t.context);
-    t.context.uc_stack.ss_sp = e.stacks + i * kStackBytes;
+    t.context.uc_stack.ss_sp = e.stacks + f * kStackBytes;
     t.context.uc_stack.ss_size = kStackBytes;
     t.context.uc_link = nullptr;
     makecontext(&t.context, thread_entry, 0);
   }
   std::vector<unsigned> order;
-  const unsigned warps = (nthreads + 31) / 32;
+  std::vector<char> stalled(blocks, 0);
   for (long phase = 0;; ++phase) {
-    order_for(order, nthreads, e.seed, phase);
-    for (unsigned i : order) {
-      Thread& t = e.threads[i];
+    order_for(order, blocks * n, e.seed, phase);
+    // The blocks of a cluster run at their own speeds: with a schedule seed, each phase leaves some of
+    // them stalled (at least one that can run runs), so one block may pass its barriers, or exit,
+    // before another has resumed from the cluster barrier they both left.
+    bool waiting_to_run = false;
+    if (blocks > 1 && e.seed != 0) {
+      std::vector<unsigned> runnable;
+      bool one_runs = false;
+      const uint64_t r = mix(e.seed * 7919u + static_cast<uint64_t>(phase));
+      for (unsigned b = 0; b < blocks; ++b) {
+        bool can_run = false;
+        for (unsigned i = 0; i < n && !can_run; ++i) {
+          can_run = e.threads[b * n + i].state == State::kRunning;
+        }
+        stalled[b] = can_run && (mix(r + b) & 1u) != 0;
+        if (can_run) {
+          runnable.push_back(b);
+        }
+        one_runs = one_runs || (can_run && !stalled[b]);
+      }
+      if (!one_runs && !runnable.empty()) {
+        stalled[runnable[r % runnable.size()]] = 0;
+      }
+    }
+    for (unsigned f : order) {
+      Thread& t = e.threads[f];
       if (t.state == State::kRunning) {
+        if (stalled[t.block]) {
+          waiting_to_run = true;
+          continue;
+        }
         resume(t);
         if (!e.error.empty()) {
           return false;
@@ -199,34 +369,9 @@ bool run_block(unsigned nthreads, size_t shared_bytes) {
     }
     bool released = false;
     bool live = false;
-    for (unsigned w = 0; w < warps; ++w) {
-      const unsigned first = w * 32, last = std::min(nthreads, first + 32);
-      unsigned waiting = 0, alive = 0;
-      const Thread* a = nullptr;
-      for (unsigned i = first; i < last; ++i) {
-        const Thread& t = e.threads[i];
-        alive += t.state != State::kDone;
-        if (t.state == State::kAtWarpSync) {
-          if (a != nullptr && t.warp_syncs != a->warp_syncs) {
-            e.error = "warp exchange out of step: " + where(*a) + " is at its exchange " +
-                std::to_string(a->warp_syncs) + ", " + where(t) + " at " + std::to_string(t.warp_syncs);
-            return false;
-          }
-          a = &t;
-          ++waiting;
-        }
-      }
-      live = live || alive > 0;
-      if (waiting > 0 && waiting == alive) {
-        if (alive != last - first) {
-          e.error = "__shfl_xor_sync with the full mask in a warp with exited lanes (" + where(*a) + ")";
-          return false;
-        }
-        for (unsigned i = first; i < last; ++i) {
-          e.threads[i].state = State::kRunning;
-          ++e.threads[i].warp_syncs;
-        }
-        released = true;
+    for (unsigned b = 0; b < blocks; ++b) {
+      if (!release_warps(b, released, live)) {
+        return false;
       }
     }
     if (!live) {
@@ -235,30 +380,25 @@ bool run_block(unsigned nthreads, size_t shared_bytes) {
     if (released) {
       continue;
     }
-    const Thread* a = nullptr;
-    for (unsigned i = 0; i < nthreads; ++i) {
-      const Thread& t = e.threads[i];
-      if (t.state == State::kDone) {
-        continue;
-      }
-      if (t.state != State::kAtBarrier) {
-        e.error = "deadlock: " + where(t) + " waits at a warp exchange while others wait at __syncthreads";
+    for (unsigned b = 0; b < blocks; ++b) {
+      if (!release_block(b, released)) {
         return false;
       }
-      if (a != nullptr && (t.barrier_line != a->barrier_line || t.barriers != a->barriers)) {
-        e.error = "divergent __syncthreads: " + where(*a) + " waits at line " + std::to_string(a->barrier_line) +
-            " (barrier " + std::to_string(a->barriers) + "), " + where(t) + " at line " +
-            std::to_string(t.barrier_line) + " (barrier " + std::to_string(t.barriers) + ")";
-        return false;
-      }
-      a = &t;
     }
-    for (unsigned i = 0; i < nthreads; ++i) {
-      Thread& t = e.threads[i];
-      if (t.state == State::kAtBarrier) {
-        t.state = State::kRunning;
-        ++t.barriers;
+    if (!released && !release_cluster(blocks, released)) {
+      return false;
+    }
+    if (!released && !waiting_to_run) {
+      for (unsigned f = 0; f < blocks * n; ++f) {
+        const Thread& t = e.threads[f];
+        if (t.state == State::kAtWarpSync) {
+          e.error = "deadlock: " + where(t) + " waits at a warp exchange while others wait at a barrier";
+          return false;
+        }
       }
+      e.error = blocks > 1 ? "deadlock: some threads of the cluster wait at __syncthreads, others at the cluster barrier"
+                           : "deadlock: threads wait at a cluster barrier outside a cluster launch";
+      return false;
     }
   }
 }
@@ -276,7 +416,8 @@ void configure(const DeviceConfig& config, uint64_t schedule_seed) {
   Emulator& e = emulator();
   auto same = [&](const DeviceConfig& c) {
     return c.multiprocessors == config.multiprocessors && c.max_shared_per_block == config.max_shared_per_block &&
-        c.shared_per_sm == config.shared_per_sm && c.registers_per_thread == config.registers_per_thread;
+        c.shared_per_sm == config.shared_per_sm && c.registers_per_thread == config.registers_per_thread &&
+        c.gpc_sms == config.gpc_sms;
   };
   auto it = std::find_if(e.configs.begin(), e.configs.end(), same);
   if (it == e.configs.end()) {
@@ -291,9 +432,37 @@ const Dim3& thread_idx() {
   return emulator().current->idx;
 }
 
+const Dim3& block_index() {
+  Emulator& e = emulator();
+  return e.block_ids[e.current->block];
+}
+
 void sync_block(int line) {
   emulator().current->barrier_line = line;
   yield(State::kAtBarrier);
+}
+
+void sync_cluster(int line) {
+  emulator().current->barrier_line = line;
+  yield(State::kAtClusterBarrier);
+}
+
+unsigned cluster_rank() {
+  return emulator().current->block;
+}
+
+const void* cluster_peer(const void* p, unsigned rank) {
+  Emulator& e = emulator();
+  const unsigned char* own = e.shared[e.current->block].data();
+  const auto* q = static_cast<const unsigned char*>(p);
+  if (rank >= e.shared.size()) {
+    fail("distributed shared memory of block rank " + std::to_string(rank) + " in a cluster of " +
+         std::to_string(e.shared.size()));
+  }
+  if (q < own || q >= own + e.shared_bytes) {
+    fail("distributed shared memory: the pointer is not in the block's dynamic shared memory");
+  }
+  return e.shared[rank].data() + (q - own);
 }
 
 void pipeline_copy(void* dst, const void* src, size_t bytes) {
@@ -328,12 +497,13 @@ unsigned lane() {
 }
 
 unsigned char* dynamic_shared() {
-  return emulator().shared.data();
+  Emulator& e = emulator();
+  return e.shared[e.current->block].data();
 }
 
 unsigned char* warp_slot(unsigned lane) {
   Emulator& e = emulator();
-  return e.warp_slots.data() + (e.current->linear / 32 * 32 + lane) * 8;
+  return e.warp_slots.data() + (e.current->block * e.nthreads + e.current->linear / 32 * 32 + lane) * 8;
 }
 
 void fail(const std::string& message) {
@@ -342,11 +512,12 @@ void fail(const std::string& message) {
     e.error = message + " (" + where(*e.current) + ")";
   }
   e.current->state = State::kDone;
+  block_exited(e.current->block);
   _longjmp(e.scheduler_resume, 1);  // never resumed
 }
 
 void launch(const void* kernel, Dim3 grid, Dim3 block, size_t shared_bytes, cudaStream_t,
-            const std::function<void()>& body) {
+            const std::function<void()>& body, unsigned cluster) {
   Emulator& e = emulator();
   const unsigned nthreads = block.x * block.y * block.z;
   const uint64_t blocks = static_cast<uint64_t>(grid.x) * grid.y * grid.z;
@@ -356,6 +527,24 @@ void launch(const void* kernel, Dim3 grid, Dim3 block, size_t shared_bytes, cuda
     return;
   }
   const DeviceConfig& c = e.config();
+  if (cluster != 1) {
+    const bool allowed = e.non_portable.count({e.device, kernel}) != 0;
+    const unsigned max_cluster = allowed ? kMaxCluster : kPortableCluster;
+    std::string why;
+    if (c.gpc_sms == 0) {
+      why = "the device does not launch thread-block clusters";
+    } else if (cluster == 0 || cluster > max_cluster) {
+      why = "cluster of " + std::to_string(cluster) + " blocks (at most " + std::to_string(max_cluster) + ")";
+    } else if (grid.x % cluster != 0 || grid.y != 1 || grid.z != 1) {
+      why = "grid " + std::to_string(grid.x) + " is not a multiple of the cluster " + std::to_string(cluster);
+    } else if (cluster * nthreads > kMaxFibers) {
+      why = "emulation: clusters of more than " + std::to_string(kMaxFibers) + " threads are not emulated";
+    }
+    if (!why.empty()) {
+      fail_launch(cudaErrorInvalidClusterSize, "invalid cluster launch: " + why);
+      return;
+    }
+  }
   auto limit = e.shared_limit.find({e.device, kernel});
   const int allowed = limit == e.shared_limit.end() ? kLegacySharedLimit : limit->second;
   if (shared_bytes > static_cast<size_t>(std::min(allowed, c.max_shared_per_block))) {
@@ -365,7 +554,7 @@ void launch(const void* kernel, Dim3 grid, Dim3 block, size_t shared_bytes, cuda
     return;
   }
   if (e.stacks == nullptr) {
-    void* p = mmap(nullptr, kMaxThreads * kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+    void* p = mmap(nullptr, kMaxFibers * kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
                    -1, 0);
     if (p == MAP_FAILED) {
       fail_launch(cudaErrorLaunchFailure, "emulation: no memory for the thread stacks");
@@ -373,32 +562,42 @@ void launch(const void* kernel, Dim3 grid, Dim3 block, size_t shared_bytes, cuda
     }
     e.stacks = static_cast<unsigned char*>(p);
   }
-  e.shared.assign(shared_bytes + kSharedGuard, 0);
+  e.shared.assign(cluster, std::vector<unsigned char>(shared_bytes + kSharedGuard, 0));
+  e.block_ids.assign(cluster, Dim3{});
+  e.nthreads = nthreads;
+  e.shared_bytes = shared_bytes;
   grid_dim = grid;
   block_dim = block;
   e.body = &body;
   e.error.clear();
-  // Blocks in the schedule's order too: a block that relied on another block's results of the same
-  // launch would see them or not.
+  // Clusters (blocks) in the schedule's order too: a block that relied on another block's results of
+  // the same launch, other than through its cluster's barrier, would see them or not.
   if (blocks > (1u << 20)) {
     fail_launch(cudaErrorLaunchFailure, "emulation: grids above 2^20 blocks are not emulated");
     return;
   }
-  std::vector<unsigned> block_order;
-  order_for(block_order, static_cast<unsigned>(blocks), e.seed, -1);
-  for (uint64_t b : block_order) {
-    block_idx = Dim3{static_cast<unsigned>(b % grid.x), static_cast<unsigned>(b / grid.x % grid.y),
-                     static_cast<unsigned>(b / (static_cast<uint64_t>(grid.x) * grid.y))};
-    if (!run_block(nthreads, shared_bytes)) {
-      fail_launch(cudaErrorLaunchFailure, "kernel failed in block " + std::to_string(b) + ": " + e.error);
+  std::vector<unsigned> cluster_order;
+  order_for(cluster_order, static_cast<unsigned>(blocks / cluster), e.seed, -1);
+  for (uint64_t k : cluster_order) {
+    for (unsigned r = 0; r < cluster; ++r) {
+      const uint64_t b = k * cluster + r;
+      e.block_ids[r] = Dim3{static_cast<unsigned>(b % grid.x), static_cast<unsigned>(b / grid.x % grid.y),
+                            static_cast<unsigned>(b / (static_cast<uint64_t>(grid.x) * grid.y))};
+    }
+    if (!run_cluster(cluster)) {
+      fail_launch(cudaErrorLaunchFailure,
+                  (cluster > 1 ? "kernel failed in cluster " + std::to_string(k) : "kernel failed in block " +
+                   std::to_string(k)) + ": " + e.error);
       return;
     }
-    for (size_t i = shared_bytes; i < e.shared.size(); ++i) {
-      if (e.shared[i] != 0xa5) {
-        fail_launch(cudaErrorLaunchFailure, "block " + std::to_string(b) + " wrote byte " + std::to_string(i) +
-                                                " of dynamic shared memory, past the " + std::to_string(shared_bytes) +
-                                                " bytes of the launch");
-        return;
+    for (unsigned r = 0; r < cluster; ++r) {
+      for (size_t i = shared_bytes; i < e.shared[r].size(); ++i) {
+        if (e.shared[r][i] != 0xa5) {
+          fail_launch(cudaErrorLaunchFailure, "block " + std::to_string(k * cluster + r) + " wrote byte " +
+                                                  std::to_string(i) + " of dynamic shared memory, past the " +
+                                                  std::to_string(shared_bytes) + " bytes of the launch");
+          return;
+        }
       }
     }
   }
@@ -426,6 +625,9 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) 
     case cudaDevAttrMaxSharedMemoryPerBlockOptin:
       *value = c.max_shared_per_block;
       return cudaSuccess;
+    case cudaDevAttrClusterLaunch:
+      *value = c.gpc_sms > 0 ? 1 : 0;
+      return cudaSuccess;
     default:
       return cudaErrorInvalidValue;
   }
@@ -433,10 +635,53 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) 
 
 cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int value) {
   emu::Emulator& e = emu::emulator();
+  if (attr == cudaFuncAttributeNonPortableClusterSizeAllowed) {
+    if (e.config().gpc_sms == 0 || (value != 0 && value != 1)) {
+      return e.last_error = cudaErrorInvalidValue;
+    }
+    if (value == 1) {
+      e.non_portable[{e.device, func}] = true;
+    } else {
+      e.non_portable.erase({e.device, func});
+    }
+    return cudaSuccess;
+  }
   if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 || value > e.config().max_shared_per_block) {
-    return cudaErrorInvalidValue;
+    return e.last_error = cudaErrorInvalidValue;
   }
   e.shared_limit[{e.device, func}] = value;
+  return cudaSuccess;
+}
+
+// The PTX target the kernels were "compiled for": 9.0 on a device with clusters, else 8.0.
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, const void*) {
+  *attr = cudaFuncAttributes{};
+  attr->ptxVersion = emu::emulator().config().gpc_sms > 0 ? 90 : 80;
+  attr->binaryVersion = attr->ptxVersion;
+  attr->maxThreadsPerBlock = 1024;
+  return cudaSuccess;
+}
+
+// Clusters of the launch's cluster size resident at once: whole clusters per GPC (gpc_sms SMs, the
+// last GPC the remainder), each SM holding the occupancy model's blocks.
+cudaError_t cudaOccupancyMaxActiveClusters(int* clusters, const void* func, const cudaLaunchConfig_t* config) {
+  emu::Emulator& e = emu::emulator();
+  const emu::DeviceConfig& c = e.config();
+  unsigned cluster = 1;
+  for (unsigned i = 0; i < config->numAttrs; ++i) {
+    if (config->attrs[i].id == cudaLaunchAttributeClusterDimension) {
+      cluster = config->attrs[i].val.clusterDim.x * config->attrs[i].val.clusterDim.y *
+          config->attrs[i].val.clusterDim.z;
+    }
+  }
+  const bool allowed = e.non_portable.count({e.device, func}) != 0;
+  if (c.gpc_sms == 0 || cluster == 0 || cluster > (allowed ? 16u : 8u)) {
+    return e.last_error = cudaErrorInvalidClusterSize;
+  }
+  const int threads = static_cast<int>(config->blockDim.x * config->blockDim.y * config->blockDim.z);
+  const int per_sm = disalign::cuda::modelled_blocks_per_sm(threads, c.registers_per_thread, c.shared_per_sm,
+                                                            static_cast<int>(config->dynamicSmemBytes));
+  *clusters = disalign::cuda::modelled_active_clusters(c.multiprocessors, c.gpc_sms, per_sm, static_cast<int>(cluster));
   return cudaSuccess;
 }
 

@@ -2,6 +2,8 @@
 // a clean run of csrc/cuda's kernels means something.
 #include "emu_device.h"
 
+#include "cuda/cluster.cuh"
+
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -54,6 +56,33 @@ __global__ void uninitialised_shared(int* out) {
   out[threadIdx.x] = v;
 }
 
+// Clusters of two blocks: each block stores its rank in its shared memory, and rank 0 reads its
+// peer's after the cluster barrier. With the final cluster barrier, the peer's shared memory is still
+// there; without it (cluster_no_final_barrier) the peer may have exited: its bytes are gone (0xff).
+template <bool kFinalBarrier>
+__global__ void cluster_peer_read(int* out) {
+  DISALIGN_DYNAMIC_SHARED(bytes);
+  int* slots = reinterpret_cast<int*>(bytes);
+  const unsigned rank = disalign::cuda::cluster_rank();
+  slots[threadIdx.x] = static_cast<int>(rank + 1);
+  disalign::cuda::cluster_barrier();
+  if (rank == 0 && blockIdx.x == 0) {
+    out[threadIdx.x] = disalign::cuda::cluster_peer(slots, 1)[threadIdx.x];
+  }
+  if (kFinalBarrier) {
+    disalign::cuda::cluster_barrier();
+  }
+}
+
+// Half of the threads leave before the cluster barrier.
+__global__ void cluster_barrier_after_exit(int* out) {
+  if (threadIdx.x >= 32) {
+    return;
+  }
+  disalign::cuda::cluster_barrier();
+  out[threadIdx.x] = 1;
+}
+
 }  // namespace
 
 namespace emu {
@@ -73,6 +102,12 @@ std::vector<int> selftest(const std::string& name, int grid, size_t shared_bytes
     DISALIGN_LAUNCH(shared_overrun, grid, kThreads, shared_bytes, nullptr)(p);
   } else if (name == "uninitialised_shared") {
     DISALIGN_LAUNCH(uninitialised_shared, grid, kThreads, shared_bytes, nullptr)(p);
+  } else if (name == "cluster_peer_read") {
+    DISALIGN_LAUNCH_CLUSTER(cluster_peer_read<true>, grid, kThreads, shared_bytes, nullptr, 2)(p);
+  } else if (name == "cluster_no_final_barrier") {
+    DISALIGN_LAUNCH_CLUSTER(cluster_peer_read<false>, grid, kThreads, shared_bytes, nullptr, 2)(p);
+  } else if (name == "cluster_barrier_after_exit") {
+    DISALIGN_LAUNCH_CLUSTER(cluster_barrier_after_exit, grid, kThreads, shared_bytes, nullptr, 2)(p);
   } else {
     throw std::invalid_argument("no self-test kernel " + name);
   }

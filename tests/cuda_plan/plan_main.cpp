@@ -1,8 +1,10 @@
 // CPU driver of the CUDA tile planner (csrc/cuda/plan.cpp): one plan per input line, as JSON, so the
 // planner is tested (tests/test_cuda_plan.py) and reported (benches/sass_budget.py) without a GPU.
 // Input line: batch classes spatial pixels elem acc calibrate want_alpha want_beta want_loss mean
-//             multiprocessors max_shared_per_block shared_per_sm registers_per_thread
+//             multiprocessors max_shared_per_block shared_per_sm registers_per_thread gpc_sms
 //             [data_address stride_batch stride_classes stride_spatial]
+// (gpc_sms > 0: a device with thread-block clusters of up to 16 blocks, as an H200 allows them, and
+// occupancy.h's cluster model; 0: none.)
 // (with the optional operand, the plan also carries copy_unit's choice for it: "copy_unit").
 // Occupancy: cuda_plan/occupancy.h's model (as in the kernel emulation, tests/cuda_emu).
 //
@@ -133,9 +135,10 @@ int main() {
       continue;
     }
     int64_t batch, classes, spatial;
-    int pixels, elem, acc, calibrate, want_alpha, want_beta, want_loss, mean, sms, max_shared, shared_per_sm, regs;
+    int pixels, elem, acc, calibrate, want_alpha, want_beta, want_loss, mean, sms, max_shared, shared_per_sm, regs,
+        gpc_sms;
     if (!(in >> batch >> classes >> spatial >> pixels >> elem >> acc >> calibrate >> want_alpha >> want_beta >>
-          want_loss >> mean >> sms >> max_shared >> shared_per_sm >> regs)) {
+          want_loss >> mean >> sms >> max_shared >> shared_per_sm >> regs >> gpc_sms)) {
       std::fprintf(stderr, "bad line: %s\n", line.c_str());
       return 2;
     }
@@ -144,10 +147,14 @@ int main() {
     DeviceLimits dev;
     dev.multiprocessors = sms;
     dev.max_shared_per_block = max_shared;
+    dev.max_cluster = gpc_sms > 0 ? 16 : 1;
     auto occupancy = [&](int shared_bytes) {
       return modelled_blocks_per_sm(kTileThreads, regs, shared_per_sm, shared_bytes);
     };
-    const TilePlan p = plan_tiles(q, dev, occupancy);
+    auto clusters = [&](int shared_bytes, int cluster) {
+      return modelled_active_clusters(sms, gpc_sms, occupancy(shared_bytes), cluster);
+    };
+    const TilePlan p = plan_tiles(q, dev, occupancy, clusters);
     unsigned long long data;
     disalign::Strides st;
     int unit = -1;
@@ -163,14 +170,15 @@ int main() {
         "\"offset_rows\": %d, \"shared_bytes\": %d, \"blocks_per_sm\": %d, \"blocks\": %d, \"weight_blocks\": %d, "
         "\"ws_slices\": %d, \"ws_alpha\": %lld, \"ws_beta\": %lld, \"ws_loss\": %lld, \"ws_weight\": %lld, "
         "\"workspace_bytes\": %zu, \"row_partial_entries\": %zu, \"row_meta_bytes\": %zu, \"copy_unit\": %d, "
-        "\"pipelined\": %s, \"offset_tile_next\": %d, \"offset_rows_next\": %d}\n",
+        "\"pipelined\": %s, \"offset_tile_next\": %d, \"offset_rows_next\": %d, \"cluster\": %d, "
+        "\"partial_rows\": %d}\n",
         p.vec, p.tile_rows, p.pixel_vectors, p.group, p.chunk_classes, p.num_chunks, p.slices, p.line_stride,
         p.e_stride, p.ab_stride, p.acc_stride, p.e_cached ? "true" : "false", p.acc_in_shared ? "true" : "false",
         static_cast<long long>(p.num_tiles), static_cast<long long>(p.tiles_per_image), p.offset_tile2, p.offset_e,
         p.offset_ab, p.offset_acc, p.offset_partials, p.offset_rows, p.shared_bytes, p.blocks_per_sm, p.blocks,
         p.weight_blocks, p.ws_slices, ws(p.ws_alpha), ws(p.ws_beta), ws(p.ws_loss), ws(p.ws_weight),
         p.workspace_bytes, row_partial_entries(q, p), row_meta_bytes(q, p.tile_rows), unit,
-        p.pipelined ? "true" : "false", p.offset_tile_next, p.offset_rows_next);
+        p.pipelined ? "true" : "false", p.offset_tile_next, p.offset_rows_next, p.cluster, p.partial_rows);
   }
   return 0;
 }
