@@ -224,6 +224,25 @@ def test_loss_every_plan(emu, case, dtype, mode):
     _compare(emu, make_inputs(shape, dtype=dtype, layout=layout, seed=2), reduction, wrt)
 
 
+@pytest.mark.parametrize("case", ["classes-in-clusters", "pixels-in-clusters-several-tiles"])
+def test_cluster_plans_launch_in_clusters_unless_disabled(emu, tmp_path, case, monkeypatch):
+    """The tile kernel is launched as the planner says (grid and cluster size, benches/cuda_plan.py);
+    DISALIGN_CUDA_CLUSTERS=0 launches one block per partial row instead, with the same values."""
+    shape, layout, device = PLAN_CASES[case]
+    plan = _plan_of(cuda_plan.build(tmp_path), shape, layout, device, torch.float32)
+    assert plan["cluster"] > 1
+    inputs = make_inputs(shape, dtype=torch.float32, layout=layout, seed=4)
+    for clusters in ("1", "0"):
+        monkeypatch.setenv("DISALIGN_CUDA_CLUSTERS", clusters)
+        _configure(emu, device)
+        _compare(emu, inputs, "sum", ("alpha", "beta", "confidence"))
+        launched = [tuple(r) for r in emu.launches().tolist()]
+        if clusters == "1":
+            assert (plan["blocks"], 256, plan["cluster"]) in launched, launched
+        else:
+            assert launched and all(k == 1 for _, _, k in launched), launched
+
+
 def _pixels_contiguous(layout: str) -> bool:
     """Whether the kernels see a conftest layout with the pixels contiguous (csrc/common: NCHW and
     its slices, a transposed (N, C)) rather than the classes ((N, C), channels-last)."""

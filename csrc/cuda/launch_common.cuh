@@ -79,8 +79,9 @@ int cached_blocks_per_sm(int device, const void* kernel, int shared_bytes, int m
 
 // The largest cluster `kernel` can be launched in on `device` (device_max: 8 where the device
 // launches clusters, else 1): 1 when the kernel's PTX target is older than 9.0 (its cluster code
-// traps), 16 where the non-portable size is allowed. Cached per (device, kernel); failed probes
-// leave no error behind.
+// traps) or the environment has DISALIGN_CUDA_CLUSTERS=0 (read at every call: one partial row per
+// block, as before clusters, e.g. to compare the two on a GPU), 16 where the non-portable size is
+// allowed. Cached per (device, kernel); failed probes leave no error behind.
 int cached_max_cluster(int device, const void* kernel, int device_max);
 
 // cudaOccupancyMaxActiveClusters for clusters of `cluster` kBlock-thread blocks with `shared_bytes`,

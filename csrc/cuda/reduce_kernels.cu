@@ -2,6 +2,8 @@
 // launch_common.cuh. Torch-free.
 #include "cuda/launch_common.cuh"
 
+#include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <unordered_map>
 
@@ -133,7 +135,8 @@ int cached_blocks_per_sm(int device, const void* kernel, int shared_bytes, int m
 
 int cached_max_cluster(int device, const void* kernel, int device_max) {
   static std::unordered_map<OccupancyKey, int, OccupancyHash> limits;
-  if (device_max <= 1) {
+  const char* env = std::getenv("DISALIGN_CUDA_CLUSTERS");
+  if (device_max <= 1 || (env != nullptr && std::strcmp(env, "0") == 0)) {
     return 1;
   }
   std::lock_guard<std::mutex> lock(cache_mutex);

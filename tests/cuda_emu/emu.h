@@ -77,6 +77,12 @@ unsigned char* warp_slot(unsigned lane);  // 8 bytes per lane of the calling thr
 // emulation's message.
 std::vector<int> selftest(const std::string& name, int grid, size_t shared_bytes);
 
+// The launches since the last configure(): grid (x), block threads and cluster size of each, in order.
+struct LaunchRecord {
+  unsigned grid, block, cluster;
+};
+const std::vector<LaunchRecord>& launches();
+
 // Host side: runs body() in every thread of every block (clusters of `cluster` blocks along x);
 // records the launch's error.
 void launch(const void* kernel, Dim3 grid, Dim3 block, size_t shared_bytes, cudaStream_t stream,

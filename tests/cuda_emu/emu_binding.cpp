@@ -1,7 +1,7 @@
 // The CUDA binding (csrc/cuda/disalign_cuda.cpp) over the emulated kernels, as the CPU operators of
 // torch.ops.disalign_emu (schemas inferred from the functions; the same as torch.ops.disalign's), plus
 // disalign_emu::configure(multiprocessors, max_shared_per_block, shared_per_sm, registers, gpc_sms, seed) and
-// disalign_emu::selftest(name, grid, shared_bytes) (emu_selftest.cpp).
+// disalign_emu::selftest(name, grid, shared_bytes) (emu_selftest.cpp) and disalign_emu::launches().
 // The tensors are CPU tensors, which the emulated kernels read and write in place.
 #include <torch/library.h>
 
@@ -39,6 +39,15 @@ at::Tensor selftest(c10::string_view name, int64_t grid, int64_t shared_bytes) {
   return at::tensor(std::vector<int64_t>(out.begin(), out.end()));
 }
 
+// The launches since configure(), one row (grid, block threads, cluster size) each.
+at::Tensor launches() {
+  std::vector<int64_t> flat;
+  for (const emu::LaunchRecord& r : emu::launches()) {
+    flat.insert(flat.end(), {r.grid, r.block, r.cluster});
+  }
+  return at::tensor(flat).view({-1, 3});
+}
+
 }  // namespace
 
 TORCH_LIBRARY(disalign_emu, m) {
@@ -48,4 +57,5 @@ TORCH_LIBRARY(disalign_emu, m) {
   m.def("calibrate_backward", TORCH_FN(EmulatedOps::calibrate_backward));
   m.def("configure", configure);
   m.def("selftest", selftest);
+  m.def("launches", launches);
 }

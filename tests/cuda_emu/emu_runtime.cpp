@@ -71,6 +71,7 @@ struct Emulator {
   uint64_t seed = 0;
   std::map<std::pair<int, const void*>, int> shared_limit;  // cudaFuncSetAttribute per (device, kernel)
   std::map<std::pair<int, const void*>, bool> non_portable;  // cluster sizes above 8 allowed
+  std::vector<LaunchRecord> launched;
   cudaError_t last_error = cudaSuccess;
   std::string message;
 
@@ -426,6 +427,11 @@ void configure(const DeviceConfig& config, uint64_t schedule_seed) {
   }
   e.device = static_cast<int>(it - e.configs.begin());
   e.seed = schedule_seed;
+  e.launched.clear();
+}
+
+const std::vector<LaunchRecord>& launches() {
+  return emulator().launched;
 }
 
 const Dim3& thread_idx() {
@@ -562,6 +568,7 @@ void launch(const void* kernel, Dim3 grid, Dim3 block, size_t shared_bytes, cuda
     }
     e.stacks = static_cast<unsigned char*>(p);
   }
+  e.launched.push_back(LaunchRecord{grid.x, nthreads, cluster});
   e.shared.assign(cluster, std::vector<unsigned char>(shared_bytes + kSharedGuard, 0));
   e.block_ids.assign(cluster, Dim3{});
   e.nthreads = nthreads;
