@@ -166,6 +166,22 @@ def test_partial_budget_comes_from_the_shared_constant(planner):
     assert p["blocks"] == min(p["num_tiles"], p["blocks_per_sm"] * 132, max(132, budget_rows))
 
 
+@pytest.mark.parametrize("shape", list(cuda_plan.BENCH_SHAPES.values()) + AWKWARD, ids=str)
+def test_python_and_cuda_partial_rows_are_one_rule(planner, shape):
+    """disalign_ops/_gpu_plan.py's partial_rows (the Triton launcher's) gives the CUDA planner's
+    blocks wherever the planner keeps one partial row per block (no clusters: the A100)."""
+    from disalign_ops._gpu_plan import partial_rows
+
+    req = _request(shape, "bf16")
+    (p,) = cuda_plan.plans(planner, [req], cuda_plan.A100)
+    batch, classes, spatial, _ = shape
+    sms = cuda_plan.A100.multiprocessors
+    wanted = min(p["num_tiles"], p["blocks_per_sm"] * sms)
+    per_block = 2 * p["ws_slices"] * p["acc_stride"] * req["acc"]
+    assert p["cluster"] == 1
+    assert p["blocks"] == partial_rows(batch * classes * spatial * req["elem"], per_block, sms, wanted)
+
+
 # Misaligned 2-byte lines (csrc/cuda/line_copy.h, the kernel's kCopyRealign copies, run on the CPU):
 # (address mod 16, elements, element bytes). det-lvis rows (1231 bf16) start at every even phase;
 # slices start anywhere; lines shorter than 16 bytes or than their head have no body.

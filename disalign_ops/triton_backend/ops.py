@@ -30,8 +30,7 @@ from torch import Tensor
 from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
 from .._compat import size_hint
-from .._gpu_plan import MIN_BLOCKS_PER_SM  # the one definition shared with the CUDA backend
-from .._gpu_plan import PARTIALS_FRACTION_OF_LOGITS
+from .._gpu_plan import partial_rows  # the rule (and constants) shared with the CUDA planner
 from .._registration import OpFamily, register_autograd, register_fake_kernels
 from .._validation import (
     accumulation_dtype,
@@ -231,18 +230,20 @@ def _num_programs(num_tiles: int, device: torch.device, class_partials_bytes: in
 
     Each program owns a partial row of C floats for da and for db; a persistent grid of P programs
     needs P x C of them. P is what fits in PARTIALS_FRACTION_OF_LOGITS of the logits' bytes (the
-    shared GPU budget, disalign_ops/_gpu_plan.py), capped at four per SM (a few waves amortise the
-    partials), but never fewer than MIN_BLOCKS_PER_SM per SM (the floor wins, as in the CUDA planner): on 132 SMs seg-ade gets 528 programs
+    shared GPU budget), capped at four per SM (a few waves amortise the partials), but never fewer
+    than MIN_BLOCKS_PER_SM per SM (the floor wins): disalign_ops/_gpu_plan.py's partial_rows, the
+    CUDA planner's rule, with four programs per SM wanted. On 132 SMs seg-ade gets 528 programs
     (0.1% of bf16 logits); the (N, C) benchmark shapes, whose N is small for their C, get 132, which
     is over the budget (cls-inat 4096 x 8142: 8.6 MB, 12.9% of bf16 logits) because a deterministic
-    reduction without atomics needs one partial row per resident program.
+    reduction without atomics needs one partial row per resident program (the CUDA kernels reduce
+    across thread-block clusters on sm_90 first; Triton has no distributed shared memory).
     """
     if class_partials_bytes == 0:
         return num_tiles
-    resident = MIN_BLOCKS_PER_SM * _num_sms(device)
-    within_budget = int(_hint(logits_bytes) * PARTIALS_FRACTION_OF_LOGITS) // _hint(class_partials_bytes)
+    sms = _num_sms(device)
+    programs = partial_rows(_hint(logits_bytes), _hint(class_partials_bytes), sms, 4 * sms)
     # sym_min keeps the program count exact (never more programs than tiles) for symbolic sizes.
-    return torch.sym_min(num_tiles, max(resident, min(4 * _num_sms(device), within_budget)))
+    return torch.sym_min(num_tiles, programs)
 
 
 def _on_device(t: Tensor):
