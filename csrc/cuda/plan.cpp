@@ -192,23 +192,27 @@ TilePlan plan_tiles(const TileRequest& q, const DeviceLimits& dev, const BlocksP
     };
     if (!within_budget(rows_out) && plan.acc_in_shared && dev.max_cluster > 1 && active_clusters) {
       // Thread-block clusters: the blocks of a cluster reduce their accumulators through distributed
-      // shared memory, one partial row per cluster. The floor's blocks (one wave, one per SM) in
-      // whole resident clusters, for the cluster sizes that keep enough of them; the smallest size
-      // within the budget, else the one with fewest rows.
-      const int64_t floor = std::min<int64_t>(wanted, int64_t{DISALIGN_MIN_BLOCKS_PER_SM} * dev.multiprocessors);
-      for (int K = 2; K <= dev.max_cluster; K *= 2) {
-        const int64_t resident =
-            std::min<int64_t>(floor, static_cast<int64_t>(active_clusters(plan.shared_bytes, K)) * K) / K * K;
-        if (resident < K || static_cast<double>(resident) < kClusterMinResidentFraction * static_cast<double>(floor)) {
-          continue;
-        }
-        if (resident / K < rows_out) {
-          blocks = resident;
-          rows_out = resident / K;
-          plan.cluster = K;
-        }
-        if (within_budget(rows_out)) {
-          break;
+      // shared memory, one partial row per cluster. Grids of b blocks per SM in whole resident
+      // clusters, for the cluster sizes that keep enough of them resident: the most blocks per SM
+      // (as without clusters, where the budget allows more than the floor) and then the smallest
+      // cluster size within the budget; where none is, the floor's grid with the fewest rows.
+      const int64_t least = std::max(1, DISALIGN_MIN_BLOCKS_PER_SM);
+      bool found = false;
+      for (int64_t b = std::max<int64_t>(plan.blocks_per_sm, least); b >= least && !found; --b) {
+        const int64_t target = std::min<int64_t>(wanted, b * dev.multiprocessors);
+        for (int K = 2; K <= dev.max_cluster && !found; K *= 2) {
+          const int64_t resident =
+              std::min<int64_t>(target, static_cast<int64_t>(active_clusters(plan.shared_bytes, K)) * K) / K * K;
+          if (resident < K ||
+              static_cast<double>(resident) < kClusterMinResidentFraction * static_cast<double>(target)) {
+            continue;
+          }
+          found = within_budget(resident / K);
+          if (found || (b == least && resident / K < rows_out)) {
+            blocks = resident;
+            rows_out = resident / K;
+            plan.cluster = K;
+          }
         }
       }
     }
