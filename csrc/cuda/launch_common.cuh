@@ -18,34 +18,39 @@ namespace disalign::cuda {
 #define DISALIGN_LAUNCH(kernel, grid, block, shared_bytes, stream) kernel<<<grid, block, shared_bytes, stream>>>
 #endif
 
-// The same in thread-block clusters of `cluster` blocks along x (cudaLaunchKernelEx); errors are
-// read with cudaGetLastError, as after <<<>>>.
+// A launch configuration in thread-block clusters of `cluster` blocks along x, its cluster attribute
+// in *attribute (cudaLaunchKernelEx, cudaOccupancyMaxActiveClusters). The fields in order, not by
+// name: the CPU emulation's gridDim / blockDim are macros.
+inline cudaLaunchConfig_t cluster_config(unsigned grid, unsigned block, size_t shared_bytes, cudaStream_t stream,
+                                         unsigned cluster, cudaLaunchAttribute* attribute) {
+  *attribute = cudaLaunchAttribute{};
+  attribute->id = cudaLaunchAttributeClusterDimension;
+  attribute->val.clusterDim.x = cluster;
+  attribute->val.clusterDim.y = 1;
+  attribute->val.clusterDim.z = 1;
+  return cudaLaunchConfig_t{dim3(grid), dim3(block), shared_bytes, stream, attribute, 1};
+}
+
+// DISALIGN_LAUNCH in thread-block clusters (cudaLaunchKernelEx); errors are read with
+// cudaGetLastError, as after <<<>>>.
 #ifndef DISALIGN_LAUNCH_CLUSTER
 template <typename... Params>
 struct ClusterLaunch {
   void (*kernel)(Params...);
-  cudaLaunchConfig_t config;
-  cudaLaunchAttribute attribute;
+  unsigned grid, block, cluster;
+  size_t shared_bytes;
+  cudaStream_t stream;
   template <typename... Args>
-  void operator()(Args&&... args) {
-    config.attrs = &attribute;
-    config.numAttrs = 1;
+  void operator()(Args&&... args) const {
+    cudaLaunchAttribute attribute;
+    const cudaLaunchConfig_t config = cluster_config(grid, block, shared_bytes, stream, cluster, &attribute);
     (void)cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...);
   }
 };
 template <typename... Params>
 ClusterLaunch<Params...> cluster_launch(void (*kernel)(Params...), unsigned grid, unsigned block, size_t shared_bytes,
                                         cudaStream_t stream, unsigned cluster) {
-  ClusterLaunch<Params...> l{kernel, {}, {}};
-  l.config.gridDim = dim3(grid);
-  l.config.blockDim = dim3(block);
-  l.config.dynamicSmemBytes = shared_bytes;
-  l.config.stream = stream;
-  l.attribute.id = cudaLaunchAttributeClusterDimension;
-  l.attribute.val.clusterDim.x = cluster;
-  l.attribute.val.clusterDim.y = 1;
-  l.attribute.val.clusterDim.z = 1;
-  return l;
+  return ClusterLaunch<Params...>{kernel, grid, block, cluster, shared_bytes, stream};
 }
 #define DISALIGN_LAUNCH_CLUSTER(kernel, grid, block, shared_bytes, stream, cluster) \
   ::disalign::cuda::cluster_launch(kernel, grid, block, shared_bytes, stream, cluster)

@@ -186,10 +186,10 @@ TilePlan plan_tiles(const TileRequest& q, const DeviceLimits& dev, const BlocksP
     const int64_t wanted = blocks;
     blocks = partial_rows(logits_bytes, per_block, dev.multiprocessors, wanted);
     rows_out = blocks;
-    const auto within_budget = [&](int64_t partial_rows_) {
-      return static_cast<double>(partial_rows_ * per_block) <=
-          static_cast<double>(logits_bytes) * DISALIGN_PARTIALS_BUDGET_FRACTION;
-    };
+    // The budget in rows, as partial_rows counts it.
+    const int64_t budget_rows =
+        static_cast<int64_t>(static_cast<double>(logits_bytes) * DISALIGN_PARTIALS_BUDGET_FRACTION) / per_block;
+    const auto within_budget = [&](int64_t partial_rows_) { return partial_rows_ <= budget_rows; };
     if (!within_budget(rows_out) && plan.acc_in_shared && dev.max_cluster > 1 && active_clusters) {
       // Thread-block clusters: the blocks of a cluster reduce their accumulators through distributed
       // shared memory, one partial row per cluster. Grids of b blocks per SM in whole resident

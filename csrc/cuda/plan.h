@@ -70,9 +70,9 @@ struct DeviceLimits {
   int max_cluster = 1;
 };
 
-// A cluster plan may leave idle at most this fraction of the blocks the one-block-per-SM floor asks
-// for: the blocks of a cluster are co-scheduled on one GPC, and GPCs of 16-18 SMs hold whole
-// clusters of 8 only (H100 / H200: ~120 of 132 SMs busy at one block per SM, cudaOccupancyMaxActiveClusters).
+// A cluster plan keeps resident at least this fraction of the grid it aims at (b blocks per SM): the
+// blocks of a cluster are co-scheduled on one GPC, and GPCs of 16-18 SMs hold whole clusters of 8 or
+// 16 only (H100 / H200: ~120-128 of 132 SMs busy at one block per SM, cudaOccupancyMaxActiveClusters).
 constexpr double kClusterMinResidentFraction = 0.875;
 
 // What a tile-kernel call computes, independent of the dtype.
@@ -144,9 +144,10 @@ using BlocksPerSM = std::function<int(int shared_bytes)>;
 using ActiveClusters = std::function<int(int shared_bytes, int cluster)>;
 
 // The plan. Clusters are planned where partial_rows' blocks exceed the budget (the one-block-per-SM
-// floor wins), the accumulators are in shared memory and the device allows them: the floor's blocks
-// in whole clusters, of the smallest size that brings the partial rows within the budget (else the
-// one with fewest rows) among those keeping kClusterMinResidentFraction of the floor resident.
+// floor wins), the accumulators are in shared memory and the device allows them: the most blocks per
+// SM, in whole clusters of the smallest size that brings the partial rows within the budget, among
+// the sizes keeping kClusterMinResidentFraction of that grid resident; where no grid fits, the
+// one-block-per-SM grid with the fewest rows.
 TilePlan plan_tiles(const TileRequest& q, const DeviceLimits& dev, const BlocksPerSM& blocks_per_sm,
                     const ActiveClusters& active_clusters = nullptr);
 

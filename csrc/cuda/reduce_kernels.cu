@@ -173,15 +173,10 @@ int cached_active_clusters(int device, const void* kernel, int shared_bytes, int
   if (it != active.end()) {
     return it->second;
   }
-  cudaLaunchAttribute attribute{};
-  attribute.id = cudaLaunchAttributeClusterDimension;
-  attribute.val.clusterDim.x = static_cast<unsigned>(cluster);
-  attribute.val.clusterDim.y = 1;
-  attribute.val.clusterDim.z = 1;
-  // {gridDim, blockDim, dynamicSmemBytes, stream, attrs, numAttrs} (in order, not by name: the CPU
-  // emulation's gridDim / blockDim are macros).
-  cudaLaunchConfig_t config{dim3(static_cast<unsigned>(cluster)), dim3(kBlock), static_cast<size_t>(shared_bytes),
-                            nullptr, &attribute, 1};
+  cudaLaunchAttribute attribute;
+  const cudaLaunchConfig_t config = cluster_config(static_cast<unsigned>(cluster), kBlock,
+                                                   static_cast<size_t>(shared_bytes), nullptr,
+                                                   static_cast<unsigned>(cluster), &attribute);
   int clusters = 0;
   if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess) {
     clusters = 0;  // a size the device refuses for this kernel: not planned
