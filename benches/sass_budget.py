@@ -123,6 +123,8 @@ def analyse(compiled: dict[str, tuple[Path, str]]) -> dict[tuple, dict]:
                     if marker in PER_ITEM:
                         outer = su.enclosing_loop(functions[mangled], loop)
                         counts["item_overhead"] = len(outer.instructions) - len(loop.instructions) if outer else 0
+                        counts["item_overhead_wavefronts"] = (outer.shared_wavefronts - loop.shared_wavefronts
+                                                              if outer else 0)
                         if outer:
                             loop_tags |= su.loop_tags(outer, ROOT / "csrc" / "cuda" / source, tags[source])
                             body = outer.instructions
@@ -162,7 +164,26 @@ def steady_state(variants: list[dict], marker: str, e_cached: bool, acc_shared: 
         best["rows_per_item"] = rows_per_item
         per_row = best["instructions"] + best["item_overhead"] / rows_per_item
         best["per_element"] = per_row / best["elements_per_iteration"]
+        wavefronts = best["shared_wavefronts"] + best.get("item_overhead_wavefronts", 0) / rows_per_item
+        best["shared_wavefronts_per_element"] = wavefronts / best["elements_per_iteration"]
     return best
+
+
+def tile_copy_wavefronts(elem: int, grad: bool) -> float:
+    """Shared-memory wavefronts per element of the tile copies around the loops: the logits into shared
+    memory (cp.async or the realigning copy) and, in full mode, grad_logits out of it; each moves the
+    element's bytes through the shared-memory pipe once."""
+    return (2 if grad else 1) * elem / su.WAVEFRONT_BYTES
+
+
+def model_cap(per_element: float, wavefronts: float, elem: int, grad: bool = False) -> float:
+    """The fraction of the copy bandwidth that the issue slots and the shared-memory pipe leave at most,
+    from the static counts, as bench_ops counts it (logits bytes read, plus grad_logits written in full
+    mode: there the element's time budget is twice stage 2's). A model from the budget's figures (perfect
+    overlap of issue, shared-memory pipe and memory), not a measurement."""
+    moved = 2 if grad else 1
+    return min(1.0, moved * su.BUDGET_PER_ELEMENT[elem] / max(per_element, 1e-12),
+               moved * su.BUDGET_SHARED_WAVEFRONTS_PER_ELEMENT[elem] / max(wavefronts, 1e-12))
 
 
 def rows_for_benchmarks(kernels: dict, planner: Path) -> list[dict]:
@@ -183,7 +204,9 @@ def rows_for_benchmarks(kernels: dict, planner: Path) -> list[dict]:
                          for name in passes_for(plan["e_cached"]) if name in k["loops"]}
                 total = sum(v["per_element"] for v in loops.values())
                 exp2 = sum(v["exp2_per_element"] for v in loops.values())
+                wavefronts = sum(v["shared_wavefronts_per_element"] for v in loops.values()) + tile_copy_wavefronts(elem, grad)
                 budget = su.BUDGET_PER_ELEMENT[elem]
+                wf_budget = su.BUDGET_SHARED_WAVEFRONTS_PER_ELEMENT[elem]
                 logits_bytes = batch * classes * spatial * elem
                 partial_bytes = plan["partial_rows"] * plan["ws_slices"] * plan["acc_stride"] * acc * 2
                 rows.append({
@@ -195,6 +218,9 @@ def rows_for_benchmarks(kernels: dict, planner: Path) -> list[dict]:
                     "partials_fraction_of_logits": partial_bytes / logits_bytes,
                     "loops": loops, "per_element": total, "exp2_per_element": exp2, "budget_per_element": budget,
                     "within_budget": bool(loops) and total <= budget and exp2 <= su.BUDGET_EXP2_PER_ELEMENT + 1e-9,
+                    "shared_wavefronts_per_element": wavefronts, "budget_shared_wavefronts_per_element": wf_budget,
+                    "within_shared_budget": bool(loops) and wavefronts <= wf_budget + 1e-9,
+                    "model_cap": model_cap(total, wavefronts, elem, grad),
                 })
     return rows
 
@@ -215,14 +241,17 @@ def triton_rows() -> tuple[list[dict], str]:
 
 
 def markdown(rows: list[dict], others: list[dict], triton: list[dict]) -> str:
-    out = ["| shape | dtype | mode | regs | spill B | smem B | blocks/SM | grid (cluster) | partials % | loops (warp-instr/elem, exp2/elem) | total/elem | exp2/elem | budget | ok |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    out = ["| shape | dtype | mode | regs | spill B | smem B | blocks/SM | grid (cluster) | partials % | loops (warp-instr/elem, exp2/elem, smem wavefronts/elem) | total/elem | exp2/elem | budget | ok | smem wf/elem (budget) | smem ok | model cap |",
+           "|" + " --- |" * 17]
     for r in rows:
-        loops = ", ".join(f"{n} {v['per_element']:.3f}/{v['exp2_per_element']:.2f}" for n, v in r["loops"].items())
+        loops = ", ".join(f"{n} {v['per_element']:.3f}/{v['exp2_per_element']:.2f}/{v['shared_wavefronts_per_element']:.3f}"
+                          for n, v in r["loops"].items())
         out.append(f"| {r['shape']} | {r['dtype']} | {r['mode']} | {r['registers']} | {r['spill_bytes']} | "
                    f"{r['shared_bytes']} | {r['blocks_per_sm']} | {r['grid']} ({r['cluster']}) | {100 * r['partials_fraction_of_logits']:.2f} | "
                    f"{loops} | {r['per_element']:.3f} | {r['exp2_per_element']:.2f} | {r['budget_per_element']} | "
-                   f"{'yes' if r['within_budget'] else 'NO'} |")
+                   f"{'yes' if r['within_budget'] else 'NO'} | {r['shared_wavefronts_per_element']:.3f} "
+                   f"({r['budget_shared_wavefronts_per_element']}) | {'yes' if r['within_shared_budget'] else 'NO'} | "
+                   f"{r['model_cap']:.2f} |")
     out += ["", "| other kernel | regs | spill B | loops (warp-instr/elem) |", "| --- | --- | --- | --- |"]
     for k in others:
         loops = ", ".join(f"{n} {max(v, key=lambda x: x['instructions'])['per_element']:.3f}"
@@ -279,12 +308,16 @@ def main(argv=None) -> int:
               "stage2_within_budget": [sum(r["within_budget"] for r in stage2)
                                        + sum(bool(r["within_budget"]) for r in triton_logit_loops(triton)),
                                        len(stage2) + len(triton_logit_loops(triton))],
-              "full_within_budget": [sum(r["within_budget"] for r in full), len(full)]}
+              "full_within_budget": [sum(r["within_budget"] for r in full), len(full)],
+              "budget_shared_wavefronts_per_element": su.BUDGET_SHARED_WAVEFRONTS_PER_ELEMENT,
+              "stage2_within_shared_budget": [sum(r["within_shared_budget"] for r in stage2), len(stage2)]}
     (out / "sass_budget.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "sass_budget.md").write_text(table)
     t2 = triton_logit_loops(triton)
     print(f"CUDA full-mode kernels within budget: {sum(r['within_budget'] for r in full)} of {len(full)}")
     print(f"CUDA stage-2 kernels within budget: {sum(r['within_budget'] for r in stage2)} of {len(stage2)}")
+    print(f"CUDA stage-2 kernels within the shared-memory budget: {sum(r['within_shared_budget'] for r in stage2)}"
+          f" of {len(stage2)}")
     print(f"Triton stage-2 launches within budget: {sum(bool(r['within_budget']) for r in t2)} of {len(t2)}")
     ok = sum(r["within_budget"] for r in stage2) + sum(bool(r["within_budget"]) for r in t2)
     print(f"stage-2 loops within budget: {ok} of {len(stage2) + len(t2)}")

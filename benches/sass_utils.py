@@ -11,7 +11,10 @@ Vocabulary:
     loop: that is the steady state a kernel spends its time in;
   * per element: a loop's instructions / (32 lanes x elements each lane handles per iteration),
     i.e. warp-instructions per logit element (issue 9's budget: <= 0.5 for bf16, <= 1.0 for fp32)
-    and likewise MUFU.EX2 per element (budget: 1).
+    and likewise MUFU.EX2 per element (budget: 1);
+  * a shared-memory wavefront is one 128-byte pass of the shared-memory pipe (32 banks x 4 bytes),
+    which serves one per SM-clock: a warp's LDS / STS of 4 bytes or less per lane (a broadcast too)
+    is one, of 8 bytes two, of 16 bytes four, with no bank conflict (the kernels pad their lines).
 
 Loops are tied to the source by line info (compile with -lineinfo): a loop "is" the loop whose
 source lines carry a marker comment `SASS_LOOP(name, elements)` (see find_marked_loops), so the
@@ -36,6 +39,12 @@ WARP = 32
 # summed over a kernel's passes, by the logits' element size; and exponentials per element.
 BUDGET_PER_ELEMENT = {2: 0.5, 4: 1.0, 8: 2.0}
 BUDGET_EXP2_PER_ELEMENT = 1.0
+# The same elements per SM-clock against the shared-memory pipe: one wavefront per SM-clock where the
+# budget above counts 4 issued warp-instructions, so 1/4 of it (0.125 per bf16 element, 0.25 fp32).
+ISSUE_PER_CLOCK = 4
+WAVEFRONT_BYTES = 128
+BUDGET_SHARED_WAVEFRONTS_PER_ELEMENT = {k: v / ISSUE_PER_CLOCK for k, v in BUDGET_PER_ELEMENT.items()}
+SHARED_MEMORY_OPS = ("LDS", "STS", "ATOMS")
 
 _INSTR = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(?:(@!?U?P[T0-9]+)\s+)?([A-Z][A-Z0-9_.]*)\s*(.*?)\s*;")
 _LABEL = re.compile(r"^\s*(\.L_x_\d+):")
@@ -58,6 +67,15 @@ class Instruction:
     def base(self) -> str:
         return self.opcode.split(".")[0]
 
+    @property
+    def shared_wavefronts(self) -> int:
+        """Wavefronts of a shared-memory access by a full warp without bank conflicts (0 otherwise)."""
+        if self.base not in SHARED_MEMORY_OPS:
+            return 0
+        modifiers = self.opcode.split(".")[1:]
+        width = 16 if "128" in modifiers else 8 if "64" in modifiers else 4
+        return max(1, width * WARP // WAVEFRONT_BYTES)
+
 
 @dataclasses.dataclass
 class Loop:
@@ -77,15 +95,22 @@ class Loop:
     def source_lines(self) -> set[tuple[str, int]]:
         return {frame for i in self.instructions for frame in i.lines}
 
+    @property
+    def shared_wavefronts(self) -> int:
+        return sum(i.shared_wavefronts for i in self.instructions)
+
     def per_element(self, elements_per_lane: float) -> dict:
-        """Warp-instructions and exponentials per element for elements_per_lane per iteration."""
+        """Warp-instructions, exponentials and shared-memory wavefronts per element for
+        elements_per_lane per iteration."""
         n = len(self.instructions)
         return {
             "instructions": n,
             "exp2": self.exp2,
+            "shared_wavefronts": self.shared_wavefronts,
             "elements_per_iteration": elements_per_lane * WARP,
             "per_element": n / (elements_per_lane * WARP),
             "exp2_per_element": self.exp2 / elements_per_lane,
+            "shared_wavefronts_per_element": self.shared_wavefronts / (elements_per_lane * WARP),
         }
 
 

@@ -56,14 +56,50 @@ def test_loops_markers_tags_and_the_enclosing_item_loop(tmp_path):
     assert su.loop_tags(item, source, tags) == {"exp", "item-tag"}
 
 
-def _variant(instructions, exp2=0, tags=(), generic=0, overhead=0):
+SHARED_LISTING = """
+.text.shared:
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_0:
+        /*0010*/                   LDS.128 R4, [R2] ;
+        /*0020*/                   LDS.U16 R8, [R3] ;
+        /*0030*/                   LDS R9, [R3+0x4] ;
+        /*0040*/                   STS.64 [R2+0x10], R4 ;
+        /*0050*/                   LDG.E.128 R12, desc[UR4][R10.64] ;
+        /*0060*/                   ATOMS.ADD RZ, [R3], R9 ;
+        /*0070*/              @P0  BRA `(.L_x_0) ;
+        /*0080*/                   EXIT ;
+"""
+
+
+def test_shared_memory_wavefronts():
+    (func,) = su.parse_sass(SHARED_LISTING).values()
+    (loop,) = func.loops
+    # 16 bytes per lane: 4 wavefronts; 2 and 4 bytes (a broadcast too): 1; 8 bytes: 2; atomics on
+    # shared: 1; global loads go through the L1 and are not counted as shared-memory traffic.
+    assert [i.shared_wavefronts for i in loop.instructions] == [4, 1, 1, 2, 0, 1, 0]
+    counts = loop.per_element(8)
+    assert counts["shared_wavefronts"] == 9 and counts["shared_wavefronts_per_element"] == 9 / 256
+    # One wavefront per SM-clock against 4 issued warp-instructions: the budget is a quarter of the
+    # instruction budget, per element size.
+    assert su.BUDGET_SHARED_WAVEFRONTS_PER_ELEMENT == {2: 0.125, 4: 0.25, 8: 0.5}
+    assert sass_budget.tile_copy_wavefronts(2, grad=False) == 2 / 128
+    assert sass_budget.tile_copy_wavefronts(4, grad=True) == 8 / 128
+    # The model cap is the tighter of the two budgets, at most 1.
+    assert sass_budget.model_cap(0.25, 0.0625, 2) == 1.0
+    assert sass_budget.model_cap(1.0, 0.0625, 2) == 0.5
+    assert sass_budget.model_cap(0.25, 0.5, 2) == 0.25
+    assert sass_budget.model_cap(0.25, 0.5, 2, grad=True) == 0.5  # full mode moves twice the bytes
+
+
+def _variant(instructions, exp2=0, tags=(), generic=0, overhead=0, wavefronts=0, overhead_wavefronts=0):
     return {"instructions": instructions, "exp2": exp2, "elements_per_iteration": 256,
             "per_element": instructions / 256, "exp2_per_element": exp2 / 8, "tags": list(tags),
-            "generic_memory": generic, "item_overhead": overhead}
+            "generic_memory": generic, "item_overhead": overhead, "shared_wavefronts": wavefronts,
+            "shared_wavefronts_per_element": wavefronts / 256, "item_overhead_wavefronts": overhead_wavefronts}
 
 
 def test_the_planned_sweep_variant_and_its_item_overhead():
-    walk = _variant(59, tags=["dot"], overhead=54)
+    walk = _variant(59, tags=["dot"], overhead=54, wavefronts=13, overhead_wavefronts=48)
     one_slice = _variant(59, tags=["dot", "one-slice"], overhead=37)
     workspace = _variant(59, tags=["dot"], generic=8, overhead=90)
     no_dot = _variant(42, overhead=49)
@@ -74,6 +110,8 @@ def test_the_planned_sweep_variant_and_its_item_overhead():
     assert got["item_overhead"] == 37 and got["per_element"] == (59 + 37) / 256
     got = sass_budget.steady_state(variants, "sweep-classes", True, True, rows_per_item=4, slices=2)
     assert got["item_overhead"] == 54 and got["per_element"] == (59 + 54 / 4) / 256
+    # The item loop's shared-memory traffic (accumulators, alpha / beta) is shared by its rows too.
+    assert got["shared_wavefronts_per_element"] == (13 + 48 / 4) / 256
     got = sass_budget.steady_state(variants, "sweep-classes", True, False, rows_per_item=4, slices=2)
     assert got["item_overhead"] == 90
     got = sass_budget.steady_state(variants, "sweep-classes", False, False, rows_per_item=4, slices=2)
