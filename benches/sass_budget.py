@@ -82,10 +82,11 @@ def compile_all(out_dir: Path, jobs: int) -> dict[str, tuple[Path, str]]:
 
 
 def kernel_key(demangled: str) -> tuple | None:
-    """(kind, scalar, pixels, calibrate, grad) of a tile kernel; (kind, scalar, pixels) of calibrate."""
-    m = re.search(r"tile_kernel<([\w:]+), (\w+), (true|false), (true|false), (true|false)>", demangled)
+    """(kind, scalar, pixels, calibrate, grad, reg_acc) of a tile kernel; (kind, scalar, pixels) of calibrate."""
+    m = re.search(r"tile_kernel<([\w:]+), (\w+), (true|false), (true|false), (true|false)(?:, (true|false))?>", demangled)
     if m:
-        return ("tile", m.group(1), m.group(3) == "true", m.group(4) == "true", m.group(5) == "true")
+        return ("tile", m.group(1), m.group(3) == "true", m.group(4) == "true", m.group(5) == "true",
+                m.group(6) == "true")
     m = re.search(r"calibrate_kernel<([\w:]+), (\w+), (true|false)>", demangled)
     if m:
         return ("calibrate", m.group(1), m.group(3) == "true")
@@ -115,11 +116,16 @@ def analyse(compiled: dict[str, tuple[Path, str]]) -> dict[tuple, dict]:
             elem = 2 if key and key[1] in ("__nv_bfloat16", "__half") else 8 if key and key[1] == "double" else 4
             for source in MARKED:
                 found = su.find_marked_loops(functions[mangled], ROOT / "csrc" / "cuda" / source, markers[source])
+                unrolled: dict[tuple, list] = {}
                 for marker, elements, loop in found:
                     per_lane = 16 // elem if elements == "V" else int(elements)
                     counts = loop.per_element(per_lane)
                     loop_tags = su.loop_tags(loop, ROOT / "csrc" / "cuda" / source, tags[source])
                     body = loop.instructions
+                    if marker in PER_ITEM and UNROLLED_ITEMS in loop_tags:
+                        # One copy of the row loop per unrolled item (REG_ACC): counted per group below.
+                        unrolled.setdefault((marker, per_lane, frozenset(loop_tags)), []).append(loop)
+                        continue
                     if marker in PER_ITEM:
                         outer = su.enclosing_loop(functions[mangled], loop)
                         counts["item_overhead"] = len(outer.instructions) - len(loop.instructions) if outer else 0
@@ -133,12 +139,41 @@ def analyse(compiled: dict[str, tuple[Path, str]]) -> dict[tuple, dict]:
                     # behind a generic pointer (workspace plans); shared accumulators use LDS / STS.
                     counts["generic_memory"] = sum(1 for i in body if i.base in ("LD", "ST"))
                     entry["loops"].setdefault(marker, []).append(counts)
+                for (marker, per_lane, loop_tags), copies in unrolled.items():
+                    counts = unrolled_item_counts(functions[mangled], copies, per_lane)
+                    counts["tags"] = sorted(loop_tags)
+                    entry["loops"].setdefault(marker, []).append(counts)
             kernels[key or ("other", demangled)] = entry
     return kernels
 
 
+# The (N, C) sweep of the REG_ACC kernels: its items (the thread's class vectors, accumulated in
+# registers) are unrolled, one copy of the row loop each, tagged by the call line's SASS_TAG.
+UNROLLED_ITEMS = "reg-acc"
+
+
+def unrolled_item_counts(func: su.Function, copies: list[su.Loop], per_lane: int) -> dict:
+    """Counts of a row loop whose items are unrolled copies: the row loop itself, and as item overhead
+    what one item adds around it, the instructions from one copy's start to the next's (averaged over
+    the copies)."""
+    copies = sorted(copies, key=lambda loop: loop.start)
+    first = copies[0]
+    counts = first.per_element(per_lane)
+    if len(copies) < 2:
+        counts["item_overhead"] = counts["item_overhead_wavefronts"] = 0
+        counts["generic_memory"] = sum(1 for i in first.instructions if i.base in ("LD", "ST"))
+        return counts
+    span = func.instructions[first.start: copies[-1].start]
+    n = len(copies) - 1
+    counts["item_overhead"] = len(span) / n - len(first.instructions)
+    counts["item_overhead_wavefronts"] = sum(i.shared_wavefronts for i in span) / n - first.shared_wavefronts
+    counts["generic_memory"] = sum(1 for i in span if i.base in ("LD", "ST"))
+    counts["unrolled_items"] = len(copies)
+    return counts
+
+
 def steady_state(variants: list[dict], marker: str, e_cached: bool, acc_shared: bool = True,
-                 rows_per_item: int = 1, slices: int = 1) -> dict:
+                 rows_per_item: int = 1, slices: int = 1, reg_acc: bool = False) -> dict:
     """The loop a planned launch spends its time in, among a marker's compiled variants: the sweep
     has one loop reading the cached exponentials (no MUFU.EX2) and one recomputing them (plans
     without the cache); every marker also has a one-element-per-lane loop for ragged tails, the
@@ -152,9 +187,11 @@ def steady_state(variants: list[dict], marker: str, e_cached: bool, acc_shared: 
             # Cached sweeps with shared accumulators (every benchmark plan) address them as shared
             # memory; the others through a generic pointer (LD / ST in the loop or its item loop).
             ok = (v["exp2"] == 0) == e_cached and dot == e_cached and generic_acc == (not (e_cached and acc_shared))
-            # The (N, C) sweep's item loop: one per class vector where the plan has one slice (tag
-            # one-slice), else the (slice, vector) walk.
-            return ok and (marker not in PER_ITEM or ("one-slice" in v.get("tags", ())) == (slices == 1))
+            # The (N, C) sweep's item loop: the unrolled register-accumulator items (REG_ACC plans), one
+            # per class vector where the plan has one slice (tag one-slice), else the (slice, vector) walk.
+            if marker in PER_ITEM and (UNROLLED_ITEMS in v.get("tags", ())) != reg_acc:
+                return False
+            return ok and (marker not in PER_ITEM or reg_acc or ("one-slice" in v.get("tags", ())) == (slices == 1))
         if marker.endswith("-exp"):  # the cached exponential pass (plans with e_cached)
             return not dot
         return True
@@ -192,15 +229,18 @@ def rows_for_benchmarks(kernels: dict, planner: Path) -> list[dict]:
         for dtype, (scalar, elem, acc) in DTYPES.items():
             for mode in ("stage2", "full"):
                 grad = mode == "full"
-                k = kernels.get(("tile", scalar, pixels, False, grad))
+                k = kernels.get(("tile", scalar, pixels, False, grad, False))
                 if k is None:
                     continue
                 req = dict(batch=batch, classes=classes, spatial=spatial, pixels=pixels, elem=elem, acc=acc,
                            registers=k["registers"] or 64)
                 (plan,) = cuda_plan.plans(planner, [req], cuda_plan.H200)
+                if plan.get("reg_acc"):  # the launcher's choice where the planner proposes it (plan.h)
+                    k = kernels.get(("tile", scalar, pixels, False, grad, True), k)
                 rows_per_item = -(-plan["tile_rows"] // max(1, plan["slices"]))
+                reg_acc = bool(plan.get("reg_acc")) and ("tile", scalar, pixels, False, grad, True) in kernels
                 loops = {name: steady_state(k["loops"][name], name, plan["e_cached"], plan["acc_in_shared"],
-                                            rows_per_item, plan["slices"])
+                                            rows_per_item, plan["slices"], reg_acc)
                          for name in passes_for(plan["e_cached"]) if name in k["loops"]}
                 total = sum(v["per_element"] for v in loops.values())
                 exp2 = sum(v["exp2_per_element"] for v in loops.values())
@@ -214,7 +254,7 @@ def rows_for_benchmarks(kernels: dict, planner: Path) -> list[dict]:
                     "registers": k["registers"], "spill_bytes": k["spill_bytes"], "shared_bytes": plan["shared_bytes"],
                     "blocks_per_sm": plan["blocks_per_sm"], "grid": plan["blocks"], "cluster": plan["cluster"],
                     "tiles": plan["num_tiles"],
-                    "tile_rows": plan["tile_rows"], "e_cached": plan["e_cached"],
+                    "tile_rows": plan["tile_rows"], "e_cached": plan["e_cached"], "reg_acc": reg_acc,
                     "partials_fraction_of_logits": partial_bytes / logits_bytes,
                     "loops": loops, "per_element": total, "exp2_per_element": exp2, "budget_per_element": budget,
                     "within_budget": bool(loops) and total <= budget and exp2 <= su.BUDGET_EXP2_PER_ELEMENT + 1e-9,

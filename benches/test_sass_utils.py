@@ -120,3 +120,43 @@ def test_the_planned_sweep_variant_and_its_item_overhead():
     # The cached exponential pass: the variant without the dot (it moved to the sweep).
     exp_variants = [_variant(67, exp2=8, tags=["dot"]), _variant(33, exp2=8)]
     assert sass_budget.steady_state(exp_variants, "ce-classes-exp", True)["instructions"] == 33
+
+
+# Three unrolled copies of a marked row loop (REG_ACC items): 2 instructions between copies.
+UNROLLED_LISTING = """
+.text.unrolled:
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_0:
+        /*0010*/                   LDS.128 R4, [R2] ;
+        /*0020*/              @P0  BRA `(.L_x_0) ;
+        /*0030*/                   LDS.128 R8, [R3] ;
+        /*0040*/                   FADD R9, R9, R8 ;
+.L_x_1:
+        /*0050*/                   LDS.128 R4, [R2+0x10] ;
+        /*0060*/              @P0  BRA `(.L_x_1) ;
+        /*0070*/                   LDS.128 R8, [R3+0x10] ;
+        /*0080*/                   FADD R9, R9, R8 ;
+.L_x_2:
+        /*0090*/                   LDS.128 R4, [R2+0x20] ;
+        /*00a0*/              @P0  BRA `(.L_x_2) ;
+        /*00b0*/                   EXIT ;
+"""
+
+
+def test_unrolled_items_count_the_stride_between_copies():
+    (func,) = su.parse_sass(UNROLLED_LISTING).values()
+    copies = func.innermost_loops
+    assert len(copies) == 3
+    counts = sass_budget.unrolled_item_counts(func, list(reversed(copies)), 8)
+    # Per item: the row loop (2 instructions, 4 wavefronts) and the 2 instructions (4 wavefronts)
+    # before the next copy.
+    assert counts["instructions"] == 2 and counts["item_overhead"] == 2
+    assert counts["shared_wavefronts"] == 4 and counts["item_overhead_wavefronts"] == 4
+    assert counts["unrolled_items"] == 3
+    variant = dict(counts, tags=["dot", "reg-acc"])
+    shared = _variant(59, tags=["dot", "one-slice"], overhead=37)
+    got = sass_budget.steady_state([variant, shared], "sweep-classes", True, True, rows_per_item=1, slices=1,
+                                   reg_acc=True)
+    assert got["per_element"] == (2 + 2) / 256 and got["shared_wavefronts_per_element"] == (4 + 4) / 256
+    got = sass_budget.steady_state([variant, shared], "sweep-classes", True, True, rows_per_item=1, slices=1)
+    assert got["instructions"] == 59  # plans without register accumulators: the shared-accumulator loop

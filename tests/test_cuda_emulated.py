@@ -187,7 +187,14 @@ PLAN_CASES = {
     # Thread-block clusters (h200 launches them): the class gradients summed across a cluster's blocks.
     "classes-in-clusters": ((48, 1000), "nc", "h200"),
     "pixels-in-clusters-several-tiles": ((3, 30, 17, 19), "nchw", "h200"),
+    # Class gradients in registers (plan.h kRegAccClasses; float accumulation, so not float64): many
+    # one-row tiles per block (8142 = 8 * 1017 + 6: a tail left to the shared accumulators), tiles of
+    # 2-4 rows at a 2-byte phase, and one-row tiles summed across clusters.
+    "register-accumulators-many-tiles": ((20, 8142), "nc", "one_sm"),
+    "register-accumulators-several-rows": ((37, 2003), "nc", "sm86"),
+    "register-accumulators-in-clusters": ((24, 8142), "nc", "h200"),
 }
+REGISTER_ACCUMULATOR_CASES = [c for c in PLAN_CASES if c.startswith("register-accumulators")]
 
 
 # Operands left out, int32 targets, another ignore_index, and every single gradient alone (the
@@ -243,6 +250,24 @@ def test_cluster_plans_launch_in_clusters_unless_disabled(emu, tmp_path, case, m
             assert launched and all(k == 1 for _, _, k in launched), launched
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16), ids=str)
+@pytest.mark.parametrize("case", REGISTER_ACCUMULATOR_CASES)
+def test_register_accumulator_cases_are_planned_so(tmp_path, case, dtype):
+    """The register-accumulator cases above are REG_ACC plans (one block per SM, one slice, one
+    chunk, several tiles per block or clusters as named), so test_loss_every_plan runs that kernel."""
+    shape, layout, device = PLAN_CASES[case]
+    plan = _plan_of(cuda_plan.build(tmp_path), shape, layout, device, dtype)
+    assert plan["reg_acc"] and plan["blocks_per_sm"] == 1 and plan["slices"] == 1 and plan["num_chunks"] == 1
+    if case.endswith("many-tiles"):
+        assert plan["blocks"] == 1 and plan["num_tiles"] == shape[0]
+    if case.endswith("several-rows"):
+        assert plan["tile_rows"] > 1
+    if case.endswith("in-clusters"):
+        assert plan["cluster"] > 1
+    # float64 accumulates in double: never in registers.
+    assert not _plan_of(cuda_plan.build(tmp_path), shape, layout, device, torch.float64)["reg_acc"]
+
+
 def _pixels_contiguous(layout: str) -> bool:
     """Whether the kernels see a conftest layout with the pixels contiguous (csrc/common: NCHW and
     its slices, a transposed (N, C)) rather than the classes ((N, C), channels-last)."""
@@ -283,7 +308,13 @@ def test_plan_cases_reach_every_plan_feature(tmp_path):
                 found.add(f"{kind} in clusters")
                 if p["num_tiles"] > p["blocks"]:
                     found.add(f"{kind} in clusters with several tiles per block")
+            if p["reg_acc"]:
+                found.add(f"{kind} register accumulators" + (" over several tiles per block"
+                                                             if p["num_tiles"] > p["blocks"] else "")
+                          + (" in clusters" if p["cluster"] > 1 else ""))
     assert "pixels in clusters with several tiles per block" in found, sorted(found)
+    for feature in ("register accumulators over several tiles per block", "register accumulators in clusters"):
+        assert f"classes {feature}" in found, (feature, sorted(found))
     for kind in ("pixels", "classes"):
         for feature in ("chunked", "several tiles per block", "exponentials recomputed",
                         "accumulators in the workspace", "pipelined over several tiles per block", "in clusters"):
@@ -300,7 +331,7 @@ BENCH_CASES = {
     "det-lvis": (16, 1231),
 }
 PLAN_KEYS = ("vec", "tile_rows", "pixel_vectors", "group", "chunk_classes", "num_chunks", "slices", "line_stride",
-             "e_stride", "ab_stride", "acc_stride", "e_cached", "acc_in_shared", "pipelined", "shared_bytes")
+             "e_stride", "ab_stride", "acc_stride", "e_cached", "acc_in_shared", "pipelined", "shared_bytes", "reg_acc")
 
 
 def test_bench_cases_have_the_benchmark_plans(tmp_path):

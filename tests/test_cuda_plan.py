@@ -151,6 +151,23 @@ def test_awkward_shapes_have_consistent_plans(planner, shape, dtype, calibrate, 
     if not calibrate:
         assert p["ws_loss"] - p["ws_beta"] >= rows_bytes
         assert p["ws_weight"] - p["ws_loss"] >= p["blocks"] * req["acc"]  # one loss partial per block
+    # Register accumulators (plan.h kRegAccClasses): only where a thread's class vectors are fixed over
+    # the tiles and fit its registers, and the kernel's one-block-per-SM bound costs no residency.
+    if p["reg_acc"]:
+        vectors = p["chunk_classes"] // p["vec"]
+        assert not shape[3] and not calibrate and dtype != "fp64"
+        assert p["blocks_per_sm"] == 1 and p["slices"] == 1 and p["num_chunks"] == 1
+        assert p["e_cached"] and p["acc_in_shared"]
+        assert -(-vectors // 256) * p["vec"] <= 32
+
+
+def test_register_accumulators_where_one_block_per_sm_holds_large_rows(planner):
+    """cls-inat (one 8142-class row per tile, one block per SM) accumulates in registers on an H200
+    model; the benchmark shapes with several blocks per SM, the pixels layout and float64 do not."""
+    for name, shape in cuda_plan.BENCH_SHAPES.items():
+        for dtype in ("bf16", "fp32", "fp64"):
+            (p,) = cuda_plan.plans(planner, [_request(shape, dtype)], cuda_plan.H200)
+            assert p["reg_acc"] == (name == "cls-inat" and dtype != "fp64"), (name, dtype, p["blocks_per_sm"])
 
 
 def test_partial_budget_comes_from_the_shared_constant(planner):

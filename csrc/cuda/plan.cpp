@@ -219,6 +219,13 @@ TilePlan plan_tiles(const TileRequest& q, const DeviceLimits& dev, const BlocksP
   }
   plan.blocks = static_cast<int>(std::max<int64_t>(blocks, 1));
   plan.partial_rows = static_cast<int>(std::max<int64_t>(rows_out, 1));
+  // Accumulators in registers (plan.h): a thread's class vectors are tid + k * kTileThreads, k below
+  // kRegAccClasses / V, fixed over the tiles where the sweep has one slice and one chunk.
+  const int64_t vectors = plan.chunk_classes / V;
+  plan.reg_acc = !q.pixels && !q.calibrate && q.acc == 4 && class_grads && plan.e_cached && plan.acc_in_shared &&
+                 plan.slices == 1 &&
+                 plan.num_chunks == 1 && plan.blocks_per_sm == 1 &&
+                 (vectors + kTileThreads - 1) / kTileThreads * V <= kRegAccClasses;
 
   size_t ws = 0;
   auto reserve = [&](size_t bytes) {

@@ -75,6 +75,13 @@ struct DeviceLimits {
 // 16 only (H100 / H200: ~120-128 of 132 SMs busy at one block per SM, cudaOccupancyMaxActiveClusters).
 constexpr double kClusterMinResidentFraction = 0.875;
 
+// Class-gradient accumulators in registers (the tile kernel's REG_ACC variant): in (N, C) plans of one
+// block per SM whose sweep has one slice, a thread walks the same class vectors in every tile, so it
+// keeps their da / db (up to this many classes per thread, 64 float registers) in registers over all
+// its tiles instead of loading and storing the shared accumulators per (vector, tile); they reach
+// shared memory once, after the last tile. Float accumulation only.
+constexpr int kRegAccClasses = 32;
+
 // What a tile-kernel call computes, independent of the dtype.
 struct TileRequest {
   Geometry geometry;
@@ -123,6 +130,9 @@ struct TilePlan {
   // partial row per cluster reaches the workspace (partial_rows = blocks / cluster).
   int cluster = 1;
   int partial_rows = 1;
+  // The REG_ACC kernel (kRegAccClasses). The planner proposes it; the launcher keeps it where that
+  // kernel's own occupancy (blocks per SM, resident clusters) is the plan's.
+  bool reg_acc = false;
   int weight_blocks = 0;  // "mean" only
   int ws_slices = 1;      // accumulator slices per block in the workspace partials
   // Workspace byte offsets (SIZE_MAX: absent).

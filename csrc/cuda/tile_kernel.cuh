@@ -130,8 +130,12 @@ __device__ T fold_pixel_partials(const T* partials, int r, int pixels, int group
 template <bool B>
 using Flag = std::integral_constant<bool, B>;
 
-template <typename scalar_t, typename acc_t, bool PIXELS, bool CALIBRATE, bool GRAD>
-__global__ void __launch_bounds__(kBlock, kTileBlocksPerSM<scalar_t>) tile_kernel(const TileParams<scalar_t, acc_t> p) {
+// REG_ACC (plan.h kRegAccClasses; (N, C) cross entropy, float accumulation, plans of one block per SM):
+// the one-slice sweep accumulates each thread's class vectors in registers over all its tiles.
+template <typename scalar_t, typename acc_t, bool PIXELS, bool CALIBRATE, bool GRAD, bool REG_ACC = false>
+__global__ void __launch_bounds__(kBlock, REG_ACC ? 1 : kTileBlocksPerSM<scalar_t>)
+    tile_kernel(const TileParams<scalar_t, acc_t> p) {
+  static_assert(!REG_ACC || (!PIXELS && !CALIBRATE && std::is_same_v<acc_t, float>), "REG_ACC: (N, C) cross entropy");
   constexpr int V = kVec<scalar_t>;
   DISALIGN_DYNAMIC_SHARED(shared_bytes);
   const int T = p.tile_rows;
@@ -207,6 +211,20 @@ __global__ void __launch_bounds__(kBlock, kTileBlocksPerSM<scalar_t>) tile_kerne
     load_ab(0, static_cast<int>(C));
   }
   __syncthreads();
+  // REG_ACC: da (first V) and db of the thread's class vectors tid + k * kBlock, kept over the tiles
+  // where the plan allows it (one chunk, one slice, the cached sweep on shared accumulators, every
+  // vector covered); otherwise the kernel runs as without REG_ACC.
+  constexpr int kRegVectors = REG_ACC ? kRegAccClasses / V : 1;
+  const bool in_regs = REG_ACC && single_chunk && p.slices == 1 && p.e_cached && p.acc_in_shared &&
+                       (want_alpha || want_beta) && C / V <= static_cast<int64_t>(kRegVectors) * kBlock;
+  acc_t reg_acc[kRegVectors][2 * V];
+#pragma unroll
+  for (int k = 0; k < kRegVectors; ++k) {
+#pragma unroll
+    for (int i = 0; i < 2 * V; ++i) {
+      reg_acc[k][i] = 0;
+    }
+  }
 
   // Thread roles. Classes contiguous: row `row` (tid / G), member `member` of its G threads.
   // Pixels contiguous: pixel vector `pv` (pixels p0 .. p0 + V - 1 of the tile), member of G.
@@ -810,14 +828,23 @@ __global__ void __launch_bounds__(kBlock, kTileBlocksPerSM<scalar_t>) tile_kerne
             }
           } else {
             // Column walk: item (slice q, class vector) walks rows q, q + slices, ... of the tile.
-            auto sweep_columns = [&](auto full, int q, int jl0) {
+            // regs: Flag<false> (accumulators in shared memory or the workspace), or the thread's
+            // register accumulators of this class vector (REG_ACC: da then db, full vectors).
+            auto sweep_columns = [&](auto full, int q, int jl0, auto regs) {
               constexpr int N = decltype(full)::value ? V : 1;
+              constexpr bool to_regs = !std::is_same_v<decltype(regs), Flag<false>>;
               acc_t a[N], b[N], da[N], db[N];
               load_n<N>(sa + jl0, a);
               load_n<N>(sb + jl0, b);
               acc_t* acc_a = acc_a_base + q * AS + first_class + jl0;
               acc_t* acc_b = acc_b_base + q * AS + first_class + jl0;
-              if constexpr (sh_acc) {  // accumulate onto the block's sums in place
+              if constexpr (to_regs) {
+#pragma unroll
+                for (int i = 0; i < N; ++i) {
+                  da[i] = regs[i];
+                  db[i] = regs[V + i];
+                }
+              } else if constexpr (sh_acc) {  // accumulate onto the block's sums in place
                 load_n<N>(acc_a, da);
                 load_n<N>(acc_b, db);
               } else {
@@ -896,6 +923,14 @@ __global__ void __launch_bounds__(kBlock, kTileBlocksPerSM<scalar_t>) tile_kerne
                   store_n<N>(zp, g);
                 }
               }
+              if constexpr (to_regs) {
+#pragma unroll
+                for (int i = 0; i < N; ++i) {
+                  regs[i] = da[i];
+                  regs[V + i] = db[i];
+                }
+                return;
+              }
               if constexpr (sh_acc) {
                 store_n<N>(acc_a, da);
                 store_n<N>(acc_b, db);
@@ -923,9 +958,19 @@ __global__ void __launch_bounds__(kBlock, kTileBlocksPerSM<scalar_t>) tile_kerne
             // Items (slice q, class vector v) = threadIdx.x + k * kBlock, stepped without a division
             // per item (p.by_vectors divides by a full chunk's vectors).
             const int nfull = classes / V;
-            if (p.slices == 1) {  // an item per class vector (q = 0): its pointers step by kBlock vectors
+            if (REG_ACC && sh_acc && in_regs) {  // the thread's vectors, accumulated in registers
+              if constexpr (REG_ACC && sh_acc) {
+#pragma unroll
+                for (int k = 0; k < kRegVectors; ++k) {
+                  const int jl0 = (threadIdx.x + k * kBlock) * V;
+                  if (jl0 < nfull * V) {
+                    sweep_columns(Flag<true>{}, 0, jl0, reg_acc[k]);  // SASS_TAG(reg-acc)
+                  }
+                }
+              }
+            } else if (p.slices == 1) {  // an item per class vector (q = 0): its pointers step by kBlock vectors
               for (int jl0 = threadIdx.x * V; jl0 < nfull * V; jl0 += kBlock * V) {  // SASS_TAG(one-slice)
-                sweep_columns(Flag<true>{}, 0, jl0);
+                sweep_columns(Flag<true>{}, 0, jl0, Flag<false>{});
               }
             } else if (nfull > 0) {
               const bool full_chunk = classes == p.chunk_classes;
@@ -937,7 +982,7 @@ __global__ void __launch_bounds__(kBlock, kTileBlocksPerSM<scalar_t>) tile_kerne
               const int dq = vectors_in(kBlock);
               const int dv = kBlock - dq * nfull;
               for (int item = threadIdx.x; item < p.slices * nfull; item += kBlock) {
-                sweep_columns(Flag<true>{}, q, v * V);
+                sweep_columns(Flag<true>{}, q, v * V, Flag<false>{});
                 q += dq;
                 v += dv;
                 if (v >= nfull) {
@@ -949,7 +994,7 @@ __global__ void __launch_bounds__(kBlock, kTileBlocksPerSM<scalar_t>) tile_kerne
             const int rem = classes - nfull * V;
             for (int item = threadIdx.x; item < p.slices * rem; item += kBlock) {
               const int q = item / rem;
-              sweep_columns(Flag<false>{}, q, nfull * V + item - q * rem);
+              sweep_columns(Flag<false>{}, q, nfull * V + item - q * rem, Flag<false>{});
             }
           }
           if (GRAD) {
@@ -1009,6 +1054,24 @@ __global__ void __launch_bounds__(kBlock, kTileBlocksPerSM<scalar_t>) tile_kerne
       }
     }
     __syncthreads();  // the next tile overwrites the tile and the row metadata
+  }
+  if (REG_ACC && in_regs) {
+    // The register accumulators into the shared ones (zero there: the sweep left these vectors to
+    // the registers), for the block results below.
+    acc_t* acc_a = reinterpret_cast<acc_t*>(shared_bytes + p.offset_acc);
+    acc_t* acc_b = acc_a + AS;
+#pragma unroll
+    for (int k = 0; k < kRegVectors; ++k) {
+      const int64_t jl0 = static_cast<int64_t>(threadIdx.x + k * kBlock) * V;
+      if (jl0 < C / V * V) {
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          acc_a[jl0 + i] = reg_acc[k][i];
+          acc_b[jl0 + i] = reg_acc[k][V + i];
+        }
+      }
+    }
+    __syncthreads();
   }
 
   // Block results: per-class partials (slices folded in order) and the loss partial.

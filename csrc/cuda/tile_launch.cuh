@@ -23,12 +23,19 @@ inline TileRequest tile_request(const CalibrateBackwardArgs& a, int elem, int ac
       a.grad_beta != nullptr, false, false};
 }
 
-// The tile kernel of an op for a layout and for whether grad_logits is written.
+// The tile kernel of an op for a layout, for whether grad_logits is written and for the plan's register
+// accumulators (cross entropy, (N, C) rows, float accumulation; plan.h kRegAccClasses).
 template <typename scalar_t, typename acc_t, typename Args>
-auto tile_kernel_for(bool pixels, bool grad) {
+auto tile_kernel_for(bool pixels, bool grad, bool reg_acc = false) {
   constexpr bool kCal = std::is_same_v<Args, CalibrateBackwardArgs>;
   if (pixels) {
     return grad ? tile_kernel<scalar_t, acc_t, true, kCal, true> : tile_kernel<scalar_t, acc_t, true, kCal, false>;
+  }
+  if constexpr (!kCal && std::is_same_v<acc_t, float>) {
+    if (reg_acc) {
+      return grad ? tile_kernel<scalar_t, acc_t, false, false, true, true>
+                  : tile_kernel<scalar_t, acc_t, false, false, false, true>;
+    }
   }
   return grad ? tile_kernel<scalar_t, acc_t, false, kCal, true> : tile_kernel<scalar_t, acc_t, false, kCal, false>;
 }
@@ -37,7 +44,8 @@ auto tile_kernel_for(bool pixels, bool grad) {
 template <typename scalar_t, typename acc_t, typename Args>
 cudaError_t plan_for(const Args& args, TileRequest* q, TilePlan* plan) {
   *q = tile_request(args, sizeof(scalar_t), sizeof(acc_t));
-  const auto kernel = tile_kernel_for<scalar_t, acc_t, Args>(q->pixels, args.grad_logits.data != nullptr);
+  const bool grad = args.grad_logits.data != nullptr;
+  const auto kernel = tile_kernel_for<scalar_t, acc_t, Args>(q->pixels, grad);
   int device = 0;
   DeviceLimits dev;
   cudaError_t err = current_device_limits(&device, &dev);
@@ -55,6 +63,24 @@ cudaError_t plan_for(const Args& args, TileRequest* q, TilePlan* plan) {
       [&](int shared_bytes, int cluster) {
         return cached_active_clusters(device, k, shared_bytes, cluster, dev.max_shared_per_block, &occ_err);
       });
+  if (plan->reg_acc && occ_err == cudaSuccess) {
+    // The register-accumulator kernel only where it is as resident as the kernel planned with; a failed
+    // query only keeps the planned kernel (and its error is cleared, not left for the launch check).
+    const void* k2 = reinterpret_cast<const void*>(tile_kernel_for<scalar_t, acc_t, Args>(q->pixels, grad, true));
+    cudaError_t reg_err = cudaSuccess;
+    const int max_shared = dev.max_shared_per_block;
+    bool same = k2 != k && cached_blocks_per_sm(device, k2, plan->shared_bytes, max_shared, &reg_err) >=
+                               plan->blocks_per_sm;
+    if (same && plan->cluster > 1) {
+      same = cached_max_cluster(device, k2, dev.max_cluster) >= plan->cluster &&
+             cached_active_clusters(device, k2, plan->shared_bytes, plan->cluster, max_shared, &reg_err) >=
+                 cached_active_clusters(device, k, plan->shared_bytes, plan->cluster, max_shared, &reg_err);
+    }
+    if (reg_err != cudaSuccess) {
+      cudaGetLastError();
+    }
+    plan->reg_acc = same && reg_err == cudaSuccess;
+  }
   return occ_err;
 }
 
@@ -124,7 +150,7 @@ cudaError_t launch_tiles(const Args& args, void* workspace, cudaStream_t stream)
       return err;
     }
     const bool grad = args.grad_logits.data != nullptr;
-    const auto kernel = tile_kernel_for<scalar_t, acc_t, Args>(q.pixels, grad);
+    const auto kernel = tile_kernel_for<scalar_t, acc_t, Args>(q.pixels, grad, plan.reg_acc);
     TileParams<scalar_t, acc_t> p{};
     fill_plan(p, plan, args.geometry);
     p.logits = static_cast<const scalar_t*>(args.logits.data);

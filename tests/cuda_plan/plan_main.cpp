@@ -171,14 +171,15 @@ int main() {
         "\"ws_slices\": %d, \"ws_alpha\": %lld, \"ws_beta\": %lld, \"ws_loss\": %lld, \"ws_weight\": %lld, "
         "\"workspace_bytes\": %zu, \"row_partial_entries\": %zu, \"row_meta_bytes\": %zu, \"copy_unit\": %d, "
         "\"pipelined\": %s, \"offset_tile_next\": %d, \"offset_rows_next\": %d, \"cluster\": %d, "
-        "\"partial_rows\": %d}\n",
+        "\"partial_rows\": %d, \"reg_acc\": %s}\n",
         p.vec, p.tile_rows, p.pixel_vectors, p.group, p.chunk_classes, p.num_chunks, p.slices, p.line_stride,
         p.e_stride, p.ab_stride, p.acc_stride, p.e_cached ? "true" : "false", p.acc_in_shared ? "true" : "false",
         static_cast<long long>(p.num_tiles), static_cast<long long>(p.tiles_per_image), p.offset_tile2, p.offset_e,
         p.offset_ab, p.offset_acc, p.offset_partials, p.offset_rows, p.shared_bytes, p.blocks_per_sm, p.blocks,
         p.weight_blocks, p.ws_slices, ws(p.ws_alpha), ws(p.ws_beta), ws(p.ws_loss), ws(p.ws_weight),
         p.workspace_bytes, row_partial_entries(q, p), row_meta_bytes(q, p.tile_rows), unit,
-        p.pipelined ? "true" : "false", p.offset_tile_next, p.offset_rows_next, p.cluster, p.partial_rows);
+        p.pipelined ? "true" : "false", p.offset_tile_next, p.offset_rows_next, p.cluster, p.partial_rows,
+        p.reg_acc ? "true" : "false");
   }
   return 0;
 }
