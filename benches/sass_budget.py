@@ -143,6 +143,13 @@ def analyse(compiled: dict[str, tuple[Path, str]]) -> dict[tuple, dict]:
                     counts = unrolled_item_counts(functions[mangled], copies, per_lane)
                     counts["tags"] = sorted(loop_tags)
                     entry["loops"].setdefault(marker, []).append(counts)
+                tag, marker = UNROLLED_MAX
+                straight = su.tagged_instructions(functions[mangled], ROOT / "csrc" / "cuda" / source, tags[source], tag)
+                if straight:
+                    per_lane = 16 // elem
+                    counts = straight_line_counts(straight, REG_ACC_CLASSES // per_lane, per_lane)
+                    counts["tags"] = [tag]
+                    entry["loops"].setdefault(marker, []).append(counts)
             kernels[key or ("other", demangled)] = entry
     return kernels
 
@@ -150,6 +157,22 @@ def analyse(compiled: dict[str, tuple[Path, str]]) -> dict[tuple, dict]:
 # The (N, C) sweep of the REG_ACC kernels: its items (the thread's class vectors, accumulated in
 # registers) are unrolled, one copy of the row loop each, tagged by the call line's SASS_TAG.
 UNROLLED_ITEMS = "reg-acc"
+# Their max pass on one-row tiles: the thread's vectors, unrolled straight-line code (no loop), tagged
+# on its lines; kRegAccClasses / V copies (csrc/cuda/plan.h, read from there).
+UNROLLED_MAX = ("reg-max", "ce-classes-max")
+REG_ACC_CLASSES = int(re.search(r"constexpr int kRegAccClasses = (\d+);",
+                                (ROOT / "csrc" / "cuda" / "plan.h").read_text()).group(1))
+
+
+def straight_line_counts(instrs: list[su.Instruction], copies: int, per_lane: int) -> dict:
+    """Counts per element of `copies` unrolled copies of a vector's work (per_lane elements a lane)."""
+    n = len(instrs) / copies
+    exp2 = sum(1 for i in instrs if i.opcode.startswith("MUFU.EX2")) / copies
+    wavefronts = sum(i.shared_wavefronts for i in instrs) / copies
+    return {"instructions": n, "exp2": exp2, "shared_wavefronts": wavefronts,
+            "elements_per_iteration": per_lane * su.WARP, "per_element": n / (per_lane * su.WARP),
+            "exp2_per_element": exp2 / per_lane, "shared_wavefronts_per_element": wavefronts / (per_lane * su.WARP),
+            "generic_memory": sum(1 for i in instrs if i.base in ("LD", "ST")), "unrolled_items": copies}
 
 
 def unrolled_item_counts(func: su.Function, copies: list[su.Loop], per_lane: int) -> dict:
@@ -173,7 +196,7 @@ def unrolled_item_counts(func: su.Function, copies: list[su.Loop], per_lane: int
 
 
 def steady_state(variants: list[dict], marker: str, e_cached: bool, acc_shared: bool = True,
-                 rows_per_item: int = 1, slices: int = 1, reg_acc: bool = False) -> dict:
+                 rows_per_item: int = 1, slices: int = 1, reg_acc: bool = False, tile_rows: int = 0) -> dict:
     """The loop a planned launch spends its time in, among a marker's compiled variants: the sweep
     has one loop reading the cached exponentials (no MUFU.EX2) and one recomputing them (plans
     without the cache); every marker also has a one-element-per-lane loop for ragged tails, the
@@ -194,6 +217,8 @@ def steady_state(variants: list[dict], marker: str, e_cached: bool, acc_shared: 
             return ok and (marker not in PER_ITEM or reg_acc or ("one-slice" in v.get("tags", ())) == (slices == 1))
         if marker.endswith("-exp"):  # the cached exponential pass (plans with e_cached)
             return not dot
+        if marker == UNROLLED_MAX[1]:  # REG_ACC plans of one-row tiles: the unrolled max pass
+            return (UNROLLED_MAX[0] in v.get("tags", ())) == (reg_acc and tile_rows == 1)
         return True
     fitting = [v for v in variants if fits(v)] or variants
     best = dict(max(fitting, key=lambda v: v["instructions"]))
@@ -240,7 +265,7 @@ def rows_for_benchmarks(kernels: dict, planner: Path) -> list[dict]:
                 rows_per_item = -(-plan["tile_rows"] // max(1, plan["slices"]))
                 reg_acc = bool(plan.get("reg_acc")) and ("tile", scalar, pixels, False, grad, True) in kernels
                 loops = {name: steady_state(k["loops"][name], name, plan["e_cached"], plan["acc_in_shared"],
-                                            rows_per_item, plan["slices"], reg_acc)
+                                            rows_per_item, plan["slices"], reg_acc, plan["tile_rows"])
                          for name in passes_for(plan["e_cached"]) if name in k["loops"]}
                 total = sum(v["per_element"] for v in loops.values())
                 exp2 = sum(v["exp2_per_element"] for v in loops.values())

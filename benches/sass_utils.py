@@ -331,6 +331,14 @@ def loop_tags(loop: Loop, source: str | Path, tags: dict[int, str]) -> set[str]:
     return {tags[n] for f, n in loop.source_lines if os.path.basename(f) == base and n in tags}
 
 
+def tagged_instructions(func: Function, source: str | Path, tags: dict[int, str], tag: str) -> list[Instruction]:
+    """The instructions of func whose line info reaches a line of `source` tagged `tag`: straight-line
+    code such as fully unrolled items, which no loop delimits."""
+    base = os.path.basename(str(source))
+    lines = {n for n, t in tags.items() if t == tag}
+    return [i for i in func.instructions if any(os.path.basename(f) == base and n in lines for f, n in i.lines)]
+
+
 # Per-SM limits used for blocks-per-SM (the CUDA occupancy calculator's rules).
 ARCH_LIMITS = {
     "sm_80": {"regs": 65536, "smem": 167936, "smem_per_block_reserved": 1024, "threads": 2048, "blocks": 32},

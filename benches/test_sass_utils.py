@@ -160,3 +160,39 @@ def test_unrolled_items_count_the_stride_between_copies():
     assert got["per_element"] == (2 + 2) / 256 and got["shared_wavefronts_per_element"] == (4 + 4) / 256
     got = sass_budget.steady_state([variant, shared], "sweep-classes", True, True, rows_per_item=1, slices=1)
     assert got["instructions"] == 59  # plans without register accumulators: the shared-accumulator loop
+
+
+STRAIGHT_SOURCE = {5: "for (k...) {  // SASS_TAG(reg-max)", 6: "max_vector(...);  // SASS_TAG(reg-max)", 7: "x = f(z);"}
+# Two unrolled copies of a vector's work (lines 6 and 7 inlined at 6), with untagged code around.
+STRAIGHT_LISTING = """
+.text.straight:
+        //## File "/src/s.cuh", line 2
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        //## File "/src/s.cuh", line 6
+        /*0010*/                   LDS.128 R4, [R2] ;
+        //## File "/src/s.cuh", line 7
+        //## inlined at "/src/s.cuh", line 6
+        /*0020*/                   MUFU.EX2 R4, R4 ;
+        //## File "/src/s.cuh", line 5
+        /*0030*/                   ISETP.GE.AND P0, PT, R3, R5, PT ;
+        //## File "/src/s.cuh", line 6
+        /*0040*/                   LDS.128 R8, [R2+0x10] ;
+        //## File "/src/s.cuh", line 7
+        //## inlined at "/src/s.cuh", line 6
+        /*0050*/                   MUFU.EX2 R8, R8 ;
+        //## File "/src/s.cuh", line 2
+        /*0060*/                   EXIT ;
+"""
+
+
+def test_straight_line_copies_by_tag(tmp_path):
+    source = tmp_path / "s.cuh"
+    source.write_text("\n".join(STRAIGHT_SOURCE.get(n, "") for n in range(1, 11)) + "\n")
+    (func,) = su.parse_sass(STRAIGHT_LISTING).values()
+    tagged = su.tagged_instructions(func, source, su.source_tags(source), "reg-max")
+    assert [i.offset for i in tagged] == [0x10, 0x20, 0x30, 0x40, 0x50]  # untagged MOV / EXIT left out
+    counts = sass_budget.straight_line_counts(tagged, copies=2, per_lane=8)
+    assert counts["instructions"] == 2.5 and counts["exp2"] == 1 and counts["shared_wavefronts"] == 4
+    assert counts["per_element"] == 2.5 / 256 and counts["exp2_per_element"] == 1 / 8
+    # kRegAccClasses comes from csrc/cuda/plan.h, the kernel's constant.
+    assert sass_budget.REG_ACC_CLASSES > 0 and sass_budget.REG_ACC_CLASSES % 8 == 0  # whole bf16 vectors

@@ -211,18 +211,23 @@ __global__ void __launch_bounds__(kBlock, REG_ACC ? 1 : kTileBlocksPerSM<scalar_
     load_ab(0, static_cast<int>(C));
   }
   __syncthreads();
-  // REG_ACC: da (first V) and db of the thread's class vectors tid + k * kBlock, kept over the tiles
-  // where the plan allows it (one chunk, one slice, the cached sweep on shared accumulators, every
-  // vector covered); otherwise the kernel runs as without REG_ACC.
+  // REG_ACC: per class vector tid + k * kBlock of the thread, da, db (accumulated over the tiles),
+  // alpha and beta (V values each), where the plan allows it (one chunk, one slice, the cached sweep
+  // on shared accumulators, every vector covered); otherwise the kernel runs as without REG_ACC.
   constexpr int kRegVectors = REG_ACC ? kRegAccClasses / V : 1;
   const bool in_regs = REG_ACC && single_chunk && p.slices == 1 && p.e_cached && p.acc_in_shared &&
                        (want_alpha || want_beta) && C / V <= static_cast<int64_t>(kRegVectors) * kBlock;
-  acc_t reg_acc[kRegVectors][2 * V];
+  acc_t reg_cls[kRegVectors][4 * V];
 #pragma unroll
   for (int k = 0; k < kRegVectors; ++k) {
+    const int64_t jl0 = static_cast<int64_t>(threadIdx.x + k * kBlock) * V;
+    const bool mine = REG_ACC && in_regs && jl0 < C / V * V;
 #pragma unroll
-    for (int i = 0; i < 2 * V; ++i) {
-      reg_acc[k][i] = 0;
+    for (int i = 0; i < V; ++i) {
+      reg_cls[k][i] = 0;
+      reg_cls[k][V + i] = 0;
+      reg_cls[k][2 * V + i] = mine ? sa[jl0 + i] : acc_t(0);
+      reg_cls[k][3 * V + i] = mine ? sb[jl0 + i] : acc_t(0);
     }
   }
 
@@ -413,15 +418,9 @@ __global__ void __launch_bounds__(kBlock, REG_ACC ? 1 : kTileBlocksPerSM<scalar_
           acc_t* eline = ebuf + row * ES;
           const int nfull = classes / V;
           // Hot loops step their shared-memory pointers (no address recomputed from the index).
-          const scalar_t* zp = line + member * V;
-          acc_t* ep = eline + member * V;
-          const acc_t* ap = sa + member * V;
-          for (int k = member; k < nfull;  // SASS_LOOP(ce-classes-max, V)
-               k += G, zp += G * V, ep += G * V, ap += G * V) {
-            acc_t z[V], a[V], b[V], x[V];
+          auto max_vector = [&](const scalar_t* zp, acc_t* ep, const acc_t* a, const acc_t* b) {
+            acc_t z[V], x[V];
             load_n<V>(zp, z);
-            load_n<V>(ap, a);
-            load_n<V>(ap + p.ab_stride, b);
 #pragma unroll
             for (int i = 0; i < V; ++i) {
               x[i] = calibrated(z[i], s, a[i], b[i]);
@@ -429,6 +428,28 @@ __global__ void __launch_bounds__(kBlock, REG_ACC ? 1 : kTileBlocksPerSM<scalar_
             }
             if (p.e_cached) {
               store_n<V>(ep, x);  // zhat for the exponential pass, which overwrites it with e
+            }
+          };
+          if (REG_ACC && in_regs && G == kBlock) {  // one row a tile: the thread's vectors, alpha / beta in registers
+            if constexpr (REG_ACC) {
+#pragma unroll
+              for (int k = 0; k < kRegVectors; ++k) {  // SASS_TAG(reg-max)
+                const int v = threadIdx.x + k * kBlock;  // SASS_TAG(reg-max)
+                if (v < nfull) {                         // SASS_TAG(reg-max)
+                  max_vector(line + v * V, eline + v * V, reg_cls[k] + 2 * V, reg_cls[k] + 3 * V);  // SASS_TAG(reg-max)
+                }
+              }
+            }
+          } else {
+            const scalar_t* zp = line + member * V;
+            acc_t* ep = eline + member * V;
+            const acc_t* ap = sa + member * V;
+            for (int k = member; k < nfull;  // SASS_LOOP(ce-classes-max, V)
+                 k += G, zp += G * V, ep += G * V, ap += G * V) {
+              acc_t a[V], b[V];
+              load_n<V>(ap, a);
+              load_n<V>(ap + p.ab_stride, b);
+              max_vector(zp, ep, a, b);
             }
           }
           for (int jl = nfull * V + member; jl < classes; jl += G) {
@@ -834,8 +855,6 @@ __global__ void __launch_bounds__(kBlock, REG_ACC ? 1 : kTileBlocksPerSM<scalar_
               constexpr int N = decltype(full)::value ? V : 1;
               constexpr bool to_regs = !std::is_same_v<decltype(regs), Flag<false>>;
               acc_t a[N], b[N], da[N], db[N];
-              load_n<N>(sa + jl0, a);
-              load_n<N>(sb + jl0, b);
               acc_t* acc_a = acc_a_base + q * AS + first_class + jl0;
               acc_t* acc_b = acc_b_base + q * AS + first_class + jl0;
               if constexpr (to_regs) {
@@ -843,11 +862,17 @@ __global__ void __launch_bounds__(kBlock, REG_ACC ? 1 : kTileBlocksPerSM<scalar_
                 for (int i = 0; i < N; ++i) {
                   da[i] = regs[i];
                   db[i] = regs[V + i];
+                  a[i] = regs[2 * V + i];
+                  b[i] = regs[3 * V + i];
                 }
               } else if constexpr (sh_acc) {  // accumulate onto the block's sums in place
+                load_n<N>(sa + jl0, a);
+                load_n<N>(sb + jl0, b);
                 load_n<N>(acc_a, da);
                 load_n<N>(acc_b, db);
               } else {
+                load_n<N>(sa + jl0, a);
+                load_n<N>(sb + jl0, b);
 #pragma unroll
                 for (int i = 0; i < N; ++i) {
                   da[i] = 0;
@@ -964,7 +989,7 @@ __global__ void __launch_bounds__(kBlock, REG_ACC ? 1 : kTileBlocksPerSM<scalar_
                 for (int k = 0; k < kRegVectors; ++k) {
                   const int jl0 = (threadIdx.x + k * kBlock) * V;
                   if (jl0 < nfull * V) {
-                    sweep_columns(Flag<true>{}, 0, jl0, reg_acc[k]);  // SASS_TAG(reg-acc)
+                    sweep_columns(Flag<true>{}, 0, jl0, reg_cls[k]);  // SASS_TAG(reg-acc)
                   }
                 }
               }
@@ -1066,8 +1091,8 @@ __global__ void __launch_bounds__(kBlock, REG_ACC ? 1 : kTileBlocksPerSM<scalar_
       if (jl0 < C / V * V) {
 #pragma unroll
         for (int i = 0; i < V; ++i) {
-          acc_a[jl0 + i] = reg_acc[k][i];
-          acc_b[jl0 + i] = reg_acc[k][V + i];
+          acc_a[jl0 + i] = reg_cls[k][i];
+          acc_b[jl0 + i] = reg_cls[k][V + i];
         }
       }
     }
