@@ -53,6 +53,8 @@ PASSES = ["ce-classes-max", "ce-classes-exp", "sweep-classes", "ce-pixels-max", 
 # (accumulator load / store, item stepping) are then part of the per-element cost: counted as
 # item_overhead / rows per item on top of the row loop.
 PER_ITEM = {"sweep-classes"}
+# The 16-bit unpacking lines (SASS_TAG(convert)) that count as arithmetic (sass_utils.arithmetic_count).
+CONVERT_LINES = su.conversion_lines(ROOT / "csrc" / "cuda" / "device_math.cuh")
 
 
 def passes_for(e_cached: bool) -> list[str]:
@@ -119,7 +121,7 @@ def analyse(compiled: dict[str, tuple[Path, str]]) -> dict[tuple, dict]:
                 unrolled: dict[tuple, list] = {}
                 for marker, elements, loop in found:
                     per_lane = 16 // elem if elements == "V" else int(elements)
-                    counts = loop.per_element(per_lane)
+                    counts = loop.per_element(per_lane, CONVERT_LINES)
                     loop_tags = su.loop_tags(loop, ROOT / "csrc" / "cuda" / source, tags[source])
                     body = loop.instructions
                     if marker in PER_ITEM and UNROLLED_ITEMS in loop_tags:
@@ -131,6 +133,9 @@ def analyse(compiled: dict[str, tuple[Path, str]]) -> dict[tuple, dict]:
                         counts["item_overhead"] = len(outer.instructions) - len(loop.instructions) if outer else 0
                         counts["item_overhead_wavefronts"] = (outer.shared_wavefronts - loop.shared_wavefronts
                                                               if outer else 0)
+                        counts["item_overhead_arithmetic"] = (
+                            su.arithmetic_count(outer.instructions, CONVERT_LINES) - counts["arithmetic"]
+                            if outer else 0)
                         if outer:
                             loop_tags |= su.loop_tags(outer, ROOT / "csrc" / "cuda" / source, tags[source])
                             body = outer.instructions
@@ -169,9 +174,11 @@ def straight_line_counts(instrs: list[su.Instruction], copies: int, per_lane: in
     n = len(instrs) / copies
     exp2 = sum(1 for i in instrs if i.opcode.startswith("MUFU.EX2")) / copies
     wavefronts = sum(i.shared_wavefronts for i in instrs) / copies
-    return {"instructions": n, "exp2": exp2, "shared_wavefronts": wavefronts,
+    arithmetic = su.arithmetic_count(instrs, CONVERT_LINES) / copies
+    return {"instructions": n, "exp2": exp2, "shared_wavefronts": wavefronts, "arithmetic": arithmetic,
             "elements_per_iteration": per_lane * su.WARP, "per_element": n / (per_lane * su.WARP),
             "exp2_per_element": exp2 / per_lane, "shared_wavefronts_per_element": wavefronts / (per_lane * su.WARP),
+            "arithmetic_per_element": arithmetic / (per_lane * su.WARP),
             "generic_memory": sum(1 for i in instrs if i.base in ("LD", "ST")), "unrolled_items": copies}
 
 
@@ -181,15 +188,16 @@ def unrolled_item_counts(func: su.Function, copies: list[su.Loop], per_lane: int
     the copies)."""
     copies = sorted(copies, key=lambda loop: loop.start)
     first = copies[0]
-    counts = first.per_element(per_lane)
+    counts = first.per_element(per_lane, CONVERT_LINES)
     if len(copies) < 2:
-        counts["item_overhead"] = counts["item_overhead_wavefronts"] = 0
+        counts["item_overhead"] = counts["item_overhead_wavefronts"] = counts["item_overhead_arithmetic"] = 0
         counts["generic_memory"] = sum(1 for i in first.instructions if i.base in ("LD", "ST"))
         return counts
     span = func.instructions[first.start: copies[-1].start]
     n = len(copies) - 1
     counts["item_overhead"] = len(span) / n - len(first.instructions)
     counts["item_overhead_wavefronts"] = sum(i.shared_wavefronts for i in span) / n - first.shared_wavefronts
+    counts["item_overhead_arithmetic"] = su.arithmetic_count(span, CONVERT_LINES) / n - counts["arithmetic"]
     counts["generic_memory"] = sum(1 for i in span if i.base in ("LD", "ST"))
     counts["unrolled_items"] = len(copies)
     return counts
@@ -228,6 +236,8 @@ def steady_state(variants: list[dict], marker: str, e_cached: bool, acc_shared: 
         best["per_element"] = per_row / best["elements_per_iteration"]
         wavefronts = best["shared_wavefronts"] + best.get("item_overhead_wavefronts", 0) / rows_per_item
         best["shared_wavefronts_per_element"] = wavefronts / best["elements_per_iteration"]
+        arithmetic = best.get("arithmetic", 0) + best.get("item_overhead_arithmetic", 0) / rows_per_item
+        best["arithmetic_per_element"] = arithmetic / best["elements_per_iteration"]
     return best
 
 
@@ -270,6 +280,7 @@ def rows_for_benchmarks(kernels: dict, planner: Path) -> list[dict]:
                 total = sum(v["per_element"] for v in loops.values())
                 exp2 = sum(v["exp2_per_element"] for v in loops.values())
                 wavefronts = sum(v["shared_wavefronts_per_element"] for v in loops.values()) + tile_copy_wavefronts(elem, grad)
+                arithmetic = sum(v["arithmetic_per_element"] for v in loops.values())
                 budget = su.BUDGET_PER_ELEMENT[elem]
                 wf_budget = su.BUDGET_SHARED_WAVEFRONTS_PER_ELEMENT[elem]
                 logits_bytes = batch * classes * spatial * elem
@@ -283,6 +294,7 @@ def rows_for_benchmarks(kernels: dict, planner: Path) -> list[dict]:
                     "partials_fraction_of_logits": partial_bytes / logits_bytes,
                     "loops": loops, "per_element": total, "exp2_per_element": exp2, "budget_per_element": budget,
                     "within_budget": bool(loops) and total <= budget and exp2 <= su.BUDGET_EXP2_PER_ELEMENT + 1e-9,
+                    "arithmetic_per_element": arithmetic, "arithmetic_within_budget": bool(loops) and arithmetic <= budget,
                     "shared_wavefronts_per_element": wavefronts, "budget_shared_wavefronts_per_element": wf_budget,
                     "within_shared_budget": bool(loops) and wavefronts <= wf_budget + 1e-9,
                     "model_cap": model_cap(total, wavefronts, elem, grad),
@@ -306,14 +318,14 @@ def triton_rows() -> tuple[list[dict], str]:
 
 
 def markdown(rows: list[dict], others: list[dict], triton: list[dict]) -> str:
-    out = ["| shape | dtype | mode | regs | spill B | smem B | blocks/SM | grid (cluster) | partials % | loops (warp-instr/elem, exp2/elem, smem wavefronts/elem) | total/elem | exp2/elem | budget | ok | smem wf/elem (budget) | smem ok | model cap |",
-           "|" + " --- |" * 17]
+    out = ["| shape | dtype | mode | regs | spill B | smem B | blocks/SM | grid (cluster) | partials % | loops (warp-instr/elem, exp2/elem, smem wavefronts/elem) | total/elem | arith/elem | exp2/elem | budget | ok | smem wf/elem (budget) | smem ok | model cap |",
+           "|" + " --- |" * 18]
     for r in rows:
         loops = ", ".join(f"{n} {v['per_element']:.3f}/{v['exp2_per_element']:.2f}/{v['shared_wavefronts_per_element']:.3f}"
                           for n, v in r["loops"].items())
         out.append(f"| {r['shape']} | {r['dtype']} | {r['mode']} | {r['registers']} | {r['spill_bytes']} | "
                    f"{r['shared_bytes']} | {r['blocks_per_sm']} | {r['grid']} ({r['cluster']}) | {100 * r['partials_fraction_of_logits']:.2f} | "
-                   f"{loops} | {r['per_element']:.3f} | {r['exp2_per_element']:.2f} | {r['budget_per_element']} | "
+                   f"{loops} | {r['per_element']:.3f} | {r['arithmetic_per_element']:.3f} | {r['exp2_per_element']:.2f} | {r['budget_per_element']} | "
                    f"{'yes' if r['within_budget'] else 'NO'} | {r['shared_wavefronts_per_element']:.3f} "
                    f"({r['budget_shared_wavefronts_per_element']}) | {'yes' if r['within_shared_budget'] else 'NO'} | "
                    f"{r['model_cap']:.2f} |")
@@ -375,7 +387,8 @@ def main(argv=None) -> int:
                                        len(stage2) + len(triton_logit_loops(triton))],
               "full_within_budget": [sum(r["within_budget"] for r in full), len(full)],
               "budget_shared_wavefronts_per_element": su.BUDGET_SHARED_WAVEFRONTS_PER_ELEMENT,
-              "stage2_within_shared_budget": [sum(r["within_shared_budget"] for r in stage2), len(stage2)]}
+              "stage2_within_shared_budget": [sum(r["within_shared_budget"] for r in stage2), len(stage2)],
+              "stage2_arithmetic_within_budget": [sum(r["arithmetic_within_budget"] for r in stage2), len(stage2)]}
     (out / "sass_budget.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "sass_budget.md").write_text(table)
     t2 = triton_logit_loops(triton)
@@ -383,6 +396,8 @@ def main(argv=None) -> int:
     print(f"CUDA stage-2 kernels within budget: {sum(r['within_budget'] for r in stage2)} of {len(stage2)}")
     print(f"CUDA stage-2 kernels within the shared-memory budget: {sum(r['within_shared_budget'] for r in stage2)}"
           f" of {len(stage2)}")
+    print(f"CUDA stage-2 kernels whose arithmetic alone is within the instruction budget: "
+          f"{sum(r['arithmetic_within_budget'] for r in stage2)} of {len(stage2)}")
     print(f"Triton stage-2 launches within budget: {sum(bool(r['within_budget']) for r in t2)} of {len(t2)}")
     ok = sum(r["within_budget"] for r in stage2) + sum(bool(r["within_budget"]) for r in t2)
     print(f"stage-2 loops within budget: {ok} of {len(stage2) + len(t2)}")

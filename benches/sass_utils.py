@@ -45,6 +45,15 @@ ISSUE_PER_CLOCK = 4
 WAVEFRONT_BYTES = 128
 BUDGET_SHARED_WAVEFRONTS_PER_ELEMENT = {k: v / ISSUE_PER_CLOCK for k, v in BUDGET_PER_ELEMENT.items()}
 SHARED_MEMORY_OPS = ("LDS", "STS", "ATOMS")
+# The arithmetic of a loop: the floating-point pipes' math (fp32, fp64, fp16x2), the MUFU (exp2,
+# reciprocal), conversions, and the integer-pipe unpacking of 16-bit logits to fp32 (found by line
+# info: instructions whose inline frames reach a line tagged SASS_TAG(convert)). What a loop issues
+# beyond it is overhead: loads and stores, addresses, loop control, predicates and selects. With the
+# math in fp32 and one exponential per element, the arithmetic per element is a floor for the loop's
+# instruction count that no scheduling of the same math removes.
+ARITHMETIC_OPS = frozenset({"FFMA", "FMUL", "FADD", "FMNMX", "MUFU", "F2F", "F2FP", "HADD2", "HMUL2", "HFMA2",
+                            "DFMA", "DMUL", "DADD", "DMNMX"})
+CONVERT_TAG = "convert"
 
 _INSTR = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(?:(@!?U?P[T0-9]+)\s+)?([A-Z][A-Z0-9_.]*)\s*(.*?)\s*;")
 _LABEL = re.compile(r"^\s*(\.L_x_\d+):")
@@ -99,18 +108,22 @@ class Loop:
     def shared_wavefronts(self) -> int:
         return sum(i.shared_wavefronts for i in self.instructions)
 
-    def per_element(self, elements_per_lane: float) -> dict:
-        """Warp-instructions, exponentials and shared-memory wavefronts per element for
-        elements_per_lane per iteration."""
+    def per_element(self, elements_per_lane: float, convert_lines: frozenset = frozenset()) -> dict:
+        """Warp-instructions, exponentials, shared-memory wavefronts and arithmetic (see
+        arithmetic_count; convert_lines from conversion_lines) per element for elements_per_lane
+        per iteration."""
         n = len(self.instructions)
+        arithmetic = arithmetic_count(self.instructions, convert_lines)
         return {
             "instructions": n,
             "exp2": self.exp2,
             "shared_wavefronts": self.shared_wavefronts,
+            "arithmetic": arithmetic,
             "elements_per_iteration": elements_per_lane * WARP,
             "per_element": n / (elements_per_lane * WARP),
             "exp2_per_element": self.exp2 / elements_per_lane,
             "shared_wavefronts_per_element": self.shared_wavefronts / (elements_per_lane * WARP),
+            "arithmetic_per_element": arithmetic / (elements_per_lane * WARP),
         }
 
 
@@ -329,6 +342,18 @@ def loop_tags(loop: Loop, source: str | Path, tags: dict[int, str]) -> set[str]:
     """The SASS_TAG tags of `source` (matched by file name) whose lines the loop's line info reaches."""
     base = os.path.basename(str(source))
     return {tags[n] for f, n in loop.source_lines if os.path.basename(f) == base and n in tags}
+
+
+def conversion_lines(*sources: str | Path) -> frozenset[tuple[str, int]]:
+    """(file name, line) of the SASS_TAG(convert) lines of the sources: the 16-bit unpacking."""
+    return frozenset((os.path.basename(str(source)), n)
+                     for source in sources for n, tag in source_tags(source).items() if tag == CONVERT_TAG)
+
+
+def arithmetic_count(instrs: list[Instruction], convert_lines: frozenset = frozenset()) -> int:
+    """The instructions of instrs that are arithmetic (ARITHMETIC_OPS, or conversions by line info)."""
+    return sum(1 for i in instrs
+               if i.base in ARITHMETIC_OPS or any((os.path.basename(f), n) in convert_lines for f, n in i.lines))
 
 
 def tagged_instructions(func: Function, source: str | Path, tags: dict[int, str], tag: str) -> list[Instruction]:

@@ -196,3 +196,54 @@ def test_straight_line_copies_by_tag(tmp_path):
     assert counts["per_element"] == 2.5 / 256 and counts["exp2_per_element"] == 1 / 8
     # kRegAccClasses comes from csrc/cuda/plan.h, the kernel's constant.
     assert sass_budget.REG_ACC_CLASSES > 0 and sass_budget.REG_ACC_CLASSES % 8 == 0  # whole bf16 vectors
+
+
+ARITH_LISTING = """
+.text.arith:
+.L_x_0:
+        //## File "/src/math.cuh", line 3
+        //## inlined at "/src/k.cuh", line 30
+        /*0000*/                   SHF.L.U32 R5, R4, 0x10, RZ ;
+        //## File "/src/math.cuh", line 4
+        //## inlined at "/src/k.cuh", line 30
+        /*0010*/                   LOP3.LUT R4, R4, 0xffff0000, RZ, 0xc0, !PT ;
+        //## File "/src/k.cuh", line 30
+        /*0020*/                   IMAD R6, R7, 0x4, R8 ;
+        /*0030*/                   LDS.128 R8, [R6] ;
+        /*0040*/                   FFMA R5, R5, R9, R10 ;
+        /*0050*/                   FMNMX R11, R11, R5, !PT ;
+        /*0060*/                   MUFU.EX2 R5, R5 ;
+        /*0070*/                   FSETP.GT.AND P1, PT, R5, RZ, PT ;
+        /*0080*/                   HADD2.F32 R12, -RZ, R13.H0_H0 ;
+        /*0090*/                   ISETP.GE.AND P0, PT, R7, R3, PT ;
+        /*00a0*/              @!P0  BRA `(.L_x_0) ;
+        /*00b0*/                   EXIT ;
+"""
+
+
+def test_arithmetic_counts_math_pipes_and_tagged_conversions(tmp_path):
+    math = tmp_path / "math.cuh"
+    math.write_text("\n\nlo = w << 16;  // SASS_TAG(convert)\nhi = w & 0xffff0000u;  // SASS_TAG(convert)\n")
+    convert = su.conversion_lines(math)
+    assert convert == {("math.cuh", 3), ("math.cuh", 4)}
+    (func,) = su.parse_sass(ARITH_LISTING).values()
+    (loop,) = func.loops
+    # The bf16 unpack on the integer pipe (by line info), FFMA, FMNMX, MUFU and the fp16 conversion;
+    # not the address IMAD, the shared load, the compares or the branch.
+    assert su.arithmetic_count(loop.instructions, convert) == 6
+    assert su.arithmetic_count(loop.instructions) == 4  # without the tagged lines: the pipes' ops only
+    counts = loop.per_element(8, convert)
+    assert counts["arithmetic"] == 6 and counts["arithmetic_per_element"] == 6 / 256
+    # The straight-line copies and the item loop's overhead count it too, per copy and per row.
+    straight = sass_budget.straight_line_counts(loop.instructions, 2, 8)
+    # (with the tree's conversion lines, which the listing's /src/math.cuh is not: the 4 pipe ops)
+    assert straight["arithmetic"] == 4 / 2 and straight["arithmetic_per_element"] == 2 / 256
+    best = sass_budget.steady_state([{**_variant(11, overhead=4), "arithmetic": 6, "item_overhead_arithmetic": 2}],
+                                    "ce-classes-max", True, rows_per_item=2)
+    assert best["arithmetic_per_element"] == (6 + 2 / 2) / 256
+
+
+def test_the_tree_tags_the_16_bit_unpacking():
+    """The conversion lines that sass_budget counts as arithmetic exist in the CUDA sources."""
+    lines = sass_budget.CONVERT_LINES
+    assert {name for name, _ in lines} == {"device_math.cuh"} and len(lines) >= 2

@@ -30,11 +30,11 @@ template <typename T>
 __device__ __forceinline__ float to_float(T v);
 template <>
 __device__ __forceinline__ float to_float<__half>(__half v) {
-  return __half2float(v);
+  return __half2float(v);  // SASS_TAG(convert)
 }
 template <>
 __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) {
-  return __bfloat162float(v);
+  return __bfloat162float(v);  // SASS_TAG(convert)
 }
 template <>
 __device__ __forceinline__ float to_float<float>(float v) {
@@ -70,10 +70,11 @@ __device__ __forceinline__ double from_acc<double, double>(double v) {
 }
 
 // The two bf16 halves of a 32-bit word as floats: bf16 is the top half of a float, so each is one
-// shift or mask (nvcc's conversion spends PRMT + shift on the high half).
+// shift or mask (nvcc's conversion spends PRMT + shift on the high half). The SASS_TAG(convert) lines
+// are what benches/sass_budget.py counts as conversion arithmetic (sass_utils.arithmetic_count).
 __device__ __forceinline__ void unpack_bf16x2(uint32_t w, float& lo, float& hi) {
-  lo = __uint_as_float(w << 16);
-  hi = __uint_as_float(w & 0xffff0000u);
+  lo = __uint_as_float(w << 16);          // SASS_TAG(convert)
+  hi = __uint_as_float(w & 0xffff0000u);  // SASS_TAG(convert)
 }
 
 // N consecutive elements at p (16-byte aligned when N elements are 16 bytes) into registers.
