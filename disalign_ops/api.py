@@ -9,7 +9,7 @@ import torch
 from . import reference
 from ._registration import OpFamily
 from ._validation import as_int_index, check_calibrate_args, check_cross_entropy_args, check_target_values, grad_mask
-from .backends import has_native_ops, resolve_backend
+from .backends import has_native_ops, measured_case, resolve_backend
 
 
 def _reject_positional(function: str, positional: tuple[str, ...], extra: tuple, keywords: str) -> None:
@@ -88,7 +88,7 @@ def disalign_cross_entropy(
     if not isinstance(ignore_index, torch.SymInt):
         ignore_index = as_int_index(ignore_index)
     num_classes = check_cross_entropy_args(logits, target, alpha, beta, confidence, weight, ignore_index, reduction)
-    name = resolve_backend(backend, logits.device)
+    name = resolve_backend(backend, logits.device, measured_case(logits) if backend is None else None)
     if (name == "eager" or _check_targets_requested()) and not torch.compiler.is_compiling():
         check_target_values(target, num_classes, ignore_index)
     if name == "eager":

@@ -4,8 +4,10 @@
 "native" : torch.ops.disalign, the compiled C++ extension (CPU kernels; CUDA kernels when built with CUDA).
 "triton" : torch.ops.disalign_triton, the Triton kernels (CUDA tensors; CPU tensors under TRITON_INTERPRET=1).
 
-backend=None picks, in order: the DISALIGN_BACKEND environment variable, then "native" where it
-has a kernel for the device, then "triton", then "eager".
+backend=None picks, in order: the DISALIGN_BACKEND environment variable, then on CUDA the backend
+measured faster on the nearest benchmark case (`measured_backend`, from `_cuda_choice.py`, which
+benches/backend_choice.py writes from a GPU run; empty until one is measured), then "native" where
+it has a kernel for the device, then "triton", then "eager".
 
 A backend that cannot load (the extension missing, built for another torch, Triton absent or
 incompatible) is left out of `available_backends`; it never disables the others. Asking for it by
@@ -17,9 +19,12 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import math
 import os
 
 import torch
+
+from . import _cuda_choice
 
 BACKENDS = ("eager", "native", "triton")
 ENV_VAR = "DISALIGN_BACKEND"
@@ -110,10 +115,45 @@ def unavailable_reason(backend: str, device_type: str) -> str:
     return f"{backend!r} runs on every device"
 
 
+def dtype_class(dtype: torch.dtype) -> str:
+    return "16-bit" if dtype in (torch.float16, torch.bfloat16) else str(dtype).removeprefix("torch.")
+
+
+def case_key(logits: torch.Tensor) -> tuple[str, str, str, int]:
+    """(layout, dtype class, mode, classes) of cross-entropy logits, as benches/backend_choice.py
+    keys its measurements: "rows" where the classes are contiguous ((N, C), channels-last), else
+    "pixels" (NCHW); "full" where the logits need a gradient, else "stage2"."""
+    layout = "rows" if logits.stride(1) == 1 or logits.size(1) == 1 else "pixels"
+    mode = "full" if logits.requires_grad else "stage2"
+    return layout, dtype_class(logits.dtype), mode, int(logits.size(1))
+
+
+def measured_case(logits: torch.Tensor) -> tuple[str, str, str, int] | None:
+    """case_key of a call for `measured_backend`; None where nothing measured can match (no table,
+    not CUDA), so that no shape is looked at then (nor guarded on under torch.compile)."""
+    if not _cuda_choice.MEASURED or logits.device.type != "cuda" or logits.dim() < 2:
+        return None
+    return case_key(logits)
+
+
+def measured_backend(case: tuple[str, str, str, int] | None) -> str | None:
+    """The backend measured faster on the benchmark case nearest to `case`: same layout, dtype class
+    and mode, the nearest class count on a log scale (ties: the smaller count); None without one."""
+    if case is None:
+        return None
+    layout, dtype, mode, classes = case
+    rows = [r for r in _cuda_choice.MEASURED if (r["layout"], r["dtype"], r["mode"]) == (layout, dtype, mode)]
+    if not rows:
+        return None
+    nearest = min(rows, key=lambda r: (abs(math.log(r["classes"]) - math.log(max(classes, 1))), r["classes"]))
+    return nearest["backend"]
+
+
 @torch.compiler.assume_constant_result
-def resolve_backend(backend: str | None, device: torch.device) -> str:
+def resolve_backend(backend: str | None, device: torch.device, case: tuple | None = None) -> str:
     """The backend to run on `device`: the requested one (validated) or the automatic choice.
 
+    case: `measured_case` of the call, for the measured choice on CUDA (None: the order alone).
     torch.compile evaluates it once while tracing and keeps the answer as a constant (its inputs
     are constants of the graph; the dispatcher query inside it cannot be traced).
     """
@@ -126,6 +166,10 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
         allowed = f"unset or one of {BACKENDS}" if backend is None else f"None or one of {BACKENDS}"
         raise ValueError(f"{source} must be {allowed}, got {requested!r}")
     device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    if requested is None and device_type == "cuda":
+        measured = measured_backend(case)
+        if measured is not None and measured in available_backends(device):
+            return measured
     if requested in (None, "native") and _native_has_kernel(device_type):
         return "native"  # the common case, without asking Triton (it comes after native in the automatic order)
     available = available_backends(device)
