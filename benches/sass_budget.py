@@ -148,13 +148,16 @@ def analyse(compiled: dict[str, tuple[Path, str]]) -> dict[tuple, dict]:
                     counts = unrolled_item_counts(functions[mangled], copies, per_lane)
                     counts["tags"] = sorted(loop_tags)
                     entry["loops"].setdefault(marker, []).append(counts)
-                tag, marker = UNROLLED_MAX
-                straight = su.tagged_instructions(functions[mangled], ROOT / "csrc" / "cuda" / source, tags[source], tag)
-                if straight:
+                for tag, (marker, values) in STRAIGHT_LINE.items():
+                    straight = su.tagged_instructions(functions[mangled], ROOT / "csrc" / "cuda" / source,
+                                                      tags[source], tag)
                     per_lane = 16 // elem
-                    counts = straight_line_counts(straight, REG_ACC_CLASSES // per_lane, per_lane)
-                    counts["tags"] = [tag]
-                    entry["loops"].setdefault(marker, []).append(counts)
+                    # One run per compiled instance (e.g. the exponential pass with and without the dot).
+                    for run in su.instruction_runs(functions[mangled], straight):
+                        counts = straight_line_counts(run, values // per_lane, per_lane)
+                        counts["tags"] = sorted({tag} | su.instruction_tags(run, ROOT / "csrc" / "cuda" / source,
+                                                                            tags[source]))
+                        entry["loops"].setdefault(marker, []).append(counts)
             kernels[key or ("other", demangled)] = entry
     return kernels
 
@@ -167,6 +170,23 @@ UNROLLED_ITEMS = "reg-acc"
 UNROLLED_MAX = ("reg-max", "ce-classes-max")
 REG_ACC_CLASSES = int(re.search(r"constexpr int kRegAccClasses = (\d+);",
                                 (ROOT / "csrc" / "cuda" / "plan.h").read_text()).group(1))
+# The pixels layout's max and exponential passes of 16-bit logits where zhat of a thread's classes
+# stays in registers (kPixelRegValues / V classes a thread, tile_kernel.cuh, read from there): the
+# thread's classes unrolled, tagged on their lines.
+PIXEL_REG_VALUES = int(re.search(r"constexpr int kPixelRegValues = (\d+);",
+                                 (ROOT / "csrc" / "cuda" / "tile_kernel.cuh").read_text()).group(1))
+PIXEL_REG_PASSES = {"px-reg-max": "ce-pixels-max", "px-reg-exp": "ce-pixels-exp"}
+# tag: (the pass it stands for, values a thread's unrolled copies cover)
+STRAIGHT_LINE = {UNROLLED_MAX[0]: (UNROLLED_MAX[1], REG_ACC_CLASSES),
+                 **{tag: (marker, PIXEL_REG_VALUES) for tag, marker in PIXEL_REG_PASSES.items()}}
+
+
+def pixel_regs(plan: dict, pixels: bool, elem: int) -> bool:
+    """Whether a plan's pixel threads keep zhat in registers (tile_kernel.cuh px_in_regs): 16-bit
+    logits, cached exponentials, every class within kPixelRegValues / V classes per thread."""
+    classes_per_thread = PIXEL_REG_VALUES // plan["vec"]
+    return (pixels and elem == 2 and plan["e_cached"] and classes_per_thread > 1
+            and plan["chunk_classes"] <= classes_per_thread * plan["group"])
 
 
 def straight_line_counts(instrs: list[su.Instruction], copies: int, per_lane: int) -> dict:
@@ -204,7 +224,8 @@ def unrolled_item_counts(func: su.Function, copies: list[su.Loop], per_lane: int
 
 
 def steady_state(variants: list[dict], marker: str, e_cached: bool, acc_shared: bool = True,
-                 rows_per_item: int = 1, slices: int = 1, reg_acc: bool = False, tile_rows: int = 0) -> dict:
+                 rows_per_item: int = 1, slices: int = 1, reg_acc: bool = False, tile_rows: int = 0,
+                 px_regs: bool = False) -> dict:
     """The loop a planned launch spends its time in, among a marker's compiled variants: the sweep
     has one loop reading the cached exponentials (no MUFU.EX2) and one recomputing them (plans
     without the cache); every marker also has a one-element-per-lane loop for ragged tails, the
@@ -223,6 +244,10 @@ def steady_state(variants: list[dict], marker: str, e_cached: bool, acc_shared: 
             if marker in PER_ITEM and (UNROLLED_ITEMS in v.get("tags", ())) != reg_acc:
                 return False
             return ok and (marker not in PER_ITEM or reg_acc or ("one-slice" in v.get("tags", ())) == (slices == 1))
+        if marker in PIXEL_REG_PASSES.values():  # the unrolled register passes where the plan has them
+            tag = next(t for t, m in PIXEL_REG_PASSES.items() if m == marker)
+            if (tag in v.get("tags", ())) != px_regs:
+                return False
         if marker.endswith("-exp"):  # the cached exponential pass (plans with e_cached)
             return not dot
         if marker == UNROLLED_MAX[1]:  # REG_ACC plans of one-row tiles: the unrolled max pass
@@ -275,7 +300,8 @@ def rows_for_benchmarks(kernels: dict, planner: Path) -> list[dict]:
                 rows_per_item = -(-plan["tile_rows"] // max(1, plan["slices"]))
                 reg_acc = bool(plan.get("reg_acc")) and ("tile", scalar, pixels, False, grad, True) in kernels
                 loops = {name: steady_state(k["loops"][name], name, plan["e_cached"], plan["acc_in_shared"],
-                                            rows_per_item, plan["slices"], reg_acc, plan["tile_rows"])
+                                            rows_per_item, plan["slices"], reg_acc, plan["tile_rows"],
+                                            pixel_regs(plan, pixels, elem))
                          for name in passes_for(plan["e_cached"]) if name in k["loops"]}
                 total = sum(v["per_element"] for v in loops.values())
                 exp2 = sum(v["exp2_per_element"] for v in loops.values())
@@ -291,6 +317,7 @@ def rows_for_benchmarks(kernels: dict, planner: Path) -> list[dict]:
                     "blocks_per_sm": plan["blocks_per_sm"], "grid": plan["blocks"], "cluster": plan["cluster"],
                     "tiles": plan["num_tiles"],
                     "tile_rows": plan["tile_rows"], "e_cached": plan["e_cached"], "reg_acc": reg_acc,
+                    "pixel_regs": pixel_regs(plan, pixels, elem),
                     "partials_fraction_of_logits": partial_bytes / logits_bytes,
                     "loops": loops, "per_element": total, "exp2_per_element": exp2, "budget_per_element": budget,
                     "within_budget": bool(loops) and total <= budget and exp2 <= su.BUDGET_EXP2_PER_ELEMENT + 1e-9,

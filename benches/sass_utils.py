@@ -344,16 +344,46 @@ def loop_tags(loop: Loop, source: str | Path, tags: dict[int, str]) -> set[str]:
     return {tags[n] for f, n in loop.source_lines if os.path.basename(f) == base and n in tags}
 
 
+def instruction_runs(func: Function, instrs: list[Instruction], max_gap: int = 8) -> list[list[Instruction]]:
+    """instrs (a subset of func's, e.g. tagged_instructions) split into runs of nearby instructions:
+    where more than max_gap other instructions of func lie between two of them, a new run starts.
+    Separately compiled instances of the same source lines (template or lambda variants) are runs."""
+    index = {id(i): n for n, i in enumerate(func.instructions)}
+    runs: list[list[Instruction]] = []
+    last = None
+    for instr in sorted(instrs, key=lambda i: index[id(i)]):
+        n = index[id(instr)]
+        if last is None or n - last > max_gap + 1:
+            runs.append([])
+        runs[-1].append(instr)
+        last = n
+    return runs
+
+
+def instruction_tags(instrs: list[Instruction], source: str | Path, tags: dict[int, str]) -> set[str]:
+    """The SASS_TAG tags of `source` whose lines the instructions' line info reaches (as loop_tags)."""
+    base = os.path.basename(str(source))
+    return {tags[n] for i in instrs for f, n in i.lines if os.path.basename(f) == base and n in tags}
+
+
 def conversion_lines(*sources: str | Path) -> frozenset[tuple[str, int]]:
     """(file name, line) of the SASS_TAG(convert) lines of the sources: the 16-bit unpacking."""
     return frozenset((os.path.basename(str(source)), n)
                      for source in sources for n, tag in source_tags(source).items() if tag == CONVERT_TAG)
 
 
+def is_unpack(instr: Instruction, convert_lines: frozenset) -> bool:
+    """A 16-bit -> fp32 unpacking step: a shift, mask or byte permute (or the shift as a multiply by
+    2^16) whose line info reaches a SASS_TAG(convert) line. (Address arithmetic that nvcc attributes
+    to those lines, LEA / IMAD of an offset, is not.)"""
+    if not (instr.base in ("SHF", "LOP3", "PRMT") or (instr.base == "IMAD" and "0x10000" in instr.operands)):
+        return False
+    return any((os.path.basename(f), n) in convert_lines for f, n in instr.lines)
+
+
 def arithmetic_count(instrs: list[Instruction], convert_lines: frozenset = frozenset()) -> int:
-    """The instructions of instrs that are arithmetic (ARITHMETIC_OPS, or conversions by line info)."""
-    return sum(1 for i in instrs
-               if i.base in ARITHMETIC_OPS or any((os.path.basename(f), n) in convert_lines for f, n in i.lines))
+    """The instructions of instrs that are arithmetic (ARITHMETIC_OPS, or 16-bit unpacking)."""
+    return sum(1 for i in instrs if i.base in ARITHMETIC_OPS or is_unpack(i, convert_lines))
 
 
 def tagged_instructions(func: Function, source: str | Path, tags: dict[int, str], tag: str) -> list[Instruction]:

@@ -207,6 +207,7 @@ ARITH_LISTING = """
         //## File "/src/math.cuh", line 4
         //## inlined at "/src/k.cuh", line 30
         /*0010*/                   LOP3.LUT R4, R4, 0xffff0000, RZ, 0xc0, !PT ;
+        /*0018*/                   LEA R14, R7, R8, 0x2 ;
         //## File "/src/k.cuh", line 30
         /*0020*/                   IMAD R6, R7, 0x4, R8 ;
         /*0030*/                   LDS.128 R8, [R6] ;
@@ -229,7 +230,8 @@ def test_arithmetic_counts_math_pipes_and_tagged_conversions(tmp_path):
     (func,) = su.parse_sass(ARITH_LISTING).values()
     (loop,) = func.loops
     # The bf16 unpack on the integer pipe (by line info), FFMA, FMNMX, MUFU and the fp16 conversion;
-    # not the address IMAD, the shared load, the compares or the branch.
+    # not the address LEA that line info puts on the unpack's line, the address IMAD, the shared
+    # load, the compares or the branch.
     assert su.arithmetic_count(loop.instructions, convert) == 6
     assert su.arithmetic_count(loop.instructions) == 4  # without the tagged lines: the pipes' ops only
     counts = loop.per_element(8, convert)
@@ -247,3 +249,58 @@ def test_the_tree_tags_the_16_bit_unpacking():
     """The conversion lines that sass_budget counts as arithmetic exist in the CUDA sources."""
     lines = sass_budget.CONVERT_LINES
     assert {name for name, _ in lines} == {"device_math.cuh"} and len(lines) >= 2
+
+
+RUNS_LISTING = """
+.text.runs:
+        //## File "/src/k.cuh", line 21
+        /*0000*/                   FFMA R1, R1, R2, R3 ;
+        /*0010*/                   FFMA R1, R1, R2, R3 ;
+        //## File "/src/k.cuh", line 10
+        /*0020*/                   MOV R4, R5 ;
+        //## File "/src/k.cuh", line 21
+        /*0030*/                   FFMA R1, R1, R2, R3 ;
+        //## File "/src/k.cuh", line 10
+        /*0040*/                   MOV R4, R5 ;
+        /*0050*/                   MOV R4, R5 ;
+        /*0060*/                   MOV R4, R5 ;
+        //## File "/src/k.cuh", line 21
+        //## inlined at "/src/k.cuh", line 31
+        /*0070*/                   MUFU.EX2 R1, R1 ;
+        //## File "/src/k.cuh", line 10
+        /*0080*/                   EXIT ;
+"""
+
+
+def test_instruction_runs_split_separate_instances(tmp_path):
+    source = _source(tmp_path)
+    tags = su.source_tags(source)
+    (func,) = su.parse_sass(RUNS_LISTING).values()
+    tagged = su.tagged_instructions(func, source, tags, "item-tag")
+    assert len(tagged) == 4
+    # A gap of one untagged instruction stays in the run; one of three starts a new run.
+    runs = su.instruction_runs(func, tagged, max_gap=2)
+    assert [len(r) for r in runs] == [3, 1]
+    assert [len(r) for r in su.instruction_runs(func, tagged, max_gap=0)] == [2, 1, 1]
+    assert su.instruction_tags(runs[0], source, tags) == {"item-tag"}
+    assert su.instruction_tags(runs[1], source, tags) == {"item-tag", "exp"}  # through the inlined frame
+
+
+def test_pixel_register_passes_are_chosen_where_the_plan_has_them():
+    values = sass_budget.PIXEL_REG_VALUES
+    plan = {"vec": 8, "e_cached": True, "chunk_classes": values // 8 * 64, "group": 64}
+    assert sass_budget.pixel_regs(plan, pixels=True, elem=2)
+    assert not sass_budget.pixel_regs({**plan, "chunk_classes": plan["chunk_classes"] + 1}, pixels=True, elem=2)
+    assert not sass_budget.pixel_regs(plan, pixels=False, elem=2)
+    assert not sass_budget.pixel_regs({**plan, "vec": 4}, pixels=True, elem=4)  # float logits: not compiled
+    assert not sass_budget.pixel_regs({**plan, "e_cached": False}, pixels=True, elem=2)
+    loop = _variant(60)
+    unrolled = _variant(50, tags=["px-reg-max"])
+    exp_loop, exp_dot = _variant(32), _variant(63, tags=["dot", "px-reg-exp"])
+    exp_unrolled = _variant(30, tags=["px-reg-exp"])
+    pick = sass_budget.steady_state
+    assert pick([loop, unrolled], "ce-pixels-max", True, px_regs=True)["instructions"] == 50
+    assert pick([loop, unrolled], "ce-pixels-max", True, px_regs=False)["instructions"] == 60
+    # The exponential pass without the dot (dconfidence's dot is taken in the sweep).
+    assert pick([exp_loop, exp_dot, exp_unrolled], "ce-pixels-exp", True, px_regs=True)["instructions"] == 30
+    assert pick([exp_loop, exp_dot, exp_unrolled], "ce-pixels-exp", True, px_regs=False)["instructions"] == 32

@@ -130,6 +130,11 @@ __device__ T fold_pixel_partials(const T* partials, int r, int pixels, int group
 template <bool B>
 using Flag = std::integral_constant<bool, B>;
 
+// zhat values a thread of the pixels layout keeps in registers from the max pass to the exponential
+// pass, 16-bit logits (kPixelRegClasses = kPixelRegValues / V classes of V pixels: 3 of 8; G = 64
+// threads a pixel vector then hold up to 192 classes; benches/sass_budget.py reads it).
+constexpr int kPixelRegValues = 24;
+
 // REG_ACC (plan.h kRegAccClasses; (N, C) cross entropy, float accumulation, plans of one block per SM):
 // the one-slice sweep accumulates each thread's class vectors in registers over all its tiles.
 template <typename scalar_t, typename acc_t, bool PIXELS, bool CALIBRATE, bool GRAD, bool REG_ACC = false>
@@ -137,6 +142,11 @@ __global__ void __launch_bounds__(kBlock, REG_ACC ? 1 : kTileBlocksPerSM<scalar_
     tile_kernel(const TileParams<scalar_t, acc_t> p) {
   static_assert(!REG_ACC || (!PIXELS && !CALIBRATE && std::is_same_v<acc_t, float>), "REG_ACC: (N, C) cross entropy");
   constexpr int V = kVec<scalar_t>;
+  // Pixels-layout cross entropy of 16-bit logits: the classes a thread keeps zhat of in registers
+  // between the max and exponential passes (kPixelRegValues values, V per class). Not for float
+  // logits: their kernels are bounded to 80 registers (kTileBlocksPerSM), where these spill.
+  constexpr int kPixelRegClasses =
+      PIXELS && !CALIBRATE && sizeof(scalar_t) == 2 && std::is_same_v<acc_t, float> ? kPixelRegValues / V : 1;
   DISALIGN_DYNAMIC_SHARED(shared_bytes);
   const int T = p.tile_rows;
   const int64_t C = p.classes;
@@ -365,6 +375,12 @@ __global__ void __launch_bounds__(kBlock, REG_ACC ? 1 : kTileBlocksPerSM<scalar_
 
     // This thread's pixels (pixels layout): n of V valid; their s, hoisted.
     const int n_pix = PIXELS ? max(0, min(V, valid - p0)) : 0;
+    // Pixels layout, cached exponentials, a full pixel vector, at most kPixelRegClasses classes a
+    // thread (C <= that x G; one chunk, as e_cached implies): zhat of the thread's classes stays in
+    // registers from the max pass to the exponential pass instead of going through the e cache.
+    const bool px_in_regs = kPixelRegClasses > 1 && p.e_cached && n_pix == V &&
+                            C <= static_cast<int64_t>(kPixelRegClasses) * G;
+    acc_t px_x[kPixelRegClasses][V];
     acc_t px_s[V];
 #pragma unroll
     for (int i = 0; i < V; ++i) {
@@ -381,7 +397,25 @@ __global__ void __launch_bounds__(kBlock, REG_ACC ? 1 : kTileBlocksPerSM<scalar_
       }
       for_each_chunk([&](int first_class, int classes) {
         if (PIXELS) {
-          if (n_pix == V) {
+          if (n_pix == V && px_in_regs) {
+            if constexpr (kPixelRegClasses > 1) {
+#pragma unroll
+              for (int k = 0; k < kPixelRegClasses; ++k) {  // SASS_TAG(px-reg-max)
+                const int jl = member + k * G;                // SASS_TAG(px-reg-max)
+                if (jl < classes) {                           // SASS_TAG(px-reg-max)
+                  acc_t z[V];                                 // SASS_TAG(px-reg-max)
+                  load_n<V>(tile + jl * LS + p0, z);          // SASS_TAG(px-reg-max)
+                  const acc_t a = sa[jl];                     // SASS_TAG(px-reg-max)
+                  const acc_t b = sb[jl];                     // SASS_TAG(px-reg-max)
+#pragma unroll
+                  for (int i = 0; i < V; ++i) {               // SASS_TAG(px-reg-max)
+                    px_x[k][i] = calibrated(z[i], px_s[i], a, b);  // SASS_TAG(px-reg-max)
+                    mx[i] = fmax(mx[i], px_x[k][i]);          // SASS_TAG(px-reg-max)
+                  }
+                }
+              }
+            }
+          } else if (n_pix == V) {
             // Hot loops step their shared-memory pointers (no address recomputed from the index).
             const scalar_t* zp = tile + member * LS + p0;
             acc_t* ep = ebuf + member * ES + p0;
@@ -499,12 +533,10 @@ __global__ void __launch_bounds__(kBlock, REG_ACC ? 1 : kTileBlocksPerSM<scalar_
         if (PIXELS) {
           if (n_pix == V) {
             if (!CALIBRATE && cache) {
-              // zhat from the max pass (full vectors only, as here).
+              // zhat from the max pass (full vectors only, as here): in registers or in the e cache.
               auto exp_pass = [&](auto with_dot) {
-                acc_t* ep = ebuf + member * ES + p0;
-                for (int jl = member; jl < classes; jl += G, ep += G * ES) {  // SASS_LOOP(ce-pixels-exp, V)
-                  acc_t x[V], e[V];
-                  load_n<V>(ep, x);
+                auto exp_vector = [&](int jl, const acc_t (&x)[V], acc_t* ep) {
+                  acc_t e[V];
 #pragma unroll
                   for (int i = 0; i < V; ++i) {
                     e[i] = exp_from_max(x[i], mrow[i]);
@@ -521,6 +553,24 @@ __global__ void __launch_bounds__(kBlock, REG_ACC ? 1 : kTileBlocksPerSM<scalar_
                     }
                   }
                   store_n<V>(ep, e);
+                };
+                if (px_in_regs) {
+                  if constexpr (kPixelRegClasses > 1) {
+#pragma unroll
+                    for (int k = 0; k < kPixelRegClasses; ++k) {  // SASS_TAG(px-reg-exp)
+                      const int jl = member + k * G;                // SASS_TAG(px-reg-exp)
+                      if (jl < classes) {                           // SASS_TAG(px-reg-exp)
+                        exp_vector(jl, px_x[k], ebuf + jl * ES + p0);  // SASS_TAG(px-reg-exp)
+                      }
+                    }
+                  }
+                } else {
+                  acc_t* ep = ebuf + member * ES + p0;
+                  for (int jl = member; jl < classes; jl += G, ep += G * ES) {  // SASS_LOOP(ce-pixels-exp, V)
+                    acc_t x[V];
+                    load_n<V>(ep, x);
+                    exp_vector(jl, x, ep);
+                  }
                 }
               };
               if (dot_in_sweep) {
