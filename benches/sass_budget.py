@@ -165,9 +165,10 @@ def analyse(compiled: dict[str, tuple[Path, str]]) -> dict[tuple, dict]:
 # The (N, C) sweep of the REG_ACC kernels: its items (the thread's class vectors, accumulated in
 # registers) are unrolled, one copy of the row loop each, tagged by the call line's SASS_TAG.
 UNROLLED_ITEMS = "reg-acc"
-# Their max pass on one-row tiles: the thread's vectors, unrolled straight-line code (no loop), tagged
-# on its lines; kRegAccClasses / V copies (csrc/cuda/plan.h, read from there).
-UNROLLED_MAX = ("reg-max", "ce-classes-max")
+# Their max and exponential passes on one-row tiles (zhat kept in registers between them): the
+# thread's vectors, unrolled straight-line code (no loop), tagged on its lines; kRegAccClasses / V
+# copies (csrc/cuda/plan.h, read from there).
+REG_ROW_PASSES = {"reg-max": "ce-classes-max", "reg-exp": "ce-classes-exp"}
 REG_ACC_CLASSES = int(re.search(r"constexpr int kRegAccClasses = (\d+);",
                                 (ROOT / "csrc" / "cuda" / "plan.h").read_text()).group(1))
 # The pixels layout's max and exponential passes of 16-bit logits where zhat of a thread's classes
@@ -177,7 +178,7 @@ PIXEL_REG_VALUES = int(re.search(r"constexpr int kPixelRegValues = (\d+);",
                                  (ROOT / "csrc" / "cuda" / "tile_kernel.cuh").read_text()).group(1))
 PIXEL_REG_PASSES = {"px-reg-max": "ce-pixels-max", "px-reg-exp": "ce-pixels-exp"}
 # tag: (the pass it stands for, values a thread's unrolled copies cover)
-STRAIGHT_LINE = {UNROLLED_MAX[0]: (UNROLLED_MAX[1], REG_ACC_CLASSES),
+STRAIGHT_LINE = {**{tag: (marker, REG_ACC_CLASSES) for tag, marker in REG_ROW_PASSES.items()},
                  **{tag: (marker, PIXEL_REG_VALUES) for tag, marker in PIXEL_REG_PASSES.items()}}
 
 
@@ -244,14 +245,14 @@ def steady_state(variants: list[dict], marker: str, e_cached: bool, acc_shared: 
             if marker in PER_ITEM and (UNROLLED_ITEMS in v.get("tags", ())) != reg_acc:
                 return False
             return ok and (marker not in PER_ITEM or reg_acc or ("one-slice" in v.get("tags", ())) == (slices == 1))
-        if marker in PIXEL_REG_PASSES.values():  # the unrolled register passes where the plan has them
-            tag = next(t for t, m in PIXEL_REG_PASSES.items() if m == marker)
-            if (tag in v.get("tags", ())) != px_regs:
-                return False
+        # The unrolled register passes where the plan has them: pixel threads with zhat in registers;
+        # REG_ACC plans of one-row tiles.
+        for passes, chosen in ((PIXEL_REG_PASSES, px_regs), (REG_ROW_PASSES, reg_acc and tile_rows == 1)):
+            for tag, name in passes.items():
+                if name == marker and (tag in v.get("tags", ())) != chosen:
+                    return False
         if marker.endswith("-exp"):  # the cached exponential pass (plans with e_cached)
             return not dot
-        if marker == UNROLLED_MAX[1]:  # REG_ACC plans of one-row tiles: the unrolled max pass
-            return (UNROLLED_MAX[0] in v.get("tags", ())) == (reg_acc and tile_rows == 1)
         return True
     fitting = [v for v in variants if fits(v)] or variants
     best = dict(max(fitting, key=lambda v: v["instructions"]))

@@ -381,6 +381,7 @@ __global__ void __launch_bounds__(kBlock, REG_ACC ? 1 : kTileBlocksPerSM<scalar_
     const bool px_in_regs = kPixelRegClasses > 1 && p.e_cached && n_pix == V &&
                             C <= static_cast<int64_t>(kPixelRegClasses) * G;
     acc_t px_x[kPixelRegClasses][V];
+    acc_t reg_x[kRegVectors][V];  // REG_ACC one-row tiles: zhat of the thread's class vectors
     acc_t px_s[V];
 #pragma unroll
     for (int i = 0; i < V; ++i) {
@@ -452,25 +453,25 @@ __global__ void __launch_bounds__(kBlock, REG_ACC ? 1 : kTileBlocksPerSM<scalar_
           acc_t* eline = ebuf + row * ES;
           const int nfull = classes / V;
           // Hot loops step their shared-memory pointers (no address recomputed from the index).
-          auto max_vector = [&](const scalar_t* zp, acc_t* ep, const acc_t* a, const acc_t* b) {
-            acc_t z[V], x[V];
+          // zhat of a class vector into x, and the running max.
+          auto max_vector = [&](const scalar_t* zp, acc_t (&x)[V], const acc_t* a, const acc_t* b) {
+            acc_t z[V];
             load_n<V>(zp, z);
 #pragma unroll
             for (int i = 0; i < V; ++i) {
               x[i] = calibrated(z[i], s, a[i], b[i]);
               mx[0] = fmax(mx[0], x[i]);
             }
-            if (p.e_cached) {
-              store_n<V>(ep, x);  // zhat for the exponential pass, which overwrites it with e
-            }
           };
-          if (REG_ACC && in_regs && G == kBlock) {  // one row a tile: the thread's vectors, alpha / beta in registers
+          // One row a tile: the thread's vectors, alpha / beta in registers, zhat kept in registers for the
+          // exponential pass (no store and reload through the e cache).
+          if (REG_ACC && in_regs && G == kBlock) {
             if constexpr (REG_ACC) {
 #pragma unroll
               for (int k = 0; k < kRegVectors; ++k) {  // SASS_TAG(reg-max)
                 const int v = threadIdx.x + k * kBlock;  // SASS_TAG(reg-max)
                 if (v < nfull) {                         // SASS_TAG(reg-max)
-                  max_vector(line + v * V, eline + v * V, reg_cls[k] + 2 * V, reg_cls[k] + 3 * V);  // SASS_TAG(reg-max)
+                  max_vector(line + v * V, reg_x[k], reg_cls[k] + 2 * V, reg_cls[k] + 3 * V);  // SASS_TAG(reg-max)
                 }
               }
             }
@@ -480,10 +481,13 @@ __global__ void __launch_bounds__(kBlock, REG_ACC ? 1 : kTileBlocksPerSM<scalar_
             const acc_t* ap = sa + member * V;
             for (int k = member; k < nfull;  // SASS_LOOP(ce-classes-max, V)
                  k += G, zp += G * V, ep += G * V, ap += G * V) {
-              acc_t a[V], b[V];
+              acc_t a[V], b[V], x[V];
               load_n<V>(ap, a);
               load_n<V>(ap + p.ab_stride, b);
-              max_vector(zp, ep, a, b);
+              max_vector(zp, x, a, b);
+              if (p.e_cached) {
+                store_n<V>(ep, x);  // zhat for the exponential pass, which overwrites it with e
+              }
             }
           }
           for (int jl = nfull * V + member; jl < classes; jl += G) {
@@ -632,13 +636,10 @@ __global__ void __launch_bounds__(kBlock, REG_ACC ? 1 : kTileBlocksPerSM<scalar_
           acc_t* eline = ebuf + row * ES;
           const int nfull = classes / V;
           if (!CALIBRATE && cache) {
-            // zhat from the max pass (full vectors only, as here).
+            // zhat from the max pass (full vectors only, as here): in registers or in the e cache.
             auto exp_pass = [&](auto with_dot) {
-              acc_t* ep = eline + member * V;
-              for (int k = member; k < nfull; k += G, ep += G * V) {  // SASS_LOOP(ce-classes-exp, V)
-                const int off = k * V;
-                acc_t x[V], e[V];
-                load_n<V>(ep, x);
+              auto exp_vector = [&](int off, const acc_t (&x)[V], acc_t* ep) {
+                acc_t e[V];
 #pragma unroll
                 for (int i = 0; i < V; ++i) {
                   e[i] = exp_from_max(x[i], mrow[0]);
@@ -655,6 +656,24 @@ __global__ void __launch_bounds__(kBlock, REG_ACC ? 1 : kTileBlocksPerSM<scalar_
                   }
                 }
                 store_n<V>(ep, e);
+              };
+              if (REG_ACC && in_regs && G == kBlock) {
+                if constexpr (REG_ACC) {
+#pragma unroll
+                  for (int k = 0; k < kRegVectors; ++k) {      // SASS_TAG(reg-exp)
+                    const int v = threadIdx.x + k * kBlock;  // SASS_TAG(reg-exp)
+                    if (v < nfull) {                         // SASS_TAG(reg-exp)
+                      exp_vector(v * V, reg_x[k], eline + v * V);  // SASS_TAG(reg-exp)
+                    }
+                  }
+                }
+              } else {
+                acc_t* ep = eline + member * V;
+                for (int k = member; k < nfull; k += G, ep += G * V) {  // SASS_LOOP(ce-classes-exp, V)
+                  acc_t x[V];
+                  load_n<V>(ep, x);
+                  exp_vector(k * V, x, ep);
+                }
               }
             };
             if (dot_in_sweep) {
