@@ -304,3 +304,13 @@ def test_pixel_register_passes_are_chosen_where_the_plan_has_them():
     # The exponential pass without the dot (dconfidence's dot is taken in the sweep).
     assert pick([exp_loop, exp_dot, exp_unrolled], "ce-pixels-exp", True, px_regs=True)["instructions"] == 30
     assert pick([exp_loop, exp_dot, exp_unrolled], "ce-pixels-exp", True, px_regs=False)["instructions"] == 32
+
+
+def test_row_register_passes_only_for_one_row_reg_acc_plans():
+    pick = sass_budget.steady_state
+    for marker, tag in (("ce-classes-max", "reg-max"), ("ce-classes-exp", "reg-exp")):
+        loop, unrolled = _variant(40), _variant(30, tags=[tag])
+        assert pick([loop, unrolled], marker, True, reg_acc=True, tile_rows=1)["instructions"] == 30
+        assert pick([loop, unrolled], marker, True, reg_acc=True, tile_rows=2)["instructions"] == 40
+        assert pick([loop, unrolled], marker, True, reg_acc=False, tile_rows=1)["instructions"] == 40
+    assert set(sass_budget.STRAIGHT_LINE) == {"reg-max", "reg-exp", "px-reg-max", "px-reg-exp"}
