@@ -64,3 +64,23 @@ def test_flag_values_are_checked_first(tmp_path, capsys):
     assert "--max-steps must be >= 1, got 0" in capsys.readouterr().err
     assert cli.main(["detect", "--out", str(tmp_path), "--lr", "-1"]) == 2
     assert "--lr must be >= 0" in capsys.readouterr().err
+
+
+def test_backend_is_checked_and_left_automatic_unless_given(tmp_path, monkeypatch):
+    """session() checks --backend before work and passes an explicit one on; without one the ops
+    choose per call (disalign_ops.backends: on CUDA from the measured timings)."""
+    import argparse
+
+    import torch
+
+    from disalign_train.core import runtime
+
+    monkeypatch.delenv("DISALIGN_BACKEND", raising=False)
+    for given, passed in ((None, None), ("eager", "eager")):
+        args = argparse.Namespace(device="cpu", threads=torch.get_num_threads(), backend=given, out=str(tmp_path / str(given)))
+        with runtime.session(args, "classify") as (device, out, logger):
+            assert args.backend == passed and device.type == "cpu"
+    args = argparse.Namespace(device="cpu", threads=torch.get_num_threads(), backend="nonsense", out=str(tmp_path / "bad"))
+    with pytest.raises(UserError, match="nonsense"):
+        with runtime.session(args, "classify"):
+            pass

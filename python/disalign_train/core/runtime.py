@@ -145,7 +145,10 @@ def session(args, name: str):
     any training), torchrun's process group, --out with its log. Yields (device, out, logger)."""
     device = pick_device(args.device)
     set_threads(args.threads, device)
-    args.backend = resolve_backend(args.backend, device)
+    resolved = resolve_backend(args.backend, device)
+    # An explicit --backend (or DISALIGN_BACKEND) is passed on resolved; without one the ops choose per
+    # call (on CUDA from the measured timings, disalign_ops.backends.measured_backend).
+    args.backend = resolved if args.backend is not None else None
     init_distributed(device)
     try:
         out, logger = prepare_output(args.out, name)
