@@ -21,19 +21,24 @@ import os
 import pprint
 import sys
 
+import torch
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_ops  # noqa: E402  (the benchmark shapes)
+from gpu_check import GPU_BACKENDS  # noqa: E402
+
+from disalign_ops import backends  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TARGET = os.path.join(os.path.dirname(HERE), "disalign_ops", "_cuda_choice.py")
-GPU_BACKENDS = ("native", "triton")
-DTYPE_CLASS = {"float16": "16-bit", "bfloat16": "16-bit", "float32": "float32", "float64": "float64"}
 
 
-def case_of(shape: str) -> tuple[str, int]:
-    """(layout, classes) of a benchmark shape: its logits are (N, C) rows or NCHW pixels."""
-    dims = bench_ops.SHAPES[shape].cuda_dims
-    return ("pixels" if len(dims) > 2 else "rows"), dims[1]
+def case_of(shape: str, dtype: str, mode: str) -> tuple[str, str, str, int]:
+    """The key backends.measured_backend matches a call by (backends.case_key): that of the benchmark's
+    contiguous logits of this shape and dtype, in the row's mode."""
+    logits = torch.empty(bench_ops.SHAPES[shape].cuda_dims, dtype=bench_ops.DTYPES[dtype], device="meta")
+    layout, dtype_class, _, classes = backends.case_key(logits)
+    return layout, dtype_class, mode, classes
 
 
 def choose(rows: list[dict], margin: float = 0.05) -> list[dict]:
@@ -42,10 +47,9 @@ def choose(rows: list[dict], margin: float = 0.05) -> list[dict]:
     for r in rows:
         if r.get("backend") not in GPU_BACKENDS or r.get("ms") is None or r.get("error"):
             continue
-        if r.get("shape") not in bench_ops.SHAPES or r.get("dtype") not in DTYPE_CLASS:
+        if r.get("shape") not in bench_ops.SHAPES or r.get("dtype") not in bench_ops.DTYPES:
             continue
-        layout, classes = case_of(r["shape"])
-        per_dtype[((layout, DTYPE_CLASS[r["dtype"]], r["mode"], classes), r["dtype"])][r["backend"]] = float(r["ms"])
+        per_dtype[(case_of(r["shape"], r["dtype"], r["mode"]), r["dtype"])][r["backend"]] = float(r["ms"])
     cases: dict[tuple, list[dict[str, float]]] = collections.defaultdict(list)
     for (case, _), times in per_dtype.items():
         cases[case].append(times)

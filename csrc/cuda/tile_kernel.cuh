@@ -398,7 +398,7 @@ __global__ void __launch_bounds__(kBlock, REG_ACC ? 1 : kTileBlocksPerSM<scalar_
       }
       for_each_chunk([&](int first_class, int classes) {
         if (PIXELS) {
-          if (n_pix == V && px_in_regs) {
+          if (px_in_regs) {  // (a full pixel vector)
             if constexpr (kPixelRegClasses > 1) {
 #pragma unroll
               for (int k = 0; k < kPixelRegClasses; ++k) {  // SASS_TAG(px-reg-max)
